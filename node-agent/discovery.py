@@ -1,0 +1,266 @@
+"""Finding the VMs on this host and learning what each one is.
+
+Two halves: `gather_raw` asks QEMU and /proc (I/O) and returns the raw answers as plain JSON;
+`build_vm_info` turns those answers into a `VMInfo` (pure), so the interpretation can be tested
+on recorded answers of devices this machine does not have (vfio, vhost).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import glob
+import logging
+import os
+import re
+import stat
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from vmupdate_agent import argv as qargv
+from vmupdate_agent import procfs
+from vmupdate_agent.models import (
+    CprMode,
+    MemoryBackend,
+    QemuFeatures,
+    QemuVersion,
+    TapDevice,
+    VMInfo,
+)
+from vmupdate_agent.qmp import QmpError, QmpSession
+
+log = logging.getLogger(__name__)
+
+RawFacts = dict[str, Any]
+
+# Migration capabilities that CPR cannot be combined with.
+INCOMPATIBLE_CAPABILITIES = ("x-colo", "postcopy-ram", "background-snapshot", "postcopy-preempt")
+
+
+class DiscoveryError(RuntimeError):
+    pass
+
+
+def find_sockets(globs: Iterable[str]) -> list[str]:
+    found: set[str] = set()
+    for pattern in globs:
+        for path in glob.glob(pattern):
+            with contextlib.suppress(OSError):
+                if stat.S_ISSOCK(os.stat(path).st_mode):
+                    found.add(path)
+    return sorted(found)
+
+
+# --- pure interpretation --------------------------------------------------------------------
+
+
+def cpr_modes_from_schema(schema: Sequence[dict[str, Any]]) -> list[str]:
+    """MigMode's values, found by content: type names in the introspected schema are mangled."""
+    for entry in schema:
+        if entry.get("meta-type") != "enum":
+            continue
+        values = _enum_values(entry)
+        if "cpr-reboot" in values or "cpr-exec" in values:
+            return [v for v in values if v.startswith("cpr-")]
+    return []
+
+
+def _enum_values(entry: dict[str, Any]) -> list[str]:
+    if "members" in entry:
+        return [str(m["name"]) for m in entry["members"]]
+    return [str(v) for v in entry.get("values", [])]
+
+
+def legacy_dialect_from_schema(schema: Sequence[dict[str, Any]]) -> bool:
+    """The out-of-tree cpr-exec some distributions ship (-migrate-mode-enable, cpr-exec-args)."""
+    for entry in schema:
+        name = str(entry.get("name", ""))
+        if name in ("migrate-mode-enable",):
+            return True
+        for member in entry.get("members", []) or []:
+            if isinstance(member, dict) and member.get("name") in ("cpr-exec-args",):
+                return True
+    return False
+
+
+def parse_version(answer: dict[str, Any]) -> QemuVersion:
+    q = answer["qemu"]
+    return QemuVersion(major=int(q["major"]), minor=int(q["minor"]), micro=int(q["micro"]),
+                       package=str(answer.get("package", "")).strip())
+
+
+_VERSION_LINE = re.compile(r"QEMU emulator version (\d+)\.(\d+)\.(\d+)\s*(\(([^)]*)\))?")
+
+
+def parse_version_output(text: str) -> QemuVersion | None:
+    m = _VERSION_LINE.search(text)
+    if not m:
+        return None
+    return QemuVersion(major=int(m.group(1)), minor=int(m.group(2)), micro=int(m.group(3)),
+                       package=(m.group(5) or "").strip())
+
+
+def build_vm_info(raw: RawFacts) -> VMInfo:
+    argv = qargv.parse(raw["argv"])
+    decl = qargv.declared(argv)
+    modes = tuple(CprMode(m) for m in raw.get("cpr_modes", []) if m in CprMode._value2member_map_)
+    features = QemuFeatures(
+        version=parse_version(raw["query-version"]),
+        cpr_modes=modes,
+        legacy_cpr_dialect=bool(raw.get("legacy_dialect", False)),
+        has_cpr_exec_command="cpr-exec-command" in raw.get("migrate-parameters", {}),
+    )
+    objects: dict[str, str] = raw.get("objects", {})
+    backends = []
+    for mem in raw.get("query-memdev", []):
+        mem_id = str(mem.get("id", ""))
+        qom_type = objects.get(mem_id, "")
+        kind = {"memory-backend-memfd": "memfd", "memory-backend-file": "file",
+                "memory-backend-ram": "ram"}.get(qom_type, "other")
+        backends.append(MemoryBackend(id=mem_id, kind=kind,  # type: ignore[arg-type]
+                                      size_bytes=int(mem["size"]), share=bool(mem["share"]),
+                                      mem_path=raw.get("mem-paths", {}).get(mem_id)))
+    taps = []
+    for nd in decl.netdevs:
+        if nd.get("type") != "tap":
+            continue
+        taps.append(TapDevice(
+            id=nd.get("id", nd.get("netdev", "")),
+            ifname=nd.get("ifname"),
+            fd=int(nd["fd"]) if nd.get("fd", "").isdigit() else None,
+            vhost=nd.get("vhost", "off") in ("on", "true", "yes"),
+            vhostfd=int(nd["vhostfd"]) if nd.get("vhostfd", "").isdigit() else None,
+        ))
+    vfio = tuple(d for d in decl.device_drivers if d.startswith("vfio-"))
+    iommufd = tuple(o for o in decl.object_types if o == "iommufd")
+    vhost = tuple(d for d in decl.device_drivers if d.startswith("vhost-"))
+    vhost += tuple(f"netdev {nd.get('id', '?')}: {nd.get('type')}" for nd in decl.netdevs
+                   if nd.get("type") in ("vhost-user", "vhost-vdpa"))
+    blockers: dict[str, list[str]] = raw.get("blockers", {})
+    status = raw.get("query-status", {})
+    machine = str(raw.get("machine-type", "")).removesuffix("-machine")
+    return VMInfo(
+        qmp_path=raw["qmp_path"],
+        pid=int(raw["pid"]),
+        name=str(raw.get("query-name", {}).get("name", "")) or raw["qmp_path"],
+        uuid=str(raw.get("query-uuid", {}).get("UUID", "")),
+        argv=tuple(raw["argv"]),
+        root=raw.get("root", "/"),
+        binary=raw.get("binary", argv.binary),
+        features=features,
+        runstate=str(status.get("status", "unknown")),
+        machine_type=machine,
+        memory_backends=tuple(backends),
+        aux_ram_share=raw.get("aux-ram-share"),
+        migration_blockers=tuple(sorted({r for rs in blockers.values() for r in rs})),
+        enabled_capabilities=tuple(raw.get("capabilities", [])),
+        taps=tuple(taps),
+        vfio_devices=vfio,
+        iommufd_objects=iommufd,
+        vhost_devices=vhost,
+        device_drivers=tuple(dict.fromkeys(decl.device_drivers)),
+    )
+
+
+def blockers_by_mode(raw: RawFacts) -> dict[str, list[str]]:
+    return dict(raw.get("blockers", {}))
+
+
+def hotplugged_devices(raw: RawFacts) -> list[str]:
+    """Devices QEMU has that its argv does not declare: the new QEMU would not create them."""
+    argv = qargv.parse(raw["argv"])
+    declared_ids = set(qargv.declared(argv).device_ids)
+    return sorted(set(raw.get("peripherals", [])) - declared_ids)
+
+
+# --- I/O: asking QEMU -----------------------------------------------------------------------
+
+
+async def _try(session: QmpSession, command: str, args: dict[str, Any] | None = None) -> Any:
+    try:
+        return await session.cmd(command, args)
+    except QmpError:
+        return None
+
+
+async def gather_raw(session: QmpSession) -> RawFacts:
+    pid = session.peer_pid
+    raw: RawFacts = {"qmp_path": session.path, "pid": pid}
+    raw["argv"] = list(procfs.cmdline(pid))
+    raw["root"] = procfs.root(pid)
+    raw["binary"] = procfs.exe(pid)
+    raw["query-version"] = await session.cmd("query-version")
+    raw["query-status"] = await session.cmd("query-status")
+    raw["query-name"] = await _try(session, "query-name") or {}
+    raw["query-uuid"] = await _try(session, "query-uuid") or {}
+    raw["query-memdev"] = await _try(session, "query-memdev") or []
+    objs = await _try(session, "qom-list", {"path": "/objects"}) or []
+    raw["objects"] = {o["name"]: str(o["type"]).removeprefix("child<").removesuffix(">")
+                      for o in objs if str(o.get("type", "")).startswith("child<")}
+    raw["mem-paths"] = {}
+    for name, qom_type in raw["objects"].items():
+        if qom_type == "memory-backend-file":
+            path = await _try(session, "qom-get", {"path": f"/objects/{name}",
+                                                   "property": "mem-path"})
+            if path:
+                raw["mem-paths"][name] = path
+    raw["aux-ram-share"] = await _try(session, "qom-get", {"path": "/machine",
+                                                           "property": "aux-ram-share"})
+    raw["machine-type"] = await _try(session, "qom-get", {"path": "/machine",
+                                                          "property": "type"}) or ""
+    schema = await session.cmd("query-qmp-schema", timeout=30)
+    raw["cpr_modes"] = cpr_modes_from_schema(schema)
+    raw["legacy_dialect"] = legacy_dialect_from_schema(schema)
+    params = await _try(session, "query-migrate-parameters") or {}
+    raw["migrate-parameters"] = params
+    caps = await _try(session, "query-migrate-capabilities") or []
+    raw["capabilities"] = sorted(c["capability"] for c in caps if c.get("state"))
+    raw["blockers"] = await _blockers(session, raw["cpr_modes"], params)
+    peri = await _try(session, "qom-list", {"path": "/machine/peripheral"}) or []
+    raw["peripherals"] = sorted(p["name"] for p in peri
+                                if str(p.get("type", "")).startswith("child<"))
+    raw["tun-fds"] = procfs.tun_fds(pid)
+    return raw
+
+
+async def _blockers(session: QmpSession, modes: list[str],
+                    params: dict[str, Any]) -> dict[str, list[str]]:
+    """Migration blockers per CPR mode. QEMU reports the blockers of the current mode only,
+    so each mode is selected in turn and the VM's own mode put back."""
+    out: dict[str, list[str]] = {}
+    migrate = await _try(session, "query-migrate") or {}
+    if migrate.get("status") not in (None, "none", "completed", "failed", "cancelled"):
+        return out  # a migration is running: do not touch its parameters
+    original = params.get("mode")
+    for mode in modes:
+        if await _try(session, "migrate-set-parameters", {"mode": mode}) is None:
+            continue
+        info = await _try(session, "query-migrate") or {}
+        out[mode] = [str(r) for r in info.get("blocked-reasons", [])]
+    if original is not None:
+        await _try(session, "migrate-set-parameters", {"mode": original})
+    return out
+
+
+async def discover(path: str, *, timeout: float = 10.0) -> tuple[VMInfo, RawFacts]:
+    session = await QmpSession.open(path, timeout=timeout, command_timeout=timeout)
+    try:
+        raw = await gather_raw(session)
+    finally:
+        await session.close()
+    return build_vm_info(raw), raw
+
+
+async def inventory(globs: Iterable[str], *, timeout: float = 10.0
+                    ) -> list[tuple[str, VMInfo | None, str]]:
+    """Every VM behind the configured sockets: (socket, info or None, error)."""
+    paths = find_sockets(globs)
+
+    async def one(path: str) -> tuple[str, VMInfo | None, str]:
+        try:
+            info, _ = await discover(path, timeout=timeout)
+            return path, info, ""
+        except (QmpError, OSError, qargv.ArgvError, KeyError) as exc:
+            return path, None, str(exc)
+
+    return list(await asyncio.gather(*(one(p) for p in paths)))

@@ -1,0 +1,292 @@
+"""The update engine: discovery, preflight, one CPR mode, verification, the safety net.
+
+One call per VM. The engine owns the VM's QMP connection for the whole operation and hands
+back an `UpdateResult` whatever happens; on every path that fails before the point of no
+return the old QEMU runs on, and the mode modules move that point as late as they can.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vmupdate_agent import argv as qargv
+from vmupdate_agent import discovery, hostexec, preflight, procfs, target
+from vmupdate_agent import guard as cpr_guard
+from vmupdate_agent.models import (
+    CprMode,
+    Outcome,
+    Phase,
+    PreflightReport,
+    ProgressEvent,
+    RequestedMode,
+    Target,
+    UpdateResult,
+    VMInfo,
+)
+from vmupdate_agent.modes import cpr_exec, cpr_reboot, cpr_transfer
+from vmupdate_agent.modes.common import (
+    ModeResult,
+    Operation,
+    ProgressSink,
+    Timeouts,
+    UpdateAborted,
+    ensure_running,
+)
+from vmupdate_agent.qmp import QmpError, QmpSession
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    allowed_dirs: tuple[str, ...]
+    runtime_dir: str
+    guard_path: str | None = None
+    host: hostexec.HostContext = field(default_factory=hostexec.HostContext)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+
+
+def install_guard(runtime_dir: str, prebuilt: str | None = None) -> str:
+    """Put the guard where QEMU can exec it (the runtime dir is shared with the VMs' root)."""
+    bindir = Path(runtime_dir) / "bin"
+    bindir.mkdir(parents=True, exist_ok=True)
+    if prebuilt:
+        dest = bindir / cpr_guard.GUARD_NAME
+        tmp = bindir / f".{cpr_guard.GUARD_NAME}.tmp"
+        shutil.copy2(prebuilt, tmp)
+        os.replace(tmp, dest)
+        return str(dest)
+    return str(cpr_guard.ensure_built(bindir))
+
+
+class Engine:
+    def __init__(self, settings: EngineSettings) -> None:
+        self.settings = settings
+
+    # --- looking -------------------------------------------------------------------------
+
+    async def assess(self, session: QmpSession, raw: discovery.RawFacts, vm: VMInfo,
+                     tgt: Target, requested: RequestedMode, *, dry_run: bool = True
+                     ) -> PreflightReport:
+        s = self.settings
+        ctx = s.host
+        binary = await target.binary_facts(vm, tgt.binary, want_sha256=tgt.sha256 is not None,
+                                           ctx=ctx)
+        probe = None
+        if binary.executable and tgt.binary.startswith("/") and ".." not in tgt.binary:
+            probe = await target.probe(vm, tgt.binary, runtime_dir=s.runtime_dir, ctx=ctx)
+        host = self._host_facts(vm, raw)
+        inputs = preflight.PreflightInputs(vm=vm, target=tgt, requested=requested, host=host,
+                                           binary=binary, probe=probe,
+                                           use_guard=s.guard_path is not None)
+        mode, _ = preflight.choose_mode(requested, vm.features,
+                                        probe.features if probe else None)
+        dry = None
+        if dry_run and probe is not None and probe.ok and mode is not None:
+            new_argv = qargv.appended(
+                qargv.with_binary(qargv.canonical(qargv.parse(vm.argv)), tgt.binary),
+                tgt.extra_args)
+            dry = await target.dry_run(vm, new_argv, runtime_dir=s.runtime_dir, ctx=ctx)
+        inputs = preflight.PreflightInputs(**{**inputs.__dict__, "dry_run": dry})
+        return preflight.evaluate(inputs)
+
+    def _host_facts(self, vm: VMInfo, raw: discovery.RawFacts) -> preflight.HostFacts:
+        s = self.settings
+        try:
+            st = os.statvfs(s.runtime_dir)
+            free = st.f_bavail * st.f_frsize
+        except OSError:
+            free = 0
+        try:
+            mine = os.stat(s.runtime_dir)
+            theirs = os.stat(procfs.in_root(vm.pid, s.runtime_dir))
+            shared = (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino)
+        except OSError:
+            shared = False
+        guard = None
+        if s.guard_path and procfs.in_root(vm.pid, s.guard_path).is_file():
+            guard = s.guard_path
+        return preflight.HostFacts(allowed_dirs=s.allowed_dirs, runtime_dir_free_bytes=free,
+                                   runtime_dir_shared=shared, guard_path=guard,
+                                   hotplugged=tuple(discovery.hotplugged_devices(raw)))
+
+    async def preflight(self, qmp_path: str, tgt: Target, requested: RequestedMode,
+                        *, dry_run: bool = True) -> PreflightReport:
+        async with await QmpSession.open(qmp_path, timeout=self.settings.timeouts.command,
+                                         command_timeout=self.settings.timeouts.command
+                                         ) as session:
+            raw = await discovery.gather_raw(session)
+            vm = discovery.build_vm_info(raw)
+            return await self.assess(session, raw, vm, tgt, requested, dry_run=dry_run)
+
+    # --- updating ------------------------------------------------------------------------
+
+    async def update(self, qmp_path: str, tgt: Target, requested: RequestedMode, *,
+                     op_id: str | None = None, skip_preflight: bool = False,
+                     use_guard: bool = True, progress: ProgressSink | None = None
+                     ) -> UpdateResult:
+        s = self.settings
+        op_id = op_id or uuid.uuid4().hex
+        session = await QmpSession.open(qmp_path, timeout=s.timeouts.command,
+                                        command_timeout=s.timeouts.command)
+        raw = await discovery.gather_raw(session)
+        vm = discovery.build_vm_info(raw)
+        base = {"vm": vm.name, "pid_before": vm.pid,
+                "version_before": str(vm.features.version)}
+        emit = _emitter(progress)
+        await emit(Phase.ACCEPTED, f"operation {op_id} on {vm.name} (pid {vm.pid}, QEMU "
+                   f"{vm.features.version})")
+        report: PreflightReport | None = None
+        try:
+            if skip_preflight:
+                mode, why = await self._mode_without_preflight(vm, tgt, requested)
+                await emit(Phase.PREFLIGHT, f"preflight skipped on request; {why}")
+            else:
+                report = await self.assess(session, raw, vm, tgt, requested)
+                mode, why = report.mode, report.mode_reason
+                if not report.passed:
+                    failed = "; ".join(f"{c.name}: {c.message}" for c in report.failures())
+                    await emit(Phase.FAILED, f"preflight failed: {failed}")
+                    await session.close()
+                    return UpdateResult(**base, outcome=Outcome.FAILED, mode=mode,
+                                        mode_reason=why, message=f"preflight failed, nothing "
+                                        f"was changed: {failed}", pid_after=vm.pid,
+                                        version_after=str(vm.features.version),
+                                        preflight=report)
+                await emit(Phase.PREFLIGHT, f"all {len(report.checks)} checks passed; {why}")
+            if mode is None:
+                await session.close()
+                return UpdateResult(**base, outcome=Outcome.FAILED, mode=None, mode_reason=why,
+                                    message=why, pid_after=vm.pid,
+                                    version_after=str(vm.features.version), preflight=report)
+        except (QmpError, OSError, TimeoutError) as exc:
+            await session.close()
+            raise UpdateAborted(f"preflight could not complete: {exc}") from exc
+
+        workdir = os.path.join(s.runtime_dir, "ops", op_id)
+        os.makedirs(workdir, exist_ok=True)
+        guard = s.guard_path if (use_guard and mode == CprMode.CPR_EXEC) else None
+        op = Operation(op_id=op_id, vm=vm, target=tgt, mode=mode, session=session,
+                       workdir=workdir, host=s.host, timeouts=s.timeouts, guard_path=guard,
+                       progress=progress)
+        started = time.monotonic()
+        try:
+            result = await self._run_mode(op, use_guard=guard is not None)
+        except UpdateAborted as exc:
+            await op.emit(Phase.FAILED, str(exc))
+            await session.close()
+            return UpdateResult(**base, outcome=Outcome.FAILED, mode=mode, mode_reason=why,
+                                message=str(exc), pid_after=vm.pid,
+                                version_after=str(vm.features.version),
+                                phase_ms=op.phase_ms, preflight=report)
+        except (QmpError, OSError, TimeoutError, hostexec.HostExecError) as exc:
+            # Unexpected on a path the mode did not classify: make sure of the VM's state.
+            note = ""
+            if session.connected:
+                note = await ensure_running(session, vm.runstate == "running")
+            await op.emit(Phase.FAILED, f"{exc}; {note}")
+            await session.close()
+            return UpdateResult(**base, outcome=Outcome.FAILED, mode=mode, mode_reason=why,
+                                message=f"{exc}; {note}", pid_after=vm.pid,
+                                version_after=str(vm.features.version),
+                                phase_ms=op.phase_ms, preflight=report)
+        final = await self._verify(op, result)
+        op.phase_ms["total"] = round((time.monotonic() - started) * 1000, 3)
+        phase = {Outcome.UPDATED: Phase.FINISHED, Outcome.ROLLED_BACK: Phase.RECOVERED
+                 }.get(final.outcome, Phase.FAILED)
+        await op.emit(phase, final.message)
+        return UpdateResult(**base, outcome=final.outcome, mode=mode, mode_reason=why,
+                            message=final.message, pid_after=final.pid_after,
+                            version_after=final.version_after, pause_ms=final.pause_ms,
+                            phase_ms=op.phase_ms, preflight=report)
+
+    async def _mode_without_preflight(self, vm: VMInfo, tgt: Target, requested: RequestedMode
+                                      ) -> tuple[CprMode | None, str]:
+        if requested != RequestedMode.AUTO:
+            return CprMode(requested.value), f"{requested.value} was requested"
+        probe = await target.probe(vm, tgt.binary, runtime_dir=self.settings.runtime_dir,
+                                   ctx=self.settings.host)
+        return preflight.choose_mode(requested, vm.features, probe.features)
+
+    async def _run_mode(self, op: Operation, *, use_guard: bool) -> ModeResult:
+        if op.mode == CprMode.CPR_EXEC:
+            return await cpr_exec.run(op, use_guard=use_guard)
+        if op.mode == CprMode.CPR_TRANSFER:
+            return await cpr_transfer.run(op)
+        return await cpr_reboot.run(op)
+
+    async def _verify(self, op: Operation, result: ModeResult) -> ModeResult:
+        session = result.session
+        if session is None:
+            return result
+        try:
+            st = await session.cmd("query-status")
+            if st.get("status") != "running" and op.vm.runstate == "running":
+                # Never leave a VM paused: this is the last place that can notice.
+                await session.cmd("cont")
+                st = await session.cmd("query-status")
+            if st.get("status") != "running" and op.vm.runstate == "running":
+                return ModeResult(outcome=Outcome.LOST if result.outcome != Outcome.UPDATED
+                                  else Outcome.FAILED,
+                                  message=f"{result.message}; but the VM is {st.get('status')}",
+                                  pid_after=result.pid_after,
+                                  version_after=result.version_after,
+                                  pause_ms=result.pause_ms)
+            if result.outcome == Outcome.UPDATED and op.mode == CprMode.CPR_EXEC \
+                    and session.peer_pid != op.vm.pid:
+                return ModeResult(outcome=Outcome.FAILED, message=f"{result.message}; but the "
+                                  f"pid changed from {op.vm.pid} to {session.peer_pid}",
+                                  pid_after=session.peer_pid,
+                                  version_after=result.version_after,
+                                  pause_ms=result.pause_ms)
+            await op.emit(Phase.VERIFIED, f"QEMU {result.version_after} pid "
+                          f"{session.peer_pid} {st.get('status')}")
+            return result
+        finally:
+            await session.close()
+
+
+def _emitter(progress: ProgressSink | None) -> Callable[[Phase, str], Awaitable[None]]:
+    async def emit(phase: Phase, message: str) -> None:
+        if progress is None:
+            return
+        res = progress(ProgressEvent(phase=phase, time_ns=time.time_ns(), message=message))
+        if res is not None:
+            await res
+
+    return emit
+
+
+async def find_vm(globs: list[str], ref: str, *, timeout: float = 10.0) -> VMInfo:
+    """A VM by name, uuid or QMP socket path."""
+    if ref.startswith("/") and os.path.exists(ref):
+        info, _ = await discovery.discover(ref, timeout=timeout)
+        return info
+    rows = await discovery.inventory(globs, timeout=timeout)
+    matches = [info for _, info, _ in rows if info is not None and ref in (info.name, info.uuid)]
+    if not matches:
+        known = ", ".join(sorted(i.name for _, i, _ in rows if i is not None)) or "none"
+        raise LookupError(f"no VM named {ref!r} on this host (VMs found: {known})")
+    if len(matches) > 1:
+        raise LookupError(f"{len(matches)} VMs are named {ref!r}; use the uuid or socket")
+    return matches[0]
+
+
+def cleanup_workdirs(runtime_dir: str, keep_seconds: float = 7 * 86400) -> None:
+    root = Path(runtime_dir) / "ops"
+    if not root.is_dir():
+        return
+    now = time.time()
+    for d in root.iterdir():
+        with contextlib.suppress(OSError):
+            if now - d.stat().st_mtime > keep_seconds:
+                shutil.rmtree(d)
+

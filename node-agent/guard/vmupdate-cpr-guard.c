@@ -1,0 +1,878 @@
+/*
+ * vmupdate-cpr-guard: makes a QEMU cpr-exec update survivable.
+ *
+ * QEMU (>= 11) in cpr-exec mode exec()s `cpr-exec-command` in its own pid with the
+ * preserved fds (guest RAM memfd, aux ROM memfds, the CPR state memfd whose number is in
+ * $QEMU_CPR_EXEC_STATE) left open.  The agent sets that command to
+ *
+ *   vmupdate-cpr-guard --status FILE --commit FIFO [--commit-timeout SEC] [--log FILE]
+ *                      [--old-argc N] -- OLD_BINARY OLD_ARGS... -incoming URI
+ *                                     -- NEW_BINARY NEW_ARGS...
+ *
+ * The guard (still pid P) starts a watcher by double fork (never a child of QEMU), waits
+ * until the watcher is ready, then execs the new QEMU in pid P.  The watcher polls a
+ * pidfd of P and the commit FIFO:
+ *   "commit\n"            -> status "committed", the watcher exits (drops its fd copies);
+ *   P exits before commit -> rewind the state memfd, exec the OLD argv in the watcher's pid
+ *                            (same fd numbers, same environment): the VM comes back;
+ *   timeout or "abort\n"  -> SIGKILL P through the pidfd, wait for it, roll back as above.
+ * If the watcher cannot be started, or the new binary cannot be exec'd, the guard execs
+ * the OLD argv in pid P itself (the update fails safe).  See README.md for the protocol.
+ *
+ * Everything the guard opens is O_CLOEXEC: the new and the old QEMU see exactly the fds
+ * and the environment that QEMU handed over.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <poll.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/prctl.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#ifndef GUARD_VERSION
+#define GUARD_VERSION "dev"
+#endif
+#ifndef SYS_pidfd_open
+#define SYS_pidfd_open 434
+#endif
+#ifndef SYS_pidfd_send_signal
+#define SYS_pidfd_send_signal 424
+#endif
+
+/* PIDFD_GET_INFO (Linux >= 6.13; exit info >= 6.15), defined here for older headers. */
+struct guard_pidfd_info {
+    uint64_t mask;
+    uint64_t cgroupid;
+    uint32_t pid, tgid, ppid, ruid, rgid, euid, egid, suid, sgid, fsuid, fsgid;
+    int32_t exit_code;
+};
+#define GUARD_PIDFD_GET_INFO _IOWR(0xFF, 11, struct guard_pidfd_info)
+#define GUARD_PIDFD_INFO_EXIT (1ULL << 3)
+
+#define READY_TIMEOUT_MS 5000
+#define STATE_ENV "QEMU_CPR_EXEC_STATE"
+
+extern char **environ;
+
+/* ------------------------------------------------------------------ configuration */
+
+static const char *opt_status;
+static const char *opt_commit;
+static const char *opt_log;
+static double opt_timeout = 30.0;
+static char **old_argv;
+static char **new_argv;
+static int state_fd = -1;
+
+/* ------------------------------------------------------------------ status record */
+
+static struct {
+    const char *phase;
+    const char *reason;
+    pid_t qemu_pid, guard_pid, watcher_pid;
+    int64_t t_guard, t_ready, t_exec_new, t_event, t_kill, t_rollback, t_commit, deadline;
+    int new_execed;
+    int have_exit;
+    int exit_status;
+    char error[512];
+} st;
+
+static int log_fd = -1;
+
+static int64_t now_ns(clockid_t clk)
+{
+    struct timespec ts;
+    clock_gettime(clk, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static void write_all(int fd, const char *buf, size_t len)
+{
+    while (len > 0) {
+        ssize_t n = write(fd, buf, len);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return;
+        }
+        buf += n;
+        len -= (size_t)n;
+    }
+}
+
+/* stderr (inherited from QEMU) and the optional log file. */
+static void say(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void say(const char *fmt, ...)
+{
+    char line[1024];
+    va_list ap;
+    int n = snprintf(line, sizeof(line), "vmupdate-cpr-guard[%d]: ", (int)getpid());
+    va_start(ap, fmt);
+    n += vsnprintf(line + n, sizeof(line) - (size_t)n - 1, fmt, ap);
+    va_end(ap);
+    if (n > (int)sizeof(line) - 2)
+        n = (int)sizeof(line) - 2;
+    line[n++] = '\n';
+    write_all(2, line, (size_t)n);
+    if (log_fd >= 0) {
+        char pre[32];
+        int m = snprintf(pre, sizeof(pre), "%lld ", (long long)now_ns(CLOCK_REALTIME));
+        char both[1100];
+        memcpy(both, pre, (size_t)m);
+        memcpy(both + m, line, (size_t)n);
+        write_all(log_fd, both, (size_t)(m + n));
+    }
+}
+
+static void set_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void set_error(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(st.error, sizeof(st.error), fmt, ap);
+    va_end(ap);
+    say("%s", st.error);
+}
+
+struct buf {
+    char d[4096];
+    size_t n;
+};
+
+static void bput(struct buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void bput(struct buf *b, const char *fmt, ...)
+{
+    va_list ap;
+    if (b->n >= sizeof(b->d) - 1)
+        return;
+    va_start(ap, fmt);
+    int n = vsnprintf(b->d + b->n, sizeof(b->d) - b->n, fmt, ap);
+    va_end(ap);
+    if (n > 0)
+        b->n += (size_t)n;
+    if (b->n > sizeof(b->d) - 1)
+        b->n = sizeof(b->d) - 1;
+}
+
+static void bstr(struct buf *b, const char *key, const char *s)
+{
+    bput(b, ",\"%s\":", key);
+    if (!s || !*s) {
+        bput(b, "null");
+        return;
+    }
+    bput(b, "\"");
+    for (; *s; s++) {
+        unsigned char c = (unsigned char)*s;
+        if (c == '"' || c == '\\')
+            bput(b, "\\%c", c);
+        else if (c < 0x20)
+            bput(b, "\\u%04x", c);
+        else
+            bput(b, "%c", c);
+    }
+    bput(b, "\"");
+}
+
+static void bts(struct buf *b, const char *key, int64_t t)
+{
+    if (t)
+        bput(b, ",\"%s\":%lld", key, (long long)t);
+    else
+        bput(b, ",\"%s\":null", key);
+}
+
+static void bpid(struct buf *b, const char *key, pid_t p)
+{
+    if (p > 0)
+        bput(b, ",\"%s\":%d", key, (int)p);
+    else
+        bput(b, ",\"%s\":null", key);
+}
+
+/* Atomic: write "<status>.<pid>.tmp", then rename over the status file. */
+static int write_status(void)
+{
+    struct buf b;
+    b.n = 0;
+    bput(&b, "{\"version\":1");
+    bstr(&b, "phase", st.phase);
+    bstr(&b, "reason", st.reason);
+    bpid(&b, "qemu_pid", st.qemu_pid);
+    bpid(&b, "guard_pid", st.guard_pid);
+    bpid(&b, "watcher_pid", st.watcher_pid);
+    if (state_fd >= 0)
+        bput(&b, ",\"state_fd\":%d", state_fd);
+    else
+        bput(&b, ",\"state_fd\":null");
+    bput(&b, ",\"new_execed\":%s", st.new_execed ? "true" : "false");
+    if (!st.have_exit)
+        bput(&b, ",\"new_exit\":null");
+    else if (WIFSIGNALED(st.exit_status))
+        bput(&b, ",\"new_exit\":{\"wait_status\":%d,\"signal\":%d}", st.exit_status,
+             WTERMSIG(st.exit_status));
+    else
+        bput(&b, ",\"new_exit\":{\"wait_status\":%d,\"code\":%d}", st.exit_status,
+             WEXITSTATUS(st.exit_status));
+    bput(&b, ",\"commit_timeout_ms\":%lld", (long long)(opt_timeout * 1000.0));
+    bts(&b, "t_guard_ns", st.t_guard);
+    bts(&b, "t_ready_ns", st.t_ready);
+    bts(&b, "t_exec_new_ns", st.t_exec_new);
+    bts(&b, "deadline_ns", st.deadline);
+    bts(&b, "t_event_ns", st.t_event);
+    bts(&b, "t_kill_ns", st.t_kill);
+    bts(&b, "t_commit_ns", st.t_commit);
+    bts(&b, "t_rollback_ns", st.t_rollback);
+    bstr(&b, "error", st.error);
+    bput(&b, "}\n");
+
+    if (!opt_status)
+        return -1;
+    char tmp[PATH_MAX];
+    if (snprintf(tmp, sizeof(tmp), "%s.%d.tmp", opt_status, (int)getpid()) >= (int)sizeof(tmp))
+        return -1;
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0644);
+    if (fd < 0) {
+        say("cannot write status %s: %s", tmp, strerror(errno));
+        return -1;
+    }
+    write_all(fd, b.d, b.n);
+    close(fd);
+    if (rename(tmp, opt_status) < 0) {
+        say("cannot rename status to %s: %s", opt_status, strerror(errno));
+        unlink(tmp);
+        return -1;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------ exec of the old QEMU */
+
+static void rewind_state(void)
+{
+    /* The file offset is shared with the process that read the state: rewind it.
+     * (QEMU >= 11 also seeks to 0 on load; older or patched builds may not.) */
+    if (state_fd >= 0 && lseek(state_fd, 0, SEEK_SET) < 0)
+        say("cannot rewind CPR state fd %d: %s", state_fd, strerror(errno));
+}
+
+/* Exec the old QEMU with the old argv in the calling process; returns only on failure,
+ * after recording "rollback-failed". */
+static void exec_old(const char *reason)
+{
+    rewind_state();
+    st.phase = "rolled-back";
+    st.reason = reason;
+    st.qemu_pid = getpid();
+    st.t_rollback = now_ns(CLOCK_REALTIME);
+    write_status();
+    say("rolling back (%s): exec %s in pid %d", reason, old_argv[0], (int)getpid());
+    execve(old_argv[0], old_argv, environ);
+    int e = errno;
+    st.phase = "rollback-failed";
+    st.qemu_pid = 0;
+    char prev[sizeof(st.error)];
+    snprintf(prev, sizeof(prev), "%s", st.error);
+    set_error("%s%sexecve %s: %s", prev, *prev ? "; " : "", old_argv[0], strerror(e));
+    write_status();
+}
+
+/* ------------------------------------------------------------------ the watcher */
+
+static ssize_t read_ex(int ex_rd);
+static int ex_fd = -1;
+static int pidfd = -1;
+static int fifo_rd = -1, fifo_wr = -1;
+static int created_fifo;
+static unsigned long long p_starttime;
+
+static int read_small(const char *path, char *buf, size_t cap)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    ssize_t n;
+    do
+        n = read(fd, buf, cap - 1);
+    while (n < 0 && errno == EINTR);
+    close(fd);
+    if (n < 0)
+        return -1;
+    buf[n] = 0;
+    return (int)n;
+}
+
+/* Fields of /proc/<pid>/stat after the comm; field numbers as in proc(5). */
+static int stat_fields(pid_t pid, char *state, unsigned long long *start, int *exit_code)
+{
+    char path[64], buf[2048];
+    snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
+    if (read_small(path, buf, sizeof(buf)) < 0)
+        return -1;
+    char *p = strrchr(buf, ')');
+    if (!p || p[1] != ' ')
+        return -1;
+    p += 2; /* field 3 */
+    *state = *p;
+    int field = 3;
+    *exit_code = -1;
+    *start = 0;
+    while (*p) {
+        if (*p == ' ') {
+            field++;
+            if (field == 22)
+                *start = strtoull(p + 1, NULL, 10);
+            if (field == 52)
+                *exit_code = atoi(p + 1);
+        }
+        p++;
+    }
+    return 0;
+}
+
+/* Best effort: the watcher is not the parent, so it cannot wait(). */
+static void collect_exit(void)
+{
+    for (int i = 0; i < 3 && !st.have_exit; i++) {
+        struct guard_pidfd_info info;
+        memset(&info, 0, sizeof(info));
+        info.mask = GUARD_PIDFD_INFO_EXIT;
+        if (ioctl(pidfd, GUARD_PIDFD_GET_INFO, &info) == 0 && (info.mask & GUARD_PIDFD_INFO_EXIT)) {
+            st.have_exit = 1;
+            st.exit_status = info.exit_code;
+            break;
+        }
+        char state;
+        unsigned long long start;
+        int code;
+        if (stat_fields(st.guard_pid, &state, &start, &code) == 0 && start == p_starttime &&
+            (state == 'Z' || state == 'X') && code >= 0) {
+            st.have_exit = 1;
+            st.exit_status = code;
+            break;
+        }
+        sched_yield();
+    }
+}
+
+static void finish_fifo(void)
+{
+    /* The FIFO lives as long as the watcher watches: a writer that gets ENXIO/ENOENT
+     * knows nobody is listening. */
+    if (opt_commit)
+        unlink(opt_commit);
+}
+
+static void rollback(const char *reason) __attribute__((noreturn));
+static void rollback(const char *reason)
+{
+    finish_fifo();
+    exec_old(reason);
+    _exit(1);
+}
+
+static void wait_dead(void)
+{
+    struct pollfd pf = {.fd = pidfd, .events = POLLIN};
+    int waited = 0;
+    for (;;) {
+        int r = poll(&pf, 1, 5000);
+        if (r > 0)
+            return;
+        if (r < 0 && errno != EINTR) {
+            set_error("poll(pidfd): %s", strerror(errno));
+            return;
+        }
+        if (r == 0)
+            say("still waiting for pid %d to die (%d s)", (int)st.guard_pid, waited += 5);
+    }
+}
+
+static void kill_and_rollback(const char *reason) __attribute__((noreturn));
+static void kill_and_rollback(const char *reason)
+{
+    /* Never kill a guard that is falling back to the old argv in its own pid. */
+    struct pollfd xp = {.fd = ex_fd, .events = POLLIN};
+    while (ex_fd >= 0 && poll(&xp, 1, 0) > 0 && read_ex(ex_fd) > 0)
+        ;
+    st.phase = "rolling-back";
+    st.reason = reason;
+    st.t_kill = now_ns(CLOCK_REALTIME);
+    write_status();
+    say("%s: killing pid %d (not committed)", reason, (int)st.guard_pid);
+    if (syscall(SYS_pidfd_send_signal, pidfd, SIGKILL, NULL, 0) < 0 && errno != ESRCH)
+        set_error("pidfd_send_signal: %s", strerror(errno));
+    wait_dead();
+    st.t_event = now_ns(CLOCK_REALTIME);
+    collect_exit();
+    rollback(reason);
+}
+
+/* Returns 1 on "commit", 2 on "abort", 0 otherwise. */
+static int read_fifo(char *acc, size_t *acc_n, size_t cap)
+{
+    for (;;) {
+        ssize_t n = read(fifo_rd, acc + *acc_n, cap - 1 - *acc_n);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            break;
+        *acc_n += (size_t)n;
+        acc[*acc_n] = 0;
+        char *line = acc, *nl;
+        while ((nl = strchr(line, '\n'))) {
+            *nl = 0;
+            if (!strcmp(line, "commit"))
+                return 1;
+            if (!strcmp(line, "abort"))
+                return 2;
+            if (*line)
+                say("ignoring unknown commit message '%.40s'", line);
+            line = nl + 1;
+        }
+        size_t rest = strlen(line);
+        memmove(acc, line, rest + 1);
+        *acc_n = rest;
+        if (*acc_n >= cap - 1)
+            *acc_n = 0; /* garbage without newline: drop */
+    }
+    if (!strcmp(acc, "commit"))
+        return 1;
+    if (!strcmp(acc, "abort"))
+        return 2;
+    return 0;
+}
+
+/* Guard -> watcher messages: 'X' + 8-byte exec timestamp (written just before the exec of
+ * the new QEMU; the pipe then hits EOF when the exec succeeded), or 'F' if the guard falls
+ * back to the old argv in its own pid (the watcher must then stand down). Writes are
+ * atomic (< PIPE_BUF). */
+static ssize_t read_ex(int ex_rd)
+{
+    char m[64];
+    ssize_t n = read(ex_rd, m, sizeof(m));
+    for (ssize_t k = 0; k < n;) {
+        if (m[k] == 'X' && k + 9 <= n) {
+            memcpy(&st.t_exec_new, m + k + 1, 8);
+            k += 9;
+        } else if (m[k] == 'F') {
+            finish_fifo();
+            _exit(0);
+        } else {
+            k++;
+        }
+    }
+    return n;
+}
+
+static void watcher(int ready_wr, int ex_rd) __attribute__((noreturn));
+static void watcher(int ready_wr, int ex_rd)
+{
+    char msg[600];
+    st.watcher_pid = getpid();
+    ex_fd = ex_rd;
+    prctl(PR_SET_NAME, "cpr-guard-watch", 0, 0, 0);
+
+    if (opt_log) {
+        log_fd = open(opt_log, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+        if (log_fd < 0)
+            say("cannot open log %s: %s (continuing)", opt_log, strerror(errno));
+    }
+
+    /* Commit FIFO: our own read end (non-blocking) plus a write end we hold ourselves, so
+     * the read end never sees EOF/POLLHUP when a writer comes and goes. */
+    if (mkfifo(opt_commit, 0600) == 0)
+        created_fifo = 1;
+    else if (errno != EEXIST) {
+        snprintf(msg, sizeof(msg), "Ewatcher: mkfifo %s: %s", opt_commit, strerror(errno));
+        goto fail;
+    }
+    fifo_rd = open(opt_commit, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    struct stat sb;
+    if (fifo_rd < 0 || fstat(fifo_rd, &sb) < 0 || !S_ISFIFO(sb.st_mode)) {
+        snprintf(msg, sizeof(msg), "Ewatcher: %s is not a usable FIFO: %s", opt_commit,
+                 fifo_rd < 0 ? strerror(errno) : "not a FIFO");
+        goto fail;
+    }
+    fifo_wr = open(opt_commit, O_WRONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fifo_wr < 0) {
+        snprintf(msg, sizeof(msg), "Ewatcher: open %s for writing: %s", opt_commit,
+                 strerror(errno));
+        goto fail;
+    }
+    {
+        /* Drain anything a stale writer left in a pre-existing FIFO. */
+        char junk[256];
+        while (read(fifo_rd, junk, sizeof(junk)) > 0)
+            ;
+    }
+
+    st.phase = "watching";
+    st.t_ready = now_ns(CLOCK_REALTIME);
+    int64_t mono_deadline = now_ns(CLOCK_MONOTONIC) + (int64_t)(opt_timeout * 1e9);
+    st.deadline = st.t_ready + (int64_t)(opt_timeout * 1e9);
+    if (write_status() < 0) {
+        snprintf(msg, sizeof(msg), "Ewatcher: cannot write status file %s", opt_status);
+        goto fail;
+    }
+    int rn = snprintf(msg, sizeof(msg), "R%d", (int)getpid());
+    write_all(ready_wr, msg, (size_t)rn);
+    close(ready_wr);
+
+    /* Off the critical path: remember P's start time to recognise it in /proc later. */
+    {
+        char state;
+        int code;
+        stat_fields(st.guard_pid, &state, &p_starttime, &code);
+    }
+
+    char acc[256];
+    size_t acc_n = 0;
+    acc[0] = 0;
+    int ex_open = 1;
+    for (;;) {
+        struct pollfd pf[3] = {
+            {.fd = ex_open ? ex_rd : -1, .events = POLLIN},
+            {.fd = pidfd, .events = POLLIN},
+            {.fd = fifo_rd, .events = POLLIN},
+        };
+        int64_t left = mono_deadline - now_ns(CLOCK_MONOTONIC);
+        int r = 0;
+        if (left > 0) {
+            int ms = left / 1000000 + 1;
+            r = poll(pf, 3, ms);
+            if (r < 0) {
+                if (errno == EINTR)
+                    continue;
+                set_error("poll: %s", strerror(errno));
+                sleep(1);
+                continue;
+            }
+        }
+        if (pf[0].revents) {
+            /* Guard -> watcher: 'X' + exec timestamp, then EOF when the exec succeeded;
+             * 'F' if the guard falls back to the old argv itself (we must not act). */
+            ssize_t n = read_ex(ex_rd);
+            if (n < 0 && errno == EINTR)
+                continue;
+            if (n <= 0) {
+                ex_open = 0;
+                ex_fd = -1;
+                close(ex_rd);
+                if (st.t_exec_new) {
+                    st.new_execed = 1;
+                    write_status();
+                }
+            }
+            continue;
+        }
+        if (pf[1].revents) {
+            st.t_event = now_ns(CLOCK_REALTIME);
+            collect_exit();
+            if (st.have_exit)
+                say("pid %d exited before commit (wait status %d)", (int)st.guard_pid,
+                    st.exit_status);
+            else
+                say("pid %d exited before commit", (int)st.guard_pid);
+            rollback(st.new_execed ? "new-exited" : "guard-exited");
+        }
+        if (pf[2].revents) {
+            int what = read_fifo(acc, &acc_n, sizeof(acc));
+            if (what == 1) {
+                st.phase = "committed";
+                st.reason = "commit";
+                st.t_commit = now_ns(CLOCK_REALTIME);
+                finish_fifo();
+                write_status();
+                say("committed");
+                _exit(0);
+            }
+            if (what == 2) {
+                st.t_event = now_ns(CLOCK_REALTIME);
+                kill_and_rollback("abort");
+            }
+        }
+        if (now_ns(CLOCK_MONOTONIC) >= mono_deadline) {
+            st.t_event = now_ns(CLOCK_REALTIME);
+            kill_and_rollback("commit-timeout");
+        }
+    }
+
+fail:
+    if (created_fifo)
+        unlink(opt_commit);
+    write_all(ready_wr, msg, strlen(msg));
+    _exit(1);
+}
+
+/* ------------------------------------------------------------------ guard (pid P) */
+
+static void fallback(const char *reason, int ex_wr) __attribute__((noreturn));
+static void fallback(const char *reason, int ex_wr)
+{
+    if (ex_wr >= 0) {
+        write_all(ex_wr, "F", 1); /* the watcher, if alive, must stand down */
+    }
+    say("not updating: %s", st.error);
+    exec_old(reason);
+    _exit(1);
+}
+
+static int has_incoming(char **v)
+{
+    for (; *v; v++)
+        if (!strcmp(*v, "-incoming") || !strcmp(*v, "--incoming"))
+            return 1;
+    return 0;
+}
+
+static const char *check_argv(char **v, const char *which)
+{
+    static char why[256];
+    if (!v || !v[0]) {
+        snprintf(why, sizeof(why), "%s argv is empty", which);
+        return why;
+    }
+    if (v[0][0] != '/') {
+        snprintf(why, sizeof(why), "%s binary '%s' is not an absolute path", which, v[0]);
+        return why;
+    }
+    if (!has_incoming(v + 1)) {
+        snprintf(why, sizeof(why), "%s argv has no -incoming", which);
+        return why;
+    }
+    return NULL;
+}
+
+static void usage(void)
+{
+    static const char u[] =
+        "usage: vmupdate-cpr-guard [--check] --status FILE --commit FIFO\n"
+        "         [--commit-timeout SEC] [--log FILE] [--old-argc N]\n"
+        "         -- OLD_BINARY OLD_ARGS... -incoming URI -- NEW_BINARY NEW_ARGS...\n"
+        "Run as QEMU's cpr-exec-command. Paths must be absolute. See README.md.\n";
+    write_all(2, u, sizeof(u) - 1);
+}
+
+int main(int argc, char **argv)
+{
+    st.t_guard = now_ns(CLOCK_REALTIME);
+    st.guard_pid = st.qemu_pid = getpid();
+    st.phase = "starting";
+
+    int check = 0;
+    long old_argc = -1;
+    char bad[256] = "";
+    int i = 1;
+
+    for (; i < argc && strcmp(argv[i], "--"); i++) {
+        const char *a = argv[i];
+        const char *val = NULL;
+        size_t klen = strlen(a);
+        const char *eq = strchr(a, '=');
+        if (!strcmp(a, "--check")) {
+            check = 1;
+            continue;
+        }
+        if (!strcmp(a, "--version")) {
+            write_all(1, GUARD_VERSION "\n", sizeof(GUARD_VERSION));
+            return 0;
+        }
+        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
+            usage();
+            return 0;
+        }
+        if (eq) {
+            klen = (size_t)(eq - a);
+            val = eq + 1;
+        } else if (i + 1 < argc && strcmp(argv[i + 1], "--")) {
+            val = argv[++i];
+        }
+#define OPT(name) (klen == sizeof(name) - 1 && !strncmp(a, name, klen))
+        if (!val) {
+            snprintf(bad, sizeof(bad), "option %s needs a value", a);
+        } else if (OPT("--status")) {
+            opt_status = val;
+        } else if (OPT("--commit")) {
+            opt_commit = val;
+        } else if (OPT("--log")) {
+            opt_log = val;
+        } else if (OPT("--commit-timeout")) {
+            char *end;
+            opt_timeout = strtod(val, &end);
+            if (*end || !(opt_timeout > 0 && opt_timeout <= 86400))
+                snprintf(bad, sizeof(bad), "bad --commit-timeout '%s'", val);
+        } else if (OPT("--old-argc")) {
+            char *end;
+            old_argc = strtol(val, &end, 10);
+            if (*end || old_argc < 1)
+                snprintf(bad, sizeof(bad), "bad --old-argc '%s'", val);
+        } else {
+            snprintf(bad, sizeof(bad), "unknown option '%.*s'", (int)klen, a);
+        }
+#undef OPT
+    }
+
+    /* Locate the two argvs even if an option was bad: the old one is the way back. */
+    if (i < argc) {
+        int o = i + 1, sep = -1;
+        if (old_argc > 0) {
+            if (o + old_argc < argc && !strcmp(argv[o + old_argc], "--"))
+                sep = o + (int)old_argc;
+        } else {
+            for (int k = o; k < argc; k++)
+                if (!strcmp(argv[k], "--")) {
+                    sep = k;
+                    break;
+                }
+        }
+        if (sep > o) {
+            argv[sep] = NULL; /* terminates old_argv in place: no allocation */
+            old_argv = argv + o;
+            new_argv = argv + sep + 1;
+        }
+    }
+
+    if (opt_status && opt_status[0] != '/')
+        opt_status = NULL, snprintf(bad, sizeof(bad), "--status must be an absolute path");
+    if (opt_log && opt_log[0] != '/')
+        opt_log = NULL, snprintf(bad, sizeof(bad), "--log must be an absolute path");
+    if (!*bad && !opt_status)
+        snprintf(bad, sizeof(bad), "--status FILE is required");
+    if (!*bad && (!opt_commit || opt_commit[0] != '/'))
+        snprintf(bad, sizeof(bad), "--commit FIFO (absolute path) is required");
+
+    const char *old_bad = old_argv ? check_argv(old_argv, "old") : "cannot find '-- OLD... -- NEW...'";
+    if (old_bad) {
+        /* No way back: refuse to do anything. */
+        set_error("bad arguments: %s%s%s", old_bad, *bad ? "; " : "", bad);
+        if (!check)
+            usage();
+        st.phase = "rollback-failed";
+        st.reason = "bad-arguments";
+        st.qemu_pid = 0;
+        if (!check)
+            write_status();
+        return 2;
+    }
+    const char *new_bad = check_argv(new_argv, "new");
+    if (!*bad && new_bad)
+        snprintf(bad, sizeof(bad), "%s", new_bad);
+
+    const char *env = getenv(STATE_ENV);
+    if (env && *env) {
+        char *end;
+        long fd = strtol(env, &end, 10);
+        if (!*end && fd >= 0 && fd < INT_MAX && fcntl((int)fd, F_GETFD) >= 0)
+            state_fd = (int)fd;
+        else
+            say("warning: %s=%s is not an open fd", STATE_ENV, env);
+    } else if (!check) {
+        say("warning: %s is not set (not started by QEMU cpr-exec?)", STATE_ENV);
+    }
+
+    if (check) {
+        if (!*bad && access(old_argv[0], X_OK) < 0)
+            snprintf(bad, sizeof(bad), "old binary %s: %s", old_argv[0], strerror(errno));
+        if (!*bad && access(new_argv[0], X_OK) < 0)
+            snprintf(bad, sizeof(bad), "new binary %s: %s", new_argv[0], strerror(errno));
+        if (*bad) {
+            set_error("check failed: %s", bad);
+            return 2;
+        }
+        write_all(1, "ok\n", 3);
+        return 0;
+    }
+    if (*bad) {
+        set_error("bad arguments: %s", bad);
+        fallback("bad-arguments", -1);
+    }
+
+    /* 1. pidfd on ourselves: stays valid across our exec of the new QEMU. */
+    pidfd = (int)syscall(SYS_pidfd_open, getpid(), 0); /* always O_CLOEXEC */
+    if (pidfd < 0) {
+        set_error("pidfd_open: %s", strerror(errno));
+        fallback("watcher-failed", -1);
+    }
+
+    int ready[2], ex[2];
+    if (pipe2(ready, O_CLOEXEC) < 0 || pipe2(ex, O_CLOEXEC) < 0) {
+        set_error("pipe2: %s", strerror(errno));
+        fallback("watcher-failed", -1);
+    }
+
+    /* 2. Double fork: the watcher is reparented to init/the subreaper, never QEMU's. */
+    pid_t c = fork();
+    if (c < 0) {
+        set_error("fork: %s", strerror(errno));
+        fallback("watcher-failed", -1);
+    }
+    if (c == 0) {
+        close(ready[0]);
+        close(ex[1]);
+        pid_t w = fork();
+        if (w == 0)
+            watcher(ready[1], ex[0]);
+        if (w < 0) {
+            char m[128];
+            int n = snprintf(m, sizeof(m), "Efork (watcher): %s", strerror(errno));
+            write_all(ready[1], m, (size_t)n);
+        }
+        _exit(0);
+    }
+    close(ready[1]);
+    close(ex[0]);
+    while (waitpid(c, NULL, 0) < 0 && errno == EINTR)
+        ;
+
+    /* 3. Wait for the watcher to be ready (FIFO open, status "watching" written). */
+    char rmsg[600];
+    ssize_t n = 0;
+    struct pollfd pf = {.fd = ready[0], .events = POLLIN};
+    int64_t until = now_ns(CLOCK_MONOTONIC) + READY_TIMEOUT_MS * 1000000LL;
+    for (;;) {
+        int64_t left = until - now_ns(CLOCK_MONOTONIC);
+        int r = left > 0 ? poll(&pf, 1, (int)(left / 1000000) + 1) : 0;
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0) {
+            set_error("watcher not ready after %d ms", READY_TIMEOUT_MS);
+            fallback("watcher-failed", ex[1]);
+        }
+        n = read(ready[0], rmsg, sizeof(rmsg) - 1);
+        if (n < 0 && errno == EINTR)
+            continue;
+        break;
+    }
+    if (n < 1 || rmsg[0] != 'R') {
+        rmsg[n > 0 ? n : 0] = 0;
+        set_error("%s", n > 1 ? rmsg + 1 : "watcher died before it was ready");
+        fallback("watcher-failed", ex[1]);
+    }
+    close(ready[0]);
+    rmsg[n] = 0;
+    st.watcher_pid = atoi(rmsg + 1);
+
+    /* 4. Exec the new QEMU in this pid. */
+    char xm[9];
+    int64_t t = now_ns(CLOCK_REALTIME);
+    xm[0] = 'X';
+    memcpy(xm + 1, &t, 8);
+    write_all(ex[1], xm, sizeof(xm));
+    execve(new_argv[0], new_argv, environ);
+    set_error("execve %s: %s", new_argv[0], strerror(errno));
+    fallback("exec-new-failed", ex[1]);
+}

@@ -1,0 +1,213 @@
+"""What every CPR mode shares: the operation's context, progress, waits, and the safety net."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import stat
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from vmupdate_agent import argv as qargv
+from vmupdate_agent import hostexec, procfs
+from vmupdate_agent.models import CprMode, Outcome, Phase, ProgressEvent, Target, VMInfo
+from vmupdate_agent.qmp import Event, QmpError, QmpSession
+
+log = logging.getLogger(__name__)
+
+ProgressSink = Callable[[ProgressEvent], Awaitable[None] | None]
+
+
+class UpdateAborted(RuntimeError):
+    """Refused or failed before the point of no return: the old QEMU runs on untouched."""
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    command: float = 10.0
+    # From `migrate` until the new QEMU answers on QMP (exec, or start of a new process).
+    handover: float = 60.0
+    # Until an incoming migration has loaded the state.
+    load: float = 120.0
+    # How long the guard waits for the commit before rolling back on its own.
+    guard_commit: float = 60.0
+
+
+@dataclass(frozen=True)
+class ModeResult:
+    outcome: Outcome
+    message: str
+    pid_after: int | None
+    version_after: str | None
+    pause_ms: float | None
+    session: QmpSession | None = None
+
+
+@dataclass
+class Operation:
+    op_id: str
+    vm: VMInfo
+    target: Target
+    mode: CprMode
+    session: QmpSession
+    workdir: str
+    host: hostexec.HostContext
+    timeouts: Timeouts
+    guard_path: str | None
+    progress: ProgressSink | None = None
+    phase_ms: dict[str, float] = field(default_factory=dict)
+    _t_phase: float = field(default_factory=time.monotonic)
+    _phase: str = "start"
+    stop_event: Event | None = None
+
+    async def emit(self, phase: Phase, message: str) -> None:
+        now = time.monotonic()
+        self.phase_ms[self._phase] = round(self.phase_ms.get(self._phase, 0.0)
+                                           + (now - self._t_phase) * 1000, 3)
+        self._phase, self._t_phase = phase.value, now
+        log.info("%s %s: %s", self.vm.name, phase.value, message)
+        if self.progress is not None:
+            res = self.progress(ProgressEvent(phase=phase, time_ns=time.time_ns(),
+                                              message=message))
+            if res is not None:
+                await res
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.workdir, name)
+
+    def old_argv(self) -> qargv.QemuArgv:
+        return qargv.canonical(qargv.parse(self.vm.argv))
+
+    def new_argv(self) -> qargv.QemuArgv:
+        base = qargv.with_binary(self.old_argv(), self.target.binary)
+        return qargv.appended(base, self.target.extra_args)
+
+
+def pause_ms(stop: Event | None, resume: Event | None) -> float | None:
+    """Guest pause from QEMU's own STOP and RESUME timestamps (same host clock)."""
+    if stop is None or resume is None:
+        return None
+    return round((resume.qemu_time_ns - stop.qemu_time_ns) / 1e6, 3)
+
+
+async def poll_until(fn: Callable[[], Awaitable[Any]], *, timeout: float, what: str,
+                     interval: float = 0.002) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await fn()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} did not happen within {timeout:.1f}s")
+        await asyncio.sleep(interval)
+
+
+async def wait_incoming_loaded(session: QmpSession, timeout: float) -> None:
+    """Until the new QEMU has loaded the state and sits paused (it was started with -S)."""
+
+    async def loaded() -> bool:
+        mig = await session.cmd("query-migrate")
+        status = mig.get("status")
+        if status in ("failed", "cancelled"):
+            raise QmpError(f"the new QEMU failed to load the state: "
+                           f"{mig.get('error-desc', status)}")
+        if status != "completed":
+            return False
+        st = await session.cmd("query-status")
+        return bool(st.get("status") in ("paused", "running"))
+
+    await poll_until(loaded, timeout=timeout, what="loading the state into the new QEMU")
+
+
+async def wait_outgoing_done(session: QmpSession, timeout: float) -> dict[str, Any]:
+    async def done() -> dict[str, Any] | None:
+        mig: dict[str, Any] = await session.cmd("query-migrate")
+        if mig.get("status") in ("completed", "failed", "cancelled"):
+            return mig
+        return None
+
+    result: dict[str, Any] = await poll_until(done, timeout=timeout,
+                                              what="saving the VM state")
+    return result
+
+
+async def resume(session: QmpSession, timeout: float) -> Event:
+    mark = session.mark()
+    await session.cmd("cont")
+    return await session.wait_event("RESUME", since=mark, timeout=timeout)
+
+
+async def ensure_running(session: QmpSession, was_running: bool) -> str:
+    """The safety net on every path that did not reach the point of no return."""
+    try:
+        st = await session.cmd("query-status")
+    except QmpError as exc:
+        return f"could not check the VM's state: {exc}"
+    if st.get("status") in ("paused", "postmigrate") and was_running:
+        await session.cmd("cont")
+        return "the VM was paused by the failed attempt and has been resumed"
+    return f"the VM is {st.get('status')}"
+
+
+async def verify_version(session: QmpSession, target: Target) -> str:
+    ver = await session.cmd("query-version")
+    q = ver["qemu"]
+    got = f"{q['major']}.{q['minor']}.{q['micro']}"
+    expected = target.expected_version
+    pkg = str(ver.get("package", "")).strip()
+    if expected and expected not in (got, pkg, f"{got} ({pkg})"):
+        raise QmpError(f"the new QEMU reports version {got} ({pkg}), expected {expected}")
+    return got
+
+
+def pids_with_arg(word: str) -> list[int]:
+    """Processes whose command line contains `word` (a path unique to one operation)."""
+    out = []
+    for entry in procfs.PROC.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if word in procfs.cmdline(int(entry.name)) and procfs.alive(int(entry.name)):
+                out.append(int(entry.name))
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+    return out
+
+
+async def wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while procfs.alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.005)
+    return True
+
+
+async def kill_quietly(pid: int, timeout: float = 5.0) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, 15)
+    if not await wait_gone(pid, timeout):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, 9)
+        await wait_gone(pid, timeout)
+
+
+def stderr_tail(pid: int, lines: int = 5) -> str:
+    """The last lines QEMU wrote to its stderr, when that is a file (a VM's log)."""
+    try:
+        fd_path = f"/proc/{pid}/fd/2"
+        if not stat.S_ISREG(os.stat(fd_path).st_mode):
+            return ""
+        with open(fd_path, "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - 4096))
+            text = f.read().decode(errors="replace").strip().splitlines()
+        # The guard logs to the same stderr; QEMU's own complaint is what a person needs.
+        own = [line for line in text if not line.startswith("vmupdate-cpr-guard[")]
+        return " | ".join(own[-lines:])
+    except OSError:
+        return ""

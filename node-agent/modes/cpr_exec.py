@@ -1,0 +1,227 @@
+"""cpr-exec: QEMU saves its device state and execs the new binary in the same pid.
+
+With the guard (the default) the point of no return moves past the new QEMU's start:
+QEMU execs the guard, the guard leaves a watcher holding the preserved descriptors and
+execs the new QEMU with -S; the agent reconnects, waits for the state to be loaded,
+verifies, commits the guard and only then resumes the guest. If the new QEMU dies before
+the commit, the watcher execs the old binary on the same descriptors and state: the VM comes
+back in the watcher's pid and the agent adopts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+from vmupdate_agent import argv as qargv
+from vmupdate_agent import guard as cpr_guard
+from vmupdate_agent import procfs
+from vmupdate_agent.models import Outcome, Phase
+from vmupdate_agent.modes.common import (
+    ModeResult,
+    Operation,
+    UpdateAborted,
+    ensure_running,
+    pause_ms,
+    resume,
+    stderr_tail,
+    verify_version,
+    wait_incoming_loaded,
+)
+from vmupdate_agent.qmp import QmpError, QmpSession, QmpTimeout
+
+
+def build_commands(op: Operation, *, use_guard: bool) -> tuple[list[str], str]:
+    """The cpr-exec-command, and the state file URI."""
+    state_uri = f"file:{op.path('state')}"
+    new = qargv.appended(op.new_argv(), ["-S", "-incoming", state_uri]).render()
+    if not use_guard:
+        return new, state_uri
+    assert op.guard_path is not None
+    # The rollback brings back exactly the old QEMU: the binary it runs (not argv[0], which
+    # may be a wrapper), its argv, and taps adopted by descriptor (fd=N), because a tap
+    # opened by name is still held and would be busy.
+    old = qargv.taps_by_fd(qargv.with_binary(op.old_argv(), op.vm.binary),
+                           procfs.tun_fds(op.vm.pid))
+    rollback = qargv.appended(old, ["-incoming", state_uri]).render()
+    cmd = cpr_guard.guard_command(
+        op.guard_path, status=op.path("guard.status"), commit=op.path("guard.commit"),
+        old_argv=rollback, new_argv=new, commit_timeout=op.timeouts.guard_commit,
+        log=op.path("guard.log"))
+    return cmd, state_uri
+
+
+async def run(op: Operation, *, use_guard: bool) -> ModeResult:
+    s = op.session
+    was_running = op.vm.runstate == "running"
+    cmd, state_uri = build_commands(op, use_guard=use_guard)
+    await s.cmd("migrate-set-parameters", {"mode": "cpr-exec", "cpr-exec-command": cmd})
+    mark = s.mark()
+    await op.emit(Phase.STOPPING, f"saving state to {state_uri} and exec'ing "
+                  f"{'the guard, then ' if use_guard else ''}{op.target.binary}")
+    try:
+        await s.cmd("migrate", {"uri": state_uri})
+    except QmpError as exc:
+        note = await ensure_running(s, was_running)
+        raise UpdateAborted(f"QEMU refused the migration: {exc}; {note}") from exc
+
+    # Either the exec happens (our connection drops) or QEMU reports the migration failed
+    # (e.g. the binary could not be exec'd) and resumes the guest itself.
+    failed = asyncio.create_task(s.wait_event(
+        "MIGRATION", since=mark, timeout=op.timeouts.handover,
+        predicate=lambda e: e.data.get("status") in ("failed", "cancelled")))
+    dropped = asyncio.create_task(s.wait_disconnected(op.timeouts.handover))
+    try:
+        done, _ = await asyncio.wait({failed, dropped}, return_when=asyncio.FIRST_COMPLETED,
+                                     timeout=op.timeouts.handover)
+    finally:
+        for t in (failed, dropped):
+            t.cancel()
+            with contextlib.suppress(BaseException):
+                await t
+    op.stop_event = next((e for e in s.events[mark:] if e.name == "STOP"), None)
+    if not done:
+        note = await ensure_running(s, was_running)
+        raise UpdateAborted(f"QEMU neither exec'd nor failed within {op.timeouts.handover}s; "
+                            f"{note}")
+    if failed in done and s.connected:
+        info = await s.cmd("query-migrate")
+        note = await ensure_running(s, was_running)
+        raise UpdateAborted(f"cpr-exec failed inside QEMU before the exec: "
+                            f"{info.get('error-desc', info.get('status'))}; {note}")
+    await s.close()
+    await op.emit(Phase.EXECED, "QEMU exec'd; waiting for the new QEMU to load the state")
+    return await _after_exec(op, use_guard=use_guard)
+
+
+async def _after_exec(op: Operation, *, use_guard: bool) -> ModeResult:
+    deadline = time.monotonic() + op.timeouts.handover + op.timeouts.load
+    last_error = ""
+    while time.monotonic() < deadline:
+        status = cpr_guard.read_status(op.path("guard.status")) if use_guard else None
+        if status and status.get("phase") == cpr_guard.PHASE_ROLLBACK_FAILED:
+            return _lost(op, f"the guard could not bring the old QEMU back: "
+                             f"{status.get('error')}")
+        try:
+            session = await QmpSession.open_retrying(
+                op.vm.qmp_path, timeout=max(0.1, deadline - time.monotonic()),
+                command_timeout=op.timeouts.command)
+        except QmpTimeout as exc:
+            last_error = str(exc)
+            break
+        try:
+            if session.peer_pid == op.vm.pid and not _rolled_back_in_place(op, use_guard):
+                return await _finish_new(op, session, use_guard=use_guard)
+            return await _adopt_rollback(op, session)
+        except QmpError as exc:
+            # The new QEMU died while loading: the guard's watcher takes over; reconnect.
+            last_error = str(exc)
+            await session.close()
+            if not use_guard:
+                break
+            await asyncio.sleep(0.005)
+    if use_guard:
+        status = cpr_guard.read_status(op.path("guard.status")) or {}
+        return _lost(op, f"no QEMU answered after the exec ({last_error}); guard status: "
+                         f"{status.get('phase')} {status.get('error', '')}")
+    return _lost(op, f"the new QEMU did not come up and no guard was used: {last_error}")
+
+
+def _rolled_back_in_place(op: Operation, use_guard: bool) -> bool:
+    # When the guard cannot start its watcher it execs the old QEMU in the same pid.
+    if not use_guard:
+        return False
+    status = cpr_guard.read_status(op.path("guard.status")) or {}
+    return bool(status.get("phase") == cpr_guard.PHASE_ROLLED_BACK
+                and status.get("qemu_pid") == op.vm.pid)
+
+
+async def _finish_new(op: Operation, session: QmpSession, *, use_guard: bool) -> ModeResult:
+    await wait_incoming_loaded(session, op.timeouts.load)
+    await op.emit(Phase.SAVED, "the new QEMU loaded the state (paused)")
+    try:
+        version = await verify_version(session, op.target)
+    except QmpError as exc:
+        if use_guard:
+            # Not the QEMU we meant: the guest has not run in it, so rolling back is safe.
+            await session.close()
+            await _guard_send(op, "abort")
+            return await _after_exec_abort(op, str(exc))
+        raise
+    if use_guard:
+        await _guard_send(op, "commit")
+        status = await _guard_wait(op, cpr_guard.FINAL_PHASES, timeout=5.0)
+        if status.get("phase") != cpr_guard.PHASE_COMMITTED:
+            await session.close()
+            return await _after_exec_abort(op, f"the guard did not take the commit: "
+                                               f"{status.get('phase')}")
+    resumed = await resume(session, op.timeouts.command)
+    await op.emit(Phase.RESUMED, "the guest runs in the new QEMU")
+    return ModeResult(outcome=Outcome.UPDATED, message=f"updated in place to QEMU {version}",
+                      pid_after=session.peer_pid, version_after=version,
+                      pause_ms=pause_ms(op.stop_event, resumed), session=session)
+
+
+async def _after_exec_abort(op: Operation, why: str) -> ModeResult:
+    result = await _after_exec(op, use_guard=True)
+    if result.outcome == Outcome.ROLLED_BACK:
+        return ModeResult(outcome=Outcome.ROLLED_BACK, message=f"{why}; {result.message}",
+                          pid_after=result.pid_after, version_after=result.version_after,
+                          pause_ms=result.pause_ms, session=result.session)
+    return result
+
+
+async def _adopt_rollback(op: Operation, session: QmpSession) -> ModeResult:
+    status = await _guard_wait(op, frozenset({cpr_guard.PHASE_ROLLED_BACK,
+                                              cpr_guard.PHASE_ROLLBACK_FAILED}), timeout=5.0)
+    if status.get("phase") != cpr_guard.PHASE_ROLLED_BACK:
+        return _lost(op, f"guard: {status.get('error')}")
+    await wait_incoming_loaded(session, op.timeouts.load)
+    st = await session.cmd("query-status")
+    if st.get("status") != "running":
+        await session.cmd("cont")
+    ver = await session.cmd("query-version")
+    q = ver["qemu"]
+    version = f"{q['major']}.{q['minor']}.{q['micro']}"
+    exit_info = status.get("new_exit") or {}
+    why = (f"exit code {exit_info['code']}" if "code" in exit_info else
+           f"signal {exit_info['signal']}" if "signal" in exit_info else
+           status.get("reason") or "unknown")
+    tail = stderr_tail(session.peer_pid)
+    # The rolled-back QEMU resumes on its own (no -S: it must never wait for an agent that
+    # may be gone), so its RESUME is not seen here; the pause is bounded by now.
+    bound = None
+    if op.stop_event is not None:
+        bound = round((time.time_ns() - op.stop_event.qemu_time_ns) / 1e6, 3)
+    await op.emit(Phase.RECOVERED, f"the new QEMU failed ({why}); the guard restarted QEMU "
+                  f"{version} on the preserved state in pid {session.peer_pid}")
+    return ModeResult(
+        outcome=Outcome.ROLLED_BACK,
+        message=(f"rolled back: the new QEMU exited before commit ({why})"
+                 + (f": {tail}" if tail else "")
+                 + f"; the VM runs QEMU {version} again, now in pid {session.peer_pid}"),
+        pid_after=session.peer_pid, version_after=version, pause_ms=bound, session=session)
+
+
+async def _guard_send(op: Operation, message: str) -> None:
+    try:
+        cpr_guard.send(op.path("guard.commit"), message)
+    except cpr_guard.WatcherGone:
+        pass
+
+
+async def _guard_wait(op: Operation, phases: frozenset[str], timeout: float) -> dict[str, object]:
+    deadline = time.monotonic() + timeout
+    while True:
+        status = cpr_guard.read_status(op.path("guard.status"))
+        if status is not None and status.get("phase") in phases:
+            return status
+        if time.monotonic() > deadline:
+            return status or {"phase": "unknown", "error": "no status file"}
+        await asyncio.sleep(0.001)
+
+
+def _lost(op: Operation, message: str) -> ModeResult:
+    return ModeResult(outcome=Outcome.LOST, message=message, pid_after=None,
+                      version_after=None, pause_ms=None)

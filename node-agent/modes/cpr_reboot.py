@@ -1,0 +1,151 @@
+"""cpr-reboot: save the state to a file, quit, start the new QEMU, load.
+
+Guest RAM stays in a file on /dev/shm (x-ignore-shared), so only device state is written.
+Between the quit and the new QEMU's load no QEMU runs the VM: if the new one cannot come up,
+the agent starts the old binary on the same state file and RAM, so the VM is never lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+from vmupdate_agent import argv as qargv
+from vmupdate_agent import hostexec
+from vmupdate_agent.models import Outcome, Phase, Target
+from vmupdate_agent.modes.common import (
+    ModeResult,
+    Operation,
+    UpdateAborted,
+    ensure_running,
+    kill_quietly,
+    pause_ms,
+    pids_with_arg,
+    resume,
+    verify_version,
+    wait_gone,
+    wait_incoming_loaded,
+    wait_outgoing_done,
+)
+from vmupdate_agent.qmp import QmpError, QmpSession
+
+_CAPS = [{"capability": "x-ignore-shared", "state": True}]
+
+
+async def run(op: Operation) -> ModeResult:
+    s = op.session
+    was_running = op.vm.runstate == "running"
+    state_uri = f"file:{op.path('state')}"
+    await s.cmd("migrate-set-parameters", {"mode": "cpr-reboot"})
+    await s.cmd("migrate-set-capabilities", {"capabilities": _CAPS})
+    mark = s.mark()
+    await op.emit(Phase.STOPPING, f"saving device state to {state_uri}")
+    try:
+        await s.cmd("migrate", {"uri": state_uri})
+        outgoing = await wait_outgoing_done(s, op.timeouts.load)
+    except (QmpError, TimeoutError) as exc:
+        note = await ensure_running(s, was_running)
+        raise UpdateAborted(f"saving the state failed: {exc}; {note}") from exc
+    op.stop_event = next((e for e in s.events[mark:] if e.name == "STOP"), None)
+    if outgoing.get("status") != "completed":
+        note = await ensure_running(s, was_running)
+        raise UpdateAborted(f"saving the state {outgoing.get('status')}: "
+                            f"{outgoing.get('error-desc', '')}; {note}")
+    await op.emit(Phase.SAVED, "state saved; starting the new QEMU beside the stopped one")
+    old_pid = op.vm.pid
+    pinned = op.host.pin(old_pid)
+    try:
+        return await _handover(op, s, pinned, state_uri, was_running)
+    finally:
+        pinned.close()
+
+
+async def _handover(op: Operation, s: QmpSession, pinned: hostexec.PinnedContext,
+                    state_uri: str, was_running: bool) -> ModeResult:
+    # The new QEMU starts while the old one still exists (stopped), on a socket of its own:
+    # if it cannot start, the old one simply resumes.
+    temp_qmp = op.path("qmp.sock")
+    new_argv = qargv.replace_socket_path(op.new_argv(), op.vm.qmp_path, temp_qmp)
+    try:
+        session = await _start(op, pinned, new_argv, temp_qmp)
+    except (QmpError, hostexec.HostExecError) as exc:
+        note = await ensure_running(s, was_running)
+        raise UpdateAborted(f"the new QEMU did not start: {exc}; {note}") from exc
+    try:
+        await s.cmd("quit")
+    except QmpError:
+        pass  # the connection may drop before the answer
+    await s.close()
+    if not await wait_gone(op.vm.pid, op.timeouts.command):
+        await kill_quietly(op.vm.pid)
+    # Past this point no QEMU runs the VM: the way back is the old binary on the saved state.
+    os.replace(temp_qmp, op.vm.qmp_path)
+    try:
+        version = await _load(op, session, op.target, state_uri)
+    except (QmpError, TimeoutError) as exc:
+        await session.close()
+        await _kill_started(op)
+        return await _restart_old(op, pinned, state_uri, str(exc))
+    resumed = await resume(session, op.timeouts.command)
+    await op.emit(Phase.RESUMED, f"the guest runs in the new QEMU (pid {session.peer_pid})")
+    _rewrite_pidfile(op, session.peer_pid)
+    return ModeResult(outcome=Outcome.UPDATED,
+                      message=f"restarted on QEMU {version} in pid {session.peer_pid}",
+                      pid_after=session.peer_pid, version_after=version,
+                      pause_ms=pause_ms(op.stop_event, resumed), session=session)
+
+
+async def _restart_old(op: Operation, pinned: hostexec.PinnedContext, state_uri: str,
+                       why: str) -> ModeResult:
+    old_argv = qargv.with_binary(op.old_argv(), op.vm.binary)
+    old_target = Target(binary=op.vm.binary, expected_version=str(op.vm.features.version))
+    try:
+        session = await _start(op, pinned, old_argv, op.vm.qmp_path)
+        version = await _load(op, session, old_target, state_uri)
+    except (QmpError, TimeoutError, hostexec.HostExecError) as exc:
+        return ModeResult(outcome=Outcome.LOST,
+                          message=f"the new QEMU failed ({why}) and so did restarting the old "
+                                  f"one ({exc})", pid_after=None, version_after=None,
+                          pause_ms=None)
+    resumed = await resume(session, op.timeouts.command)
+    _rewrite_pidfile(op, session.peer_pid)
+    await op.emit(Phase.RECOVERED, f"the new QEMU failed; QEMU {version} restarted on the "
+                  "saved state")
+    return ModeResult(outcome=Outcome.ROLLED_BACK,
+                      message=f"rolled back: the new QEMU failed ({why}); the VM runs QEMU "
+                              f"{version} again in pid {session.peer_pid}",
+                      pid_after=session.peer_pid, version_after=version,
+                      pause_ms=pause_ms(op.stop_event, resumed), session=session)
+
+
+async def _start(op: Operation, pinned: hostexec.PinnedContext, argv: qargv.QemuArgv,
+                 qmp_path: str) -> QmpSession:
+    cmd = qargv.appended(argv, ["-S", "-incoming", "defer"]).render()
+    await hostexec.spawn_detached(pinned, op.vm.pid, cmd, log_path=op.path("new-qemu.log"))
+    try:
+        return await QmpSession.open_retrying(qmp_path, timeout=op.timeouts.handover,
+                                              command_timeout=op.timeouts.command)
+    except QmpError:
+        await _kill_started(op)
+        raise
+
+
+async def _load(op: Operation, session: QmpSession, target: Target, state_uri: str) -> str:
+    await session.cmd("migrate-set-parameters", {"mode": "cpr-reboot"})
+    await session.cmd("migrate-set-capabilities", {"capabilities": _CAPS})
+    await session.cmd("migrate-incoming", {"uri": state_uri})
+    await wait_incoming_loaded(session, op.timeouts.load)
+    return await verify_version(session, target)
+
+
+def _rewrite_pidfile(op: Operation, pid: int) -> None:
+    for path in qargv.parse(op.vm.argv).values("pidfile"):
+        with contextlib.suppress(OSError):
+            (Path(f"/proc/{pid}/root") / path.lstrip("/")).write_text(f"{pid}\n")
+
+
+async def _kill_started(op: Operation) -> None:
+    for pid in pids_with_arg(op.path("new-qemu.log")) + pids_with_arg(op.path("qmp.sock")):
+        if pid != op.vm.pid:
+            await kill_quietly(pid)

@@ -1,0 +1,450 @@
+"""Preflight: is it safe to update this VM to this target in this mode? Pure decisions.
+
+Every check has a stable name and, when it fails, a message that says what is wrong and what
+to do about it. Inputs are plain facts gathered elsewhere (discovery, target probes, the
+dry run, the host's free space); nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from vmupdate_agent.models import (
+    CheckResult,
+    CprMode,
+    PreflightReport,
+    QemuFeatures,
+    Readiness,
+    RequestedMode,
+    Target,
+    VMInfo,
+)
+from vmupdate_agent.target import BinaryFacts, DryRunFacts, ProbeFacts
+
+# Versions that first preserved each kind of device across each mode (QEMU's CPR docs).
+VFIO_MIN_VERSION: dict[CprMode, tuple[int, int]] = {
+    CprMode.CPR_TRANSFER: (10, 1),
+    CprMode.CPR_EXEC: (10, 2),
+}
+RUNSTATES_OK = ("running", "paused")
+STATE_FILE_ROOM_BYTES = 64 << 20  # the state file is ~80 KB; keep a wide margin
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    allowed_dirs: tuple[str, ...]
+    runtime_dir_free_bytes: int
+    runtime_dir_shared: bool = True  # visible to QEMU at the same path
+    guard_path: str | None = None  # the guard as QEMU sees it, None when not installed
+    hotplugged: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PreflightInputs:
+    vm: VMInfo
+    target: Target
+    requested: RequestedMode
+    host: HostFacts
+    binary: BinaryFacts
+    probe: ProbeFacts | None = None
+    dry_run: DryRunFacts | None = None
+    use_guard: bool = True
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+# --- mode choice ----------------------------------------------------------------------------
+
+
+def choose_mode(requested: RequestedMode, old: QemuFeatures, new: QemuFeatures | None
+                ) -> tuple[CprMode | None, str]:
+    """Which CPR mode to use, and why. Auto prefers cpr-exec (same pid, nothing to launch in
+    the VM's host context), then cpr-transfer. cpr-reboot is only used when asked for: it is
+    meant for host kernel updates and pauses the guest for a whole restart."""
+    new_modes = new.cpr_modes if new is not None else ()
+    new_note = "" if new is not None else " (the new binary could not be probed)"
+    if requested != RequestedMode.AUTO:
+        mode = CprMode(requested.value)
+        missing = []
+        if mode not in old.cpr_modes:
+            missing.append(f"the running QEMU {old.version}")
+        if new is not None and mode not in new_modes:
+            missing.append(f"the target QEMU {new.version}")
+        if missing:
+            return None, (f"{mode} was requested but {' and '.join(missing)} does not support "
+                          f"it; ask for Auto or a mode both support")
+        return mode, f"{mode} was requested{new_note}"
+    if new is None:
+        return None, "Auto cannot choose a mode: the new binary could not be probed"
+    for mode in (CprMode.CPR_EXEC, CprMode.CPR_TRANSFER):
+        if mode in old.cpr_modes and mode in new_modes:
+            if mode == CprMode.CPR_EXEC and not old.has_cpr_exec_command:
+                continue
+            why = ("both QEMUs support cpr-exec (same pid, guest RAM and devices stay in "
+                   "place)" if mode == CprMode.CPR_EXEC else
+                   f"cpr-exec needs QEMU >= 10.2 on both sides (running {old.version}, target "
+                   f"{new.version}); both support cpr-transfer")
+            return mode, f"Auto chose {mode}: {why}"
+    return None, (f"Auto found no CPR mode both QEMUs support (running {old.version}: "
+                  f"{', '.join(old.cpr_modes) or 'none'}; target {new.version}: "
+                  f"{', '.join(new_modes) or 'none'}); QEMU >= 10.0 is needed on both sides")
+
+
+# --- VM-only checks (also give the VM's readiness in the inventory) -------------------------
+
+Check = Callable[[PreflightInputs, CprMode], str | None]
+
+
+def check_runstate(p: PreflightInputs, mode: CprMode) -> str | None:
+    if p.vm.runstate in RUNSTATES_OK:
+        return None
+    return (f"the VM is {p.vm.runstate!r}; CPR starts only from running or paused. Wait for "
+            "the operation that put it there to finish, or resume it first")
+
+
+def check_memory_shared(p: PreflightInputs, mode: CprMode) -> str | None:
+    if not p.vm.memory_backends:
+        return ("guest RAM is not in a memory backend: start QEMU with -machine "
+                "memory-backend=ram0 -object memory-backend-memfd,id=ram0,size=...,share=on")
+    bad = [b for b in p.vm.memory_backends if not b.share or b.kind not in ("memfd", "file")]
+    if bad:
+        return "; ".join(
+            f"memory backend {b.id} is {b.kind} with share={'on' if b.share else 'off'}: "
+            "CPR keeps RAM in place only in memory-backend-memfd or memory-backend-file "
+            "with share=on" for b in bad)
+    if mode == CprMode.CPR_REBOOT:
+        memfds = [b.id for b in p.vm.memory_backends if b.kind == "memfd"]
+        if memfds:
+            return (f"memory backend {', '.join(memfds)} is a memfd, which dies with the QEMU "
+                    "process: cpr-reboot needs memory-backend-file on /dev/shm (share=on); "
+                    "use cpr-exec or cpr-transfer for this VM")
+    return None
+
+
+def check_aux_ram_share(p: PreflightInputs, mode: CprMode) -> str | None:
+    if mode == CprMode.CPR_REBOOT or p.vm.aux_ram_share:
+        return None
+    if p.vm.aux_ram_share is None:
+        return (f"QEMU {p.vm.features.version} has no aux-ram-share machine option; {mode} "
+                "needs it (QEMU >= 10.0)")
+    return (f"-machine aux-ram-share=off: ROMs and firmware RAM would be copied, which {mode} "
+            "cannot do; start QEMU with -machine ...,aux-ram-share=on")
+
+
+def check_mode_old(p: PreflightInputs, mode: CprMode) -> str | None:
+    if p.vm.features.legacy_cpr_dialect:
+        return None  # reported by check_legacy_dialect
+    if mode not in p.vm.features.cpr_modes:
+        return (f"the running QEMU {p.vm.features.version} does not support {mode} (it has: "
+                f"{', '.join(p.vm.features.cpr_modes) or 'no CPR mode'})")
+    if mode == CprMode.CPR_EXEC and not p.vm.features.has_cpr_exec_command:
+        return (f"the running QEMU {p.vm.features.version} lists cpr-exec but has no "
+                "cpr-exec-command migration parameter")
+    return None
+
+
+def check_legacy_dialect(p: PreflightInputs, mode: CprMode) -> str | None:
+    if not p.vm.features.legacy_cpr_dialect:
+        return None
+    return (f"the running QEMU {p.vm.features.version} speaks the older out-of-tree CPR "
+            "dialect (-migrate-mode-enable, cpr-exec-args), which has known bugs (a zombie "
+            "after a failed exec, a second update failing) and is not supported; run an "
+            "upstream QEMU >= 10.0")
+
+
+def check_blockers(p: PreflightInputs, mode: CprMode) -> str | None:
+    if not p.vm.migration_blockers:
+        return None
+    return "migration is blocked: " + "; ".join(p.vm.migration_blockers)
+
+
+def check_capabilities(p: PreflightInputs, mode: CprMode) -> str | None:
+    bad = [c for c in p.vm.enabled_capabilities
+           if c in ("x-colo", "postcopy-ram", "background-snapshot", "postcopy-preempt")]
+    if not bad:
+        return None
+    return (f"migration capabilities {', '.join(bad)} are enabled and cannot be combined with "
+            "CPR: turn them off (migrate-set-capabilities) first")
+
+
+def check_taps(p: PreflightInputs, mode: CprMode) -> str | None:
+    by_name = [t for t in p.vm.taps if t.fd is None]
+    if mode == CprMode.CPR_EXEC and by_name:
+        return "; ".join(
+            f"netdev {t.id} opens tap {t.ifname!r} by name: after cpr-exec the new QEMU finds "
+            "it busy. Pass the tap as fd=N (an inherited descriptor) instead of ifname="
+            for t in by_name)
+    if mode == CprMode.CPR_TRANSFER and p.vm.taps:
+        return (f"netdevs {', '.join(t.id for t in p.vm.taps)} are taps: cpr-transfer cannot "
+                "hand tap descriptors to the new QEMU in this QEMU; use cpr-exec with fd=N")
+    return None
+
+
+def check_vfio(p: PreflightInputs, mode: CprMode) -> str | None:
+    devices = [*p.vm.vfio_devices, *p.vm.iommufd_objects]
+    if not devices:
+        return None
+    if mode == CprMode.CPR_REBOOT:
+        return (f"{', '.join(devices)}: cpr-reboot keeps vfio devices only for a guest "
+                "suspended to RAM; use cpr-transfer or cpr-exec")
+    need = VFIO_MIN_VERSION[mode]
+    olds = [("running", p.vm.features.version)]
+    if p.probe is not None and p.probe.features is not None:
+        olds.append(("target", p.probe.features.version))
+    short = [f"{who} QEMU {v}" for who, v in olds if not v.at_least(*need)]
+    if short:
+        return (f"{', '.join(devices)}: {mode} preserves vfio/iommufd devices only from QEMU "
+                f"{need[0]}.{need[1]}; {' and '.join(short)} is older")
+    return None
+
+
+def check_vhost(p: PreflightInputs, mode: CprMode) -> str | None:
+    problems = [f"netdev {t.id} uses vhost=on without vhostfd=: the new QEMU would reopen "
+                "/dev/vhost-net; pass the descriptor with vhostfd=N"
+                for t in p.vm.taps if t.vhost and t.vhostfd is None]
+    if mode != CprMode.CPR_EXEC:
+        problems += [f"netdev {t.id}: vhost descriptors cannot be handed over by {mode}"
+                     for t in p.vm.taps if t.vhost and t.vhostfd is not None]
+    problems += [f"{d}: vhost-user/vdpa back ends are not preserved by CPR"
+                 for d in p.vm.vhost_devices]
+    return "; ".join(problems) or None
+
+
+def check_hotplug(p: PreflightInputs, mode: CprMode) -> str | None:
+    if not p.host.hotplugged:
+        return None
+    return (f"devices {', '.join(p.host.hotplugged)} were hot-plugged and are not on the "
+            "command line, so the new QEMU would not create them; unplug them first")
+
+
+VM_CHECKS: tuple[tuple[str, Check], ...] = (
+    ("runstate", check_runstate),
+    ("memory-shared", check_memory_shared),
+    ("aux-ram-share", check_aux_ram_share),
+    ("legacy-cpr-dialect", check_legacy_dialect),
+    ("mode-supported-by-running-qemu", check_mode_old),
+    ("migration-blockers", check_blockers),
+    ("incompatible-capabilities", check_capabilities),
+    ("tap-by-fd", check_taps),
+    ("vfio", check_vfio),
+    ("vhost", check_vhost),
+    ("hotplugged-devices", check_hotplug),
+)
+
+
+def readiness(vm: VMInfo, hotplugged: Sequence[str] = ()) -> Readiness:
+    """Which CPR modes this VM could use today, and what stands in the way of the rest."""
+    host = HostFacts(allowed_dirs=(), runtime_dir_free_bytes=1 << 62,
+                     hotplugged=tuple(hotplugged))
+    p = PreflightInputs(vm=vm, target=Target(binary="/"), requested=RequestedMode.AUTO,
+                        host=host, binary=BinaryFacts(path="/", exists=False))
+    usable: list[CprMode] = []
+    reasons: dict[str, None] = {}
+    candidates = [m for m in (CprMode.CPR_EXEC, CprMode.CPR_TRANSFER, CprMode.CPR_REBOOT)
+                  if m in vm.features.cpr_modes] or [CprMode.CPR_TRANSFER]
+    per_mode: dict[CprMode, list[str]] = {}
+    for mode in candidates:
+        problems = [msg for _, check in VM_CHECKS if (msg := check(p, mode))]
+        per_mode[mode] = problems
+        if not problems:
+            usable.append(mode)
+    if not usable:
+        for problems in per_mode.values():
+            for msg in problems:
+                reasons[msg] = None
+    elif CprMode.CPR_EXEC in per_mode and CprMode.CPR_EXEC not in usable:
+        for msg in per_mode[CprMode.CPR_EXEC]:
+            reasons[f"cpr-exec: {msg}"] = None
+    return Readiness(ready=bool(usable) and not (
+        usable == [CprMode.CPR_REBOOT] and len(candidates) > 1),
+        modes=tuple(usable), reasons=tuple(reasons))
+
+
+# --- target checks --------------------------------------------------------------------------
+
+
+def _under(path: str, dirs: Sequence[str]) -> bool:
+    norm = os.path.normpath(path)
+    return any(norm == os.path.normpath(d) or norm.startswith(os.path.normpath(d) + "/")
+               for d in dirs)
+
+
+def check_target_path(p: PreflightInputs, mode: CprMode) -> str | None:
+    path = p.target.binary
+    if not path.startswith("/"):
+        return f"target binary {path!r} is not an absolute path"
+    if ".." in path.split("/"):
+        return f"target binary {path!r} contains '..': give the plain absolute path"
+    return None
+
+
+def check_target_exists(p: PreflightInputs, mode: CprMode) -> str | None:
+    if p.binary.exists and p.binary.is_file:
+        return None
+    if p.binary.exists:
+        return f"target {p.target.binary} is not a regular file"
+    return (f"target {p.target.binary} does not exist in the VM's root; install the new QEMU "
+            "there first")
+
+
+def check_target_executable(p: PreflightInputs, mode: CprMode) -> str | None:
+    if not p.binary.exists:
+        return "target does not exist"
+    if p.binary.executable:
+        return None
+    return f"target {p.target.binary} is not executable (chmod +x, or fix the path)"
+
+
+def check_target_allowed(p: PreflightInputs, mode: CprMode) -> str | None:
+    if not p.host.allowed_dirs:
+        return ("this host allows no target directories (allowed_binary_dirs is empty in the "
+                "agent's configuration)")
+    for candidate in (p.target.binary, p.binary.real_path or p.target.binary):
+        if not _under(candidate, p.host.allowed_dirs):
+            return (f"target {candidate} is outside the directories this host allows "
+                    f"({', '.join(p.host.allowed_dirs)}); install it there or extend "
+                    "allowed_binary_dirs in the agent's configuration")
+    return None
+
+
+def check_target_sha256(p: PreflightInputs, mode: CprMode) -> str | None:
+    if p.target.sha256 is None:
+        return None
+    if p.binary.sha256 is None:
+        return "sha256 was requested but the target could not be read"
+    if p.binary.sha256.lower() != p.target.sha256.lower():
+        return (f"target {p.target.binary} has sha256 {p.binary.sha256}, expected "
+                f"{p.target.sha256.lower()}: the file on this host is not the build you meant")
+    return None
+
+
+def check_target_version(p: PreflightInputs, mode: CprMode) -> str | None:
+    if p.binary.version_error:
+        return p.binary.version_error
+    if p.binary.version is None:
+        return "the target's version is unknown"
+    expected = p.target.expected_version
+    if expected is None:
+        return None
+    got = p.binary.version
+    if expected in (str(got), f"{got} ({got.package})", got.package):
+        return None
+    return (f"target {p.target.binary} is QEMU {got}"
+            + (f" ({got.package})" if got.package else "")
+            + f", expected {expected}")
+
+
+def check_probe(p: PreflightInputs, mode: CprMode) -> str | None:
+    if p.probe is None:
+        return "the target was not probed"
+    return None if p.probe.ok else p.probe.error
+
+
+def check_mode_new(p: PreflightInputs, mode: CprMode) -> str | None:
+    if p.probe is None or p.probe.features is None:
+        return "the target's CPR modes are unknown (probe failed)"
+    f = p.probe.features
+    if f.legacy_cpr_dialect:
+        return (f"the target QEMU {f.version} speaks the older out-of-tree CPR dialect "
+                "(-migrate-mode-enable, cpr-exec-args); use an upstream QEMU >= 10.0")
+    if mode not in f.cpr_modes:
+        return (f"the target QEMU {f.version} does not support {mode} (it has: "
+                f"{', '.join(f.cpr_modes) or 'no CPR mode'})")
+    return None
+
+
+def check_machine_type(p: PreflightInputs, mode: CprMode) -> str | None:
+    if p.probe is None or not p.probe.ok:
+        return "unknown: the target could not be probed"
+    if p.vm.machine_type in p.probe.machine_types:
+        return None
+    return (f"the target QEMU does not know machine type {p.vm.machine_type!r}, which the VM "
+            "runs; choose a QEMU that still has it")
+
+
+def check_device_drivers(p: PreflightInputs, mode: CprMode) -> str | None:
+    if p.probe is None or not p.probe.ok:
+        return "unknown: the target could not be probed"
+    missing = [d for d in p.vm.device_drivers if d not in p.probe.qom_types]
+    if not missing:
+        return None
+    return f"the target QEMU lacks device driver(s) the VM uses: {', '.join(missing)}"
+
+
+def check_dry_run(p: PreflightInputs, mode: CprMode) -> str | None:
+    d = p.dry_run
+    if d is None:
+        return "the dry run did not run"
+    if not d.ok:
+        return (f"the new QEMU refused the VM's command line in a dry run: {d.error} — "
+                "nothing was changed")
+    problems = []
+    if d.machine_type and d.machine_type != p.vm.machine_type:
+        problems.append(f"it would build machine {d.machine_type!r}, the VM runs "
+                        f"{p.vm.machine_type!r}")
+    live = {b.id: b.size_bytes for b in p.vm.memory_backends}
+    for mem_id, size in live.items():
+        if d.memdevs.get(mem_id) != size:
+            got = d.memdevs.get(mem_id)
+            problems.append(f"memory backend {mem_id} would be "
+                            f"{'missing' if got is None else f'{got >> 20} MiB'}, the VM has "
+                            f"{size >> 20} MiB")
+    for mem_id in d.memdevs.keys() - live.keys():
+        problems.append(f"it would add memory backend {mem_id}")
+    if problems:
+        return ("the new command line does not describe the same machine: "
+                + "; ".join(problems) + " (check extra arguments)")
+    return None
+
+
+def check_state_room(p: PreflightInputs, mode: CprMode) -> str | None:
+    if not p.host.runtime_dir_shared:
+        return ("the agent's runtime directory is not visible to QEMU at the same path; "
+                "mount it into the VM's root (or the QEMU container) at the same path")
+    if p.host.runtime_dir_free_bytes >= STATE_FILE_ROOM_BYTES:
+        return None
+    return (f"only {p.host.runtime_dir_free_bytes >> 20} MiB free in the runtime directory; "
+            f"the state file needs {STATE_FILE_ROOM_BYTES >> 20} MiB of headroom")
+
+
+def check_guard(p: PreflightInputs, mode: CprMode) -> str | None:
+    if mode != CprMode.CPR_EXEC or not p.use_guard or p.host.guard_path:
+        return None
+    return ("the cpr-exec guard is not installed where QEMU can exec it; without it a failed "
+            "exec would lose the VM")
+
+
+TARGET_CHECKS: tuple[tuple[str, Check], ...] = (
+    ("target-path", check_target_path),
+    ("target-exists", check_target_exists),
+    ("target-executable", check_target_executable),
+    ("target-allowed-directory", check_target_allowed),
+    ("target-sha256", check_target_sha256),
+    ("target-version", check_target_version),
+    ("target-probe", check_probe),
+    ("mode-supported-by-target", check_mode_new),
+    ("machine-type-known", check_machine_type),
+    ("device-drivers-known", check_device_drivers),
+    ("state-file-room", check_state_room),
+    ("cpr-exec-guard", check_guard),
+    ("dry-run", check_dry_run),
+)
+
+
+def evaluate(p: PreflightInputs) -> PreflightReport:
+    new_features = p.probe.features if p.probe is not None else None
+    mode, why = choose_mode(p.requested, p.vm.features, new_features)
+    checks: list[CheckResult] = []
+    # Without a mode the mode-specific checks still run against the requested (or preferred)
+    # one, so the report lists every problem at once.
+    as_mode = mode or (CprMode(p.requested.value) if p.requested != RequestedMode.AUTO
+                       else CprMode.CPR_EXEC)
+    for name, check in (*VM_CHECKS, *TARGET_CHECKS):
+        if name == "dry-run" and p.dry_run is None and mode is None:
+            continue
+        msg = check(p, as_mode)
+        checks.append(CheckResult(name=name, passed=msg is None, message=msg or "ok"))
+    checks.insert(0, CheckResult(name="mode", passed=mode is not None, message=why))
+    return PreflightReport(vm=p.vm.name, target=p.target.binary, mode=mode, mode_reason=why,
+                           checks=tuple(checks))
