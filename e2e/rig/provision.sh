@@ -94,10 +94,11 @@ mirror_uri() {
 MIRROR=$(mirror_uri)
 
 APT_UPDATED=0
+APT_LOCK_WAIT="-o DPkg::Lock::Timeout=600"   # others may be running apt on this host
 apt_update_once() {
     if [ "$APT_UPDATED" = 0 ]; then
         echo "provision.sh: apt-get update"
-        apt-get update -q >/dev/null || die "apt-get update failed"
+        apt-get update -q $APT_LOCK_WAIT >/dev/null || die "apt-get update failed"
         APT_UPDATED=1
     fi
 }
@@ -108,7 +109,7 @@ apt_install_host() {  # install missing host packages
     [ ${#missing[@]} = 0 ] && return 0
     apt_update_once
     echo "provision.sh: apt-get install ${missing[*]}"
-    apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null \
+    apt-get install -y -q $APT_LOCK_WAIT --no-install-recommends "${missing[@]}" >/dev/null \
         || die "apt-get install ${missing[*]} failed"
 }
 # key: a package version made safe for a file name (':' would make tar think of a host)
@@ -161,7 +162,8 @@ host_qemu_ok() {
 if [ "$bpo_changed" = 1 ] || ! host_qemu_ok || [ "$REFRESH" = 1 ]; then
     APT_UPDATED=0
     apt_update_once
-    apt-get install -y -q --no-install-recommends qemu-system-x86 qemu-utils >/dev/null \
+    apt-get install -y -q $APT_LOCK_WAIT --no-install-recommends qemu-system-x86 qemu-utils \
+        >/dev/null \
         || die "installing QEMU from $CODENAME-backports failed"
     host_qemu_ok || die "host QEMU is not the backports 10.x one: $(dpkg-query -W qemu-system-x86 2>&1)"
 fi
@@ -344,11 +346,20 @@ step "wrappers"
 # (e) guest: kernel and initramfs.
 download_deb() {  # download_deb PKG=VERSION DIR: fetch one .deb into DIR
     mkdir -p "$2"
+    (cd "$2" && apt-get download -q -o APT::Sandbox::User=root "$1" >/dev/null 2>&1) && return 0
+    # the local package lists may be stale: refresh once and retry
+    [ "$APT_UPDATED" = 1 ] && die "apt-get download $1 failed"
+    apt_update_once
     (cd "$2" && apt-get download -q -o APT::Sandbox::User=root "$1" >/dev/null) \
         || die "apt-get download $1 failed"
 }
-candidate() { apt-cache policy "$1" | awk '/Candidate:/ { print $2 }'; }
-
+candidate() { apt-cache policy "$1" 2>/dev/null | awk '/Candidate:/ && $2 != "(none)" { print $2 }'; }
+kernel_pkg() {
+    apt-cache depends linux-image-cloud-amd64 2>/dev/null \
+        | awk '/Depends: linux-image-[0-9]/ { print $2; exit }'
+}
+# Packages are resolved from the local package lists; those are updated only when that
+# fails (fresh host, stale lists) or on refresh.
 # kernel
 KDIR=$CACHE/kernel
 mkdir -p "$KDIR"
@@ -358,10 +369,16 @@ if [ -L "$KDIR/current" ] && [ "$REFRESH" != 1 ]; then
     [ -e "$KDIR/$K_KEY/complete" ] || K_KEY=""
 fi
 if [ -z "$K_KEY" ]; then
-    apt_update_once
-    kpkg=$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-[0-9]/ { print $2; exit }')
-    [ -n "$kpkg" ] || die "cannot resolve linux-image-cloud-amd64"
-    kver=$(candidate "$kpkg")
+    [ "$REFRESH" = 1 ] && apt_update_once
+    kpkg=$(kernel_pkg); kver=""
+    [ -n "$kpkg" ] && kver=$(candidate "$kpkg")
+    if [ -z "$kver" ]; then
+        apt_update_once
+        kpkg=$(kernel_pkg)
+        [ -n "$kpkg" ] || die "cannot resolve linux-image-cloud-amd64"
+        kver=$(candidate "$kpkg")
+        [ -n "$kver" ] || die "no candidate version for $kpkg"
+    fi
     K_KEY=$(vkey "${kpkg}_$kver")
     if [ ! -e "$KDIR/$K_KEY/complete" ]; then
         tmp=$KDIR/tmp.$$
@@ -387,9 +404,13 @@ if [ -L "$BDIR/current" ] && [ "$REFRESH" != 1 ]; then
     [ -e "$BDIR/$B_KEY/complete" ] || B_KEY=""
 fi
 if [ -z "$B_KEY" ]; then
-    apt_update_once
+    [ "$REFRESH" = 1 ] && apt_update_once
     bver=$(candidate busybox-static)
-    [ -n "$bver" ] && [ "$bver" != "(none)" ] || die "busybox-static not found in apt"
+    if [ -z "$bver" ]; then
+        apt_update_once
+        bver=$(candidate busybox-static)
+        [ -n "$bver" ] || die "busybox-static not found in apt"
+    fi
     B_KEY=$(vkey "$bver")
     if [ ! -e "$BDIR/$B_KEY/complete" ]; then
         tmp=$BDIR/tmp.$$
