@@ -175,6 +175,7 @@ class TestVM:
     serial: SerialMonitor
     _pid: int = 0
     _stopped: bool = field(default=False, repr=False)
+    _qmp_path: Path | None = field(default=None, repr=False)
 
     @property
     def args(self) -> list[str]:
@@ -183,7 +184,8 @@ class TestVM:
 
     @property
     def qmp_path(self) -> Path:
-        return self.workdir / "qmp.sock"
+        """The VM's QMP socket: ``workdir/qmp.sock`` unless :meth:`follow` moved it."""
+        return self._qmp_path if self._qmp_path is not None else self.workdir / "qmp.sock"
 
     @property
     def serial_path(self) -> Path:
@@ -202,15 +204,25 @@ class TestVM:
 
     @property
     def pid(self) -> int:
-        """The VM's current pid: whoever listens on the QMP socket (SO_PEERCRED).
+        """The VM's pid.  The last pid seen while that process is alive; once it is gone
+        (after a cpr-transfer's quit or a guard's rollback), whoever listens on the QMP
+        socket now (SO_PEERCRED); the last pid seen if nobody listens right now.
 
-        Falls back to the last pid seen when nobody listens right now (e.g. in the middle of
-        a cpr-exec).  The pid can change after a cpr-transfer or a guard's rollback.
+        It does not touch the QMP socket while the known pid lives: QEMU's monitor has a
+        listen backlog of one, which a probe must not take from a real client.
+        Use :meth:`refresh_pid` to ask the socket unconditionally.
         """
-        peer = qmp_peer_pid(self.qmp_path)
-        if peer is not None:
-            self._pid = peer
+        if not pid_alive(self._pid):
+            peer = qmp_peer_pid(self.qmp_path)
+            if peer is not None:
+                self._pid = peer
         return self._pid
+
+    async def follow(self, qmp_path: str | os.PathLike[str], timeout: float = 10.0) -> int:
+        """The VM now answers at ``qmp_path`` (e.g. the new QEMU of a cpr-transfer): track
+        that socket from now on and return the pid listening there."""
+        self._qmp_path = Path(qmp_path)
+        return await self.refresh_pid(timeout)
 
     @property
     def token(self) -> str | None:

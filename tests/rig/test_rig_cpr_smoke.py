@@ -68,7 +68,7 @@ async def test_cpr_exec_through_alt_binary_keeps_pid_and_guest(vm_factory: VMFac
     mark = time.monotonic_ns()
     ms1 = await cpr_exec(vm, str(rig.sid.alt_wrapper), "cpr1.state")
     await vm.serial.wait_ticks(50, after=time.monotonic_ns(), timeout=30)
-    assert vm.pid == pid, "cpr-exec must keep the pid"
+    assert await vm.refresh_pid() == pid, "cpr-exec must keep the pid"
     assert os.readlink(f"/proc/{pid}/exe") == str(rig.sid.root) + rig.sid.alt_binary
     with open(f"/proc/{pid}/cmdline", "rb") as f:
         argv0 = f.read().split(b"\0")[0].decode()
@@ -79,7 +79,7 @@ async def test_cpr_exec_through_alt_binary_keeps_pid_and_guest(vm_factory: VMFac
     mark = time.monotonic_ns()
     ms2 = await cpr_exec(vm, rig.sid.binary, "cpr2.state")
     await vm.serial.wait_ticks(50, after=time.monotonic_ns(), timeout=30)
-    assert vm.pid == pid
+    assert await vm.refresh_pid() == pid
     assert os.readlink(f"/proc/{pid}/exe") == str(rig.sid.root) + rig.sid.binary
     gap2 = vm.serial.max_gap_ms(since=mark)
 
