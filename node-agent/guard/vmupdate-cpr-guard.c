@@ -62,7 +62,6 @@ struct guard_pidfd_info {
 #define GUARD_PIDFD_GET_INFO _IOWR(0xFF, 11, struct guard_pidfd_info)
 #define GUARD_PIDFD_INFO_EXIT (1ULL << 3)
 
-#define READY_TIMEOUT_MS 5000
 #define STATE_ENV "QEMU_CPR_EXEC_STATE"
 
 extern char **environ;
@@ -478,61 +477,45 @@ static ssize_t read_ex(int ex_rd)
     return n;
 }
 
-static void watcher(int ready_wr, int ex_rd) __attribute__((noreturn));
-static void watcher(int ready_wr, int ex_rd)
+/* Commit FIFO: our own read end (non-blocking) plus a write end we keep ourselves, so the
+ * read end never sees EOF/POLLHUP when a writer comes and goes.  Done by the guard before
+ * it forks (the watcher inherits the fds; all O_CLOEXEC, so the new QEMU does not). */
+static int setup_fifo(void)
 {
-    char msg[600];
-    st.watcher_pid = getpid();
-    ex_fd = ex_rd;
-    prctl(PR_SET_NAME, "cpr-guard-watch", 0, 0, 0);
-
-    if (opt_log) {
-        log_fd = open(opt_log, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
-        if (log_fd < 0)
-            say("cannot open log %s: %s (continuing)", opt_log, strerror(errno));
-    }
-
-    /* Commit FIFO: our own read end (non-blocking) plus a write end we hold ourselves, so
-     * the read end never sees EOF/POLLHUP when a writer comes and goes. */
     if (mkfifo(opt_commit, 0600) == 0)
         created_fifo = 1;
     else if (errno != EEXIST) {
-        snprintf(msg, sizeof(msg), "Ewatcher: mkfifo %s: %s", opt_commit, strerror(errno));
-        goto fail;
+        set_error("mkfifo %s: %s", opt_commit, strerror(errno));
+        return -1;
     }
     fifo_rd = open(opt_commit, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
     struct stat sb;
     if (fifo_rd < 0 || fstat(fifo_rd, &sb) < 0 || !S_ISFIFO(sb.st_mode)) {
-        snprintf(msg, sizeof(msg), "Ewatcher: %s is not a usable FIFO: %s", opt_commit,
-                 fifo_rd < 0 ? strerror(errno) : "not a FIFO");
-        goto fail;
+        set_error("%s is not a usable FIFO: %s", opt_commit,
+                  fifo_rd < 0 ? strerror(errno) : "not a FIFO");
+        return -1;
     }
     fifo_wr = open(opt_commit, O_WRONLY | O_NONBLOCK | O_CLOEXEC);
     if (fifo_wr < 0) {
-        snprintf(msg, sizeof(msg), "Ewatcher: open %s for writing: %s", opt_commit,
-                 strerror(errno));
-        goto fail;
+        set_error("open %s for writing: %s", opt_commit, strerror(errno));
+        return -1;
     }
-    {
-        /* Drain anything a stale writer left in a pre-existing FIFO. */
-        char junk[256];
-        while (read(fifo_rd, junk, sizeof(junk)) > 0)
-            ;
-    }
+    char junk[256]; /* drain what a stale writer left in a pre-existing FIFO */
+    while (read(fifo_rd, junk, sizeof(junk)) > 0)
+        ;
+    return 0;
+}
 
-    st.phase = "watching";
-    st.t_ready = now_ns(CLOCK_REALTIME);
-    int64_t mono_deadline = now_ns(CLOCK_MONOTONIC) + (int64_t)(opt_timeout * 1e9);
-    st.deadline = st.t_ready + (int64_t)(opt_timeout * 1e9);
-    if (write_status() < 0) {
-        snprintf(msg, sizeof(msg), "Ewatcher: cannot write status file %s", opt_status);
-        goto fail;
-    }
-    int rn = snprintf(msg, sizeof(msg), "R%d", (int)getpid());
-    write_all(ready_wr, msg, (size_t)rn);
-    close(ready_wr);
+static int64_t mono_deadline;
 
-    /* Off the critical path: remember P's start time to recognise it in /proc later. */
+static void watcher(int ex_rd) __attribute__((noreturn));
+static void watcher(int ex_rd)
+{
+    st.watcher_pid = getpid();
+    ex_fd = ex_rd;
+    prctl(PR_SET_NAME, "cpr-guard-watch", 0, 0, 0);
+
+    /* Remember P's start time, to recognise it in /proc later. */
     {
         char state;
         int code;
@@ -569,13 +552,15 @@ static void watcher(int ready_wr, int ex_rd)
             if (n < 0 && errno == EINTR)
                 continue;
             if (n <= 0) {
+                /* EOF without 'F': the guard's exec of the new QEMU succeeded (or the guard
+                 * died before it: then the pidfd fires too).  Only from here on does the
+                 * watcher write the status file, so it never races with the guard's own. */
                 ex_open = 0;
                 ex_fd = -1;
                 close(ex_rd);
-                if (st.t_exec_new) {
+                if (st.t_exec_new)
                     st.new_execed = 1;
-                    write_status();
-                }
+                write_status();
             }
             continue;
         }
@@ -611,21 +596,33 @@ static void watcher(int ready_wr, int ex_rd)
         }
     }
 
-fail:
-    if (created_fifo)
-        unlink(opt_commit);
-    write_all(ready_wr, msg, strlen(msg));
-    _exit(1);
 }
 
 /* ------------------------------------------------------------------ guard (pid P) */
 
+static int status_dir_writable(void)
+{
+    char dir[PATH_MAX];
+    snprintf(dir, sizeof(dir), "%s", opt_status);
+    char *slash = strrchr(dir, '/');
+    if (slash == dir)
+        slash[1] = 0;
+    else
+        *slash = 0;
+    if (access(dir, W_OK | X_OK) < 0) {
+        set_error("status directory %s: %s", dir, strerror(errno));
+        return -1;
+    }
+    return 0;
+}
+
 static void fallback(const char *reason, int ex_wr) __attribute__((noreturn));
 static void fallback(const char *reason, int ex_wr)
 {
-    if (ex_wr >= 0) {
+    if (ex_wr >= 0)
         write_all(ex_wr, "F", 1); /* the watcher, if alive, must stand down */
-    }
+    if (created_fifo)
+        unlink(opt_commit);
     say("not updating: %s", st.error);
     exec_old(reason);
     _exit(1);
@@ -807,6 +804,13 @@ int main(int argc, char **argv)
         set_error("pidfd_open: %s", strerror(errno));
         fallback("watcher-failed", -1);
     }
+    if (opt_log) {
+        log_fd = open(opt_log, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+        if (log_fd < 0)
+            say("cannot open log %s: %s (continuing)", opt_log, strerror(errno));
+    }
+    if (status_dir_writable() < 0 || setup_fifo() < 0)
+        fallback("watcher-failed", -1);
 
     int ready[2], ex[2];
     if (pipe2(ready, O_CLOEXEC) < 0 || pipe2(ex, O_CLOEXEC) < 0) {
@@ -814,7 +818,13 @@ int main(int argc, char **argv)
         fallback("watcher-failed", -1);
     }
 
-    /* 2. Double fork: the watcher is reparented to init/the subreaper, never QEMU's. */
+    /* 2. Double fork: the watcher is reparented to the subreaper/init, never QEMU's child.
+     * The intermediate child reports the watcher's pid (or the fork error) and exits; the
+     * guard does not wait for the watcher to be scheduled. */
+    st.phase = "watching";
+    st.t_ready = now_ns(CLOCK_REALTIME);
+    st.deadline = st.t_ready + (int64_t)(opt_timeout * 1e9);
+    mono_deadline = now_ns(CLOCK_MONOTONIC) + (int64_t)(opt_timeout * 1e9);
     pid_t c = fork();
     if (c < 0) {
         set_error("fork: %s", strerror(errno));
@@ -824,46 +834,31 @@ int main(int argc, char **argv)
         close(ready[0]);
         close(ex[1]);
         pid_t w = fork();
-        if (w == 0)
-            watcher(ready[1], ex[0]);
-        if (w < 0) {
-            char m[128];
-            int n = snprintf(m, sizeof(m), "Efork (watcher): %s", strerror(errno));
-            write_all(ready[1], m, (size_t)n);
+        if (w == 0) {
+            close(ready[1]);
+            watcher(ex[0]);
         }
+        char m[128];
+        int n = w > 0 ? snprintf(m, sizeof(m), "R%d", (int)w)
+                      : snprintf(m, sizeof(m), "Efork (watcher): %s", strerror(errno));
+        write_all(ready[1], m, (size_t)n);
         _exit(0);
     }
     close(ready[1]);
     close(ex[0]);
     while (waitpid(c, NULL, 0) < 0 && errno == EINTR)
         ;
-
-    /* 3. Wait for the watcher to be ready (FIFO open, status "watching" written). */
-    char rmsg[600];
-    ssize_t n = 0;
-    struct pollfd pf = {.fd = ready[0], .events = POLLIN};
-    int64_t until = now_ns(CLOCK_MONOTONIC) + READY_TIMEOUT_MS * 1000000LL;
-    for (;;) {
-        int64_t left = until - now_ns(CLOCK_MONOTONIC);
-        int r = left > 0 ? poll(&pf, 1, (int)(left / 1000000) + 1) : 0;
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r <= 0) {
-            set_error("watcher not ready after %d ms", READY_TIMEOUT_MS);
-            fallback("watcher-failed", ex[1]);
-        }
+    char rmsg[160];
+    ssize_t n;
+    do
         n = read(ready[0], rmsg, sizeof(rmsg) - 1);
-        if (n < 0 && errno == EINTR)
-            continue;
-        break;
-    }
-    if (n < 1 || rmsg[0] != 'R') {
-        rmsg[n > 0 ? n : 0] = 0;
-        set_error("%s", n > 1 ? rmsg + 1 : "watcher died before it was ready");
+    while (n < 0 && errno == EINTR);
+    rmsg[n > 0 ? n : 0] = 0;
+    close(ready[0]);
+    if (n < 2 || rmsg[0] != 'R') {
+        set_error("%s", n > 1 ? rmsg + 1 : "watcher could not be started");
         fallback("watcher-failed", ex[1]);
     }
-    close(ready[0]);
-    rmsg[n] = 0;
     st.watcher_pid = atoi(rmsg + 1);
 
     /* 4. Exec the new QEMU in this pid. */
