@@ -23,7 +23,7 @@ NO_ARG_OPTIONS = frozenset(
         "xen-attach", "xen-domid-restrict", "version", "help", "h", "enable-sync-profile",
         "old-param", "rtc-td-hack", "no-kvm", "no-kvm-irqchip", "no-kvm-pit",
         "no-kvm-pit-reinjection", "singlestep", "one-insn-per-tb", "no-frame", "no-graphic",
-        "perfmap", "jitdump",
+        "perfmap", "jitdump", "mem-prealloc", "enable-fips",
     }
 )
 
@@ -138,12 +138,7 @@ def option_props(value: str, implied_key: str) -> dict[str, str]:
             obj = json.loads(stripped)
         except json.JSONDecodeError as exc:
             raise ArgvError(f"bad JSON option {value!r}: {exc}") from exc
-        props = {str(k): _json_scalar(v) for k, v in obj.items()}
-        if implied_key == "qom-type" and "qom-type" in props:
-            return props
-        if implied_key == "type" and "type" in props:
-            return props
-        return props
+        return {str(k): _json_scalar(v) for k, v in obj.items()}
     props: dict[str, str] = {}
     for n, (k, v) in enumerate(split_keyvals(value)):
         if v is None:
@@ -162,9 +157,20 @@ def _json_scalar(v: object) -> str:
     return str(v)
 
 
-def canonical(argv: QemuArgv) -> QemuArgv:
-    """The VM's argv without what describes how it was started rather than what it is."""
-    return QemuArgv(argv.binary, tuple(o for o in argv.options if o.name not in _DROPPED_FOR_NEW))
+def canonical(argv: QemuArgv, qmp_path: str | None = None) -> QemuArgv:
+    """The VM's argv without what describes how it was started rather than what it is.
+
+    With `qmp_path` (where the VM's monitor is found), a command line that names another
+    path for its only QMP socket gets it corrected: after cpr-transfer or cpr-reboot the new
+    QEMU listened on a temporary path that was then renamed to the well-known one, and the
+    next QEMU must listen where the VM is known to be.
+    """
+    out = QemuArgv(argv.binary, tuple(o for o in argv.options if o.name not in _DROPPED_FOR_NEW))
+    if qmp_path is not None:
+        paths = qmp_socket_paths(out)
+        if qmp_path not in paths and len(paths) == 1:
+            out = replace_socket_path(out, paths[0], qmp_path)
+    return out
 
 
 def size_to_bytes(text: str) -> int:
@@ -242,7 +248,7 @@ def replace_socket_path(argv: QemuArgv, old_path: str, new_path: str) -> QemuArg
     for opt in argv.options:
         value = opt.value
         if value is not None and old_path in value:
-            if value.startswith(f"unix:{old_path}"):
+            if value == f"unix:{old_path}" or value.startswith(f"unix:{old_path},"):
                 value = "unix:" + new_path + value[len("unix:") + len(old_path):]
             elif value.lstrip().startswith("{"):
                 obj = json.loads(value)
@@ -272,8 +278,8 @@ def taps_by_fd(argv: QemuArgv, ifname_to_fd: dict[str, int]) -> QemuArgv:
     for opt in argv.options:
         if opt.name == "netdev" and opt.value is not None and not opt.value.startswith("{"):
             items = split_keyvals(opt.value)
-            if items and items[0] == ("tap", None):
-                props = dict(items[1:])
+            props = option_props(opt.value, "type")
+            if props.get("type") == "tap":
                 ifname = props.get("ifname")
                 if ifname is not None and ifname in ifname_to_fd:
                     kept = [(k, v) for k, v in items
@@ -286,6 +292,10 @@ def taps_by_fd(argv: QemuArgv, ifname_to_fd: dict[str, int]) -> QemuArgv:
 
 
 _MONITOR_OPTIONS = frozenset({"qmp", "qmp-pretty", "monitor", "mon"})
+# Listeners and files the running VM holds, or that describe how it was started.
+_NOT_TWICE = frozenset({"pidfile", "incoming", "S", "daemonize", "vnc", "spice", "gdb",
+                        "qtest", "debugcon", "parallel"})
+_HOST_NETDEVS = frozenset({"tap", "vhost-user", "vhost-vdpa", "bridge"})
 
 
 def dry_run_argv(argv: QemuArgv, qmp_path: str, probe_id: str) -> QemuArgv:
@@ -299,7 +309,7 @@ def dry_run_argv(argv: QemuArgv, qmp_path: str, probe_id: str) -> QemuArgv:
     """
     out: list[Option] = []
     for opt in argv.options:
-        if opt.name in _MONITOR_OPTIONS or opt.name in ("pidfile", "incoming", "S", "daemonize"):
+        if opt.name in _MONITOR_OPTIONS or opt.name in _NOT_TWICE:
             continue
         if opt.value is None:
             out.append(opt)
@@ -321,10 +331,21 @@ def dry_run_argv(argv: QemuArgv, qmp_path: str, probe_id: str) -> QemuArgv:
                     [("memory-backend-memfd", None)]
                     + [(k, v) for k, v in keep.items() if k != "qom-type"])))
                 continue
-        if opt.name == "netdev":
+        if opt.name in ("netdev", "nic"):
             props = option_props(opt.value, "type")
-            if props.get("type") in ("tap", "vhost-user", "vhost-vdpa", "bridge"):
-                out.append(Option("netdev", f"hubport,id={props.get('id', 'net')},hubid=0"))
+            if props.get("type") in _HOST_NETDEVS:
+                if opt.name == "netdev":
+                    out.append(Option("netdev", f"hubport,id={props.get('id', 'net')},hubid=0"))
+                else:
+                    keep = [(k, v) for k, v in props.items() if k in ("model", "mac", "id")]
+                    out.append(Option("nic", join_keyvals([("hubport", None), ("hubid", "0"),
+                                                           *keep])))
+                continue
+        if opt.name == "device":
+            props = option_props(opt.value, "driver")
+            # Host devices cannot be opened a second time beside the VM; the probe's driver
+            # check covers them.
+            if props.get("driver", "").startswith("vfio-"):
                 continue
         out.append(opt)
     out.append(Option("qmp", f"unix:{qmp_path},server=on,wait=off"))

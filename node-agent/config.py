@@ -8,6 +8,7 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
 from vmupdate_agent.hostexec import DEFAULT_DETACH, DEFAULT_PREFIX
 
 
@@ -38,9 +39,9 @@ class TlsConfig(BaseModel):
 class TimeoutsConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     qmp_command_s: float = Field(10.0, gt=0, le=600)
-    handover_s: float = Field(60.0, gt=0, le=3600)
-    load_s: float = Field(120.0, gt=0, le=3600)
-    guard_commit_s: float = Field(60.0, gt=0, le=3600)
+    handover_s: float = Field(15.0, gt=0, le=600)
+    load_s: float = Field(30.0, gt=0, le=600)
+    guard_commit_s: float = Field(20.0, gt=0, le=600)
 
 
 class AgentConfig(BaseModel):
@@ -66,7 +67,7 @@ class AgentConfig(BaseModel):
     detach_prefix: list[str] = Field(default_factory=lambda: list(DEFAULT_DETACH))
     guard_binary: str | None = Field(
         None, description="a prebuilt guard to install; built from source when absent")
-    timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
+    timeouts: TimeoutsConfig = Field(default_factory=lambda: TimeoutsConfig())
 
     @field_validator("allowed_binary_dirs")
     @classmethod

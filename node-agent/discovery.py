@@ -117,7 +117,7 @@ def build_vm_info(raw: RawFacts) -> VMInfo:
         qom_type = objects.get(mem_id, "")
         kind = {"memory-backend-memfd": "memfd", "memory-backend-file": "file",
                 "memory-backend-ram": "ram"}.get(qom_type, "other")
-        backends.append(MemoryBackend(id=mem_id, kind=kind,  # type: ignore[arg-type]
+        backends.append(MemoryBackend(id=mem_id, kind=kind,
                                       size_bytes=int(mem["size"]), share=bool(mem["share"]),
                                       mem_path=raw.get("mem-paths", {}).get(mem_id)))
     taps = []
@@ -127,9 +127,9 @@ def build_vm_info(raw: RawFacts) -> VMInfo:
         taps.append(TapDevice(
             id=nd.get("id", nd.get("netdev", "")),
             ifname=nd.get("ifname"),
-            fd=int(nd["fd"]) if nd.get("fd", "").isdigit() else None,
+            fd=_first_fd(nd.get("fd") or nd.get("fds")),
             vhost=nd.get("vhost", "off") in ("on", "true", "yes"),
-            vhostfd=int(nd["vhostfd"]) if nd.get("vhostfd", "").isdigit() else None,
+            vhostfd=_first_fd(nd.get("vhostfd") or nd.get("vhostfds")),
         ))
     vfio = tuple(d for d in decl.device_drivers if d.startswith("vfio-"))
     iommufd = tuple(o for o in decl.object_types if o == "iommufd")
@@ -153,6 +153,7 @@ def build_vm_info(raw: RawFacts) -> VMInfo:
         memory_backends=tuple(backends),
         aux_ram_share=raw.get("aux-ram-share"),
         migration_blockers=tuple(sorted({r for rs in blockers.values() for r in rs})),
+        blockers_by_mode={m: tuple(rs) for m, rs in sorted(blockers.items())},
         enabled_capabilities=tuple(raw.get("capabilities", [])),
         taps=tuple(taps),
         vfio_devices=vfio,
@@ -160,6 +161,14 @@ def build_vm_info(raw: RawFacts) -> VMInfo:
         vhost_devices=vhost,
         device_drivers=tuple(dict.fromkeys(decl.device_drivers)),
     )
+
+
+def _first_fd(value: str | None) -> int | None:
+    """fd=N, or fds=N:M:... for a multiqueue tap: inherited descriptors, not a name."""
+    if not value:
+        return None
+    head = value.split(":", 1)[0]
+    return int(head) if head.isdigit() else None
 
 
 def blockers_by_mode(raw: RawFacts) -> dict[str, list[str]]:
@@ -171,6 +180,14 @@ def hotplugged_devices(raw: RawFacts) -> list[str]:
     argv = qargv.parse(raw["argv"])
     declared_ids = set(qargv.declared(argv).device_ids)
     return sorted(set(raw.get("peripherals", [])) - declared_ids)
+
+
+def unplugged_devices(raw: RawFacts) -> list[str]:
+    """Devices the argv declares that QEMU no longer has: the new QEMU would create them."""
+    if "peripherals" not in raw:
+        return []
+    argv = qargv.parse(raw["argv"])
+    return sorted(set(qargv.declared(argv).device_ids) - set(raw["peripherals"]))
 
 
 # --- I/O: asking QEMU -----------------------------------------------------------------------

@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from vmupdate_agent import argv as qargv
 from vmupdate_agent import discovery, hostexec, preflight, procfs, target
@@ -92,7 +93,8 @@ class Engine:
         dry = None
         if dry_run and probe is not None and probe.ok and mode is not None:
             new_argv = qargv.appended(
-                qargv.with_binary(qargv.canonical(qargv.parse(vm.argv)), tgt.binary),
+                qargv.with_binary(qargv.canonical(qargv.parse(vm.argv), vm.qmp_path),
+                                  tgt.binary),
                 tgt.extra_args)
             dry = await target.dry_run(vm, new_argv, runtime_dir=s.runtime_dir, ctx=ctx)
         inputs = preflight.PreflightInputs(**{**inputs.__dict__, "dry_run": dry})
@@ -116,7 +118,8 @@ class Engine:
             guard = s.guard_path
         return preflight.HostFacts(allowed_dirs=s.allowed_dirs, runtime_dir_free_bytes=free,
                                    runtime_dir_shared=shared, guard_path=guard,
-                                   hotplugged=tuple(discovery.hotplugged_devices(raw)))
+                                   hotplugged=tuple(discovery.hotplugged_devices(raw)),
+                                   unplugged=tuple(discovery.unplugged_devices(raw)))
 
     async def preflight(self, qmp_path: str, tgt: Target, requested: RequestedMode,
                         *, dry_run: bool = True) -> PreflightReport:
@@ -139,7 +142,7 @@ class Engine:
                                         command_timeout=s.timeouts.command)
         raw = await discovery.gather_raw(session)
         vm = discovery.build_vm_info(raw)
-        base = {"vm": vm.name, "pid_before": vm.pid,
+        base: dict[str, Any] = {"vm": vm.name, "pid_before": vm.pid,
                 "version_before": str(vm.features.version)}
         emit = _emitter(progress)
         await emit(Phase.ACCEPTED, f"operation {op_id} on {vm.name} (pid {vm.pid}, QEMU "

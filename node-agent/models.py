@@ -92,6 +92,8 @@ class VMInfo(_Model):
     memory_backends: tuple[MemoryBackend, ...]
     aux_ram_share: bool | None
     migration_blockers: tuple[str, ...] = ()
+    # QEMU keeps blockers per migration mode (RAM not shared blocks cpr-transfer only).
+    blockers_by_mode: dict[str, tuple[str, ...]] = Field(default_factory=dict)
     enabled_capabilities: tuple[str, ...] = ()
     taps: tuple[TapDevice, ...] = ()
     vfio_devices: tuple[str, ...] = ()

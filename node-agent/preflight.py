@@ -39,6 +39,7 @@ class HostFacts:
     runtime_dir_shared: bool = True  # visible to QEMU at the same path
     guard_path: str | None = None  # the guard as QEMU sees it, None when not installed
     hotplugged: tuple[str, ...] = ()
+    unplugged: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -77,15 +78,18 @@ def choose_mode(requested: RequestedMode, old: QemuFeatures, new: QemuFeatures |
         return mode, f"{mode} was requested{new_note}"
     if new is None:
         return None, "Auto cannot choose a mode: the new binary could not be probed"
-    for mode in (CprMode.CPR_EXEC, CprMode.CPR_TRANSFER):
-        if mode in old.cpr_modes and mode in new_modes:
-            if mode == CprMode.CPR_EXEC and not old.has_cpr_exec_command:
-                continue
-            why = ("both QEMUs support cpr-exec (same pid, guest RAM and devices stay in "
-                   "place)" if mode == CprMode.CPR_EXEC else
-                   f"cpr-exec needs QEMU >= 10.2 on both sides (running {old.version}, target "
-                   f"{new.version}); both support cpr-transfer")
-            return mode, f"Auto chose {mode}: {why}"
+    exec_both = CprMode.CPR_EXEC in old.cpr_modes and CprMode.CPR_EXEC in new_modes
+    if exec_both and old.has_cpr_exec_command:
+        return CprMode.CPR_EXEC, ("Auto chose cpr-exec: both QEMUs support cpr-exec (same pid, "
+                                  "guest RAM and devices stay in place)")
+    if CprMode.CPR_TRANSFER in old.cpr_modes and CprMode.CPR_TRANSFER in new_modes:
+        if exec_both:
+            why = (f"the running QEMU {old.version} lists cpr-exec but has no "
+                   "cpr-exec-command parameter")
+        else:
+            why = (f"cpr-exec needs QEMU >= 10.2 on both sides (running {old.version}, "
+                   f"target {new.version})")
+        return CprMode.CPR_TRANSFER, f"Auto chose cpr-transfer: {why}; both support cpr-transfer"
     return None, (f"Auto found no CPR mode both QEMUs support (running {old.version}: "
                   f"{', '.join(old.cpr_modes) or 'none'}; target {new.version}: "
                   f"{', '.join(new_modes) or 'none'}); QEMU >= 10.0 is needed on both sides")
@@ -154,9 +158,13 @@ def check_legacy_dialect(p: PreflightInputs, mode: CprMode) -> str | None:
 
 
 def check_blockers(p: PreflightInputs, mode: CprMode) -> str | None:
-    if not p.vm.migration_blockers:
+    if p.vm.blockers_by_mode:
+        blockers = p.vm.blockers_by_mode.get(mode.value, ())
+    else:
+        blockers = p.vm.migration_blockers
+    if not blockers:
         return None
-    return "migration is blocked: " + "; ".join(p.vm.migration_blockers)
+    return f"QEMU blocks {mode}: " + "; ".join(blockers)
 
 
 def check_capabilities(p: PreflightInputs, mode: CprMode) -> str | None:
@@ -178,6 +186,11 @@ def check_taps(p: PreflightInputs, mode: CprMode) -> str | None:
     if mode == CprMode.CPR_TRANSFER and p.vm.taps:
         return (f"netdevs {', '.join(t.id for t in p.vm.taps)} are taps: cpr-transfer cannot "
                 "hand tap descriptors to the new QEMU in this QEMU; use cpr-exec with fd=N")
+    by_fd = [t for t in p.vm.taps if t.fd is not None]
+    if mode == CprMode.CPR_REBOOT and by_fd:
+        return (f"netdevs {', '.join(t.id for t in by_fd)} use inherited tap descriptors "
+                "(fd=N), which a restarted QEMU would not have; use cpr-exec, or ifname= for "
+                "cpr-reboot")
     return None
 
 
@@ -212,10 +225,16 @@ def check_vhost(p: PreflightInputs, mode: CprMode) -> str | None:
 
 
 def check_hotplug(p: PreflightInputs, mode: CprMode) -> str | None:
-    if not p.host.hotplugged:
-        return None
-    return (f"devices {', '.join(p.host.hotplugged)} were hot-plugged and are not on the "
-            "command line, so the new QEMU would not create them; unplug them first")
+    problems = []
+    if p.host.hotplugged:
+        problems.append(f"devices {', '.join(p.host.hotplugged)} were hot-plugged and are not "
+                        "on the command line, so the new QEMU would not create them; unplug "
+                        "them first")
+    if p.host.unplugged:
+        problems.append(f"devices {', '.join(p.host.unplugged)} were hot-unplugged but are on "
+                        "the command line, so the new QEMU would create them again; plug them "
+                        "back first")
+    return "; ".join(problems) or None
 
 
 VM_CHECKS: tuple[tuple[str, Check], ...] = (
@@ -241,6 +260,7 @@ def readiness(vm: VMInfo, hotplugged: Sequence[str] = ()) -> Readiness:
                         host=host, binary=BinaryFacts(path="/", exists=False))
     usable: list[CprMode] = []
     reasons: dict[str, None] = {}
+    live = (CprMode.CPR_EXEC, CprMode.CPR_TRANSFER)
     candidates = [m for m in (CprMode.CPR_EXEC, CprMode.CPR_TRANSFER, CprMode.CPR_REBOOT)
                   if m in vm.features.cpr_modes] or [CprMode.CPR_TRANSFER]
     per_mode: dict[CprMode, list[str]] = {}
@@ -249,16 +269,18 @@ def readiness(vm: VMInfo, hotplugged: Sequence[str] = ()) -> Readiness:
         per_mode[mode] = problems
         if not problems:
             usable.append(mode)
-    if not usable:
-        for problems in per_mode.values():
-            for msg in problems:
-                reasons[msg] = None
-    elif CprMode.CPR_EXEC in per_mode and CprMode.CPR_EXEC not in usable:
-        for msg in per_mode[CprMode.CPR_EXEC]:
-            reasons[f"cpr-exec: {msg}"] = None
-    return Readiness(ready=bool(usable) and not (
-        usable == [CprMode.CPR_REBOOT] and len(candidates) > 1),
-        modes=tuple(usable), reasons=tuple(reasons))
+    # Ready means an in-place update without a restart is possible (cpr-exec or
+    # cpr-transfer), or cpr-reboot when that is all this QEMU has.
+    ready = any(m in usable for m in live) or (usable == [CprMode.CPR_REBOOT]
+                                                 and candidates == [CprMode.CPR_REBOOT])
+    for mode, problems in per_mode.items():
+        if mode in usable:
+            continue
+        if ready and mode != CprMode.CPR_EXEC:
+            continue
+        for msg in problems:
+            reasons[f"{mode}: {msg}"] = None
+    return Readiness(ready=ready, modes=tuple(usable), reasons=tuple(reasons))
 
 
 # --- target checks --------------------------------------------------------------------------
@@ -266,8 +288,11 @@ def readiness(vm: VMInfo, hotplugged: Sequence[str] = ()) -> Readiness:
 
 def _under(path: str, dirs: Sequence[str]) -> bool:
     norm = os.path.normpath(path)
-    return any(norm == os.path.normpath(d) or norm.startswith(os.path.normpath(d) + "/")
-               for d in dirs)
+    for d in dirs:
+        base = os.path.normpath(d)
+        if norm == base or norm.startswith(base.rstrip("/") + "/"):
+            return True
+    return False
 
 
 def check_target_path(p: PreflightInputs, mode: CprMode) -> str | None:

@@ -15,10 +15,11 @@ import logging
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from qemu.qmp import ExecuteError, QMPClient
 from qemu.qmp.protocol import Runstate
+
 from vmupdate_agent import procfs
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,8 @@ class QmpSession:
         self._pump = asyncio.create_task(self._pump_events(), name=f"qmp-events:{self.path}")
 
     async def _pump_events(self) -> None:
-        async for msg in self._client.events:
+        async for message in self._client.events:
+            msg = cast(dict[str, Any], message)
             ts = msg.get("timestamp", {})
             qemu_ns = int(ts.get("seconds", 0)) * 1_000_000_000 + int(
                 ts.get("microseconds", 0)) * 1000
@@ -148,7 +150,7 @@ class QmpSession:
         try:
             return await asyncio.wait_for(self._client.execute(command, args), limit)
         except ExecuteError as exc:
-            raise QmpCommandError(command, exc.error_class, str(exc.error_response.error.desc)
+            raise QmpCommandError(command, exc.error_class, str(exc.error.error.desc)
                                   ) from exc
         except TimeoutError as exc:
             raise QmpTimeout(f"QMP {command} got no answer from {self.path} within "

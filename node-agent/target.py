@@ -12,6 +12,7 @@ Three looks, each turned into plain facts for the pure preflight checks:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import secrets
@@ -125,18 +126,14 @@ async def _start_and_connect(vm: VMInfo, argv: list[str], sock: str, ctx: hostex
         if asyncio.get_running_loop().time() > deadline:
             await proc.stop()
             return proc, None, f"no QMP greeting within {timeout:.0f}s"
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(proc.proc.wait(), 0.01)
-        except TimeoutError:
-            pass
 
 
 async def _finish(proc: hostexec.Spawned, session: QmpSession | None) -> None:
     if session is not None:
-        try:
+        with contextlib.suppress(QmpError):
             await session.cmd("quit", timeout=3.0)
-        except QmpError:
-            pass
         await session.close()
     await proc.stop()
 

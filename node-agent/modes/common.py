@@ -29,12 +29,15 @@ class UpdateAborted(RuntimeError):
 @dataclass(frozen=True)
 class Timeouts:
     command: float = 10.0
+    # The guest is stopped during these, so they are short: a new QEMU that has not answered
+    # on QMP by then is treated as failed and the old one takes over again.
     # From `migrate` until the new QEMU answers on QMP (exec, or start of a new process).
-    handover: float = 60.0
+    handover: float = 15.0
     # Until an incoming migration has loaded the state.
-    load: float = 120.0
-    # How long the guard waits for the commit before rolling back on its own.
-    guard_commit: float = 60.0
+    load: float = 30.0
+    # How long the guard waits for the commit before rolling back on its own (the agent
+    # may have died mid-update; the new QEMU sits paused until then).
+    guard_commit: float = 20.0
 
 
 @dataclass(frozen=True)
@@ -80,7 +83,7 @@ class Operation:
         return os.path.join(self.workdir, name)
 
     def old_argv(self) -> qargv.QemuArgv:
-        return qargv.canonical(qargv.parse(self.vm.argv))
+        return qargv.canonical(qargv.parse(self.vm.argv), self.vm.qmp_path)
 
     def new_argv(self) -> qargv.QemuArgv:
         base = qargv.with_binary(self.old_argv(), self.target.binary)

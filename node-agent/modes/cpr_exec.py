@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from typing import Any, cast
 
 from vmupdate_agent import argv as qargv
 from vmupdate_agent import guard as cpr_guard
@@ -184,7 +185,7 @@ async def _adopt_rollback(op: Operation, session: QmpSession) -> ModeResult:
     ver = await session.cmd("query-version")
     q = ver["qemu"]
     version = f"{q['major']}.{q['minor']}.{q['micro']}"
-    exit_info = status.get("new_exit") or {}
+    exit_info = cast(dict[str, Any], status.get("new_exit") or {})
     why = (f"exit code {exit_info['code']}" if "code" in exit_info else
            f"signal {exit_info['signal']}" if "signal" in exit_info else
            status.get("reason") or "unknown")
@@ -205,10 +206,8 @@ async def _adopt_rollback(op: Operation, session: QmpSession) -> ModeResult:
 
 
 async def _guard_send(op: Operation, message: str) -> None:
-    try:
+    with contextlib.suppress(cpr_guard.WatcherGone):
         cpr_guard.send(op.path("guard.commit"), message)
-    except cpr_guard.WatcherGone:
-        pass
 
 
 async def _guard_wait(op: Operation, phases: frozenset[str], timeout: float) -> dict[str, object]:

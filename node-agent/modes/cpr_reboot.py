@@ -72,10 +72,8 @@ async def _handover(op: Operation, s: QmpSession, pinned: hostexec.PinnedContext
     except (QmpError, hostexec.HostExecError) as exc:
         note = await ensure_running(s, was_running)
         raise UpdateAborted(f"the new QEMU did not start: {exc}; {note}") from exc
-    try:
+    with contextlib.suppress(QmpError):  # the connection may drop before the answer
         await s.cmd("quit")
-    except QmpError:
-        pass  # the connection may drop before the answer
     await s.close()
     if not await wait_gone(op.vm.pid, op.timeouts.command):
         await kill_quietly(op.vm.pid)

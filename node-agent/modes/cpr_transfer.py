@@ -10,6 +10,7 @@ run elsewhere), which is the whole safety argument of this mode.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import time
@@ -104,10 +105,8 @@ async def run(op: Operation) -> ModeResult:
     resumed = await resume(new, op.timeouts.command)
     await op.emit(Phase.RESUMED, f"the guest runs in the new QEMU (pid {new.peer_pid})")
     old_pid = op.vm.pid
-    try:
+    with contextlib.suppress(QmpError):  # the connection may drop before the answer
         await s.cmd("quit")
-    except QmpError:
-        pass  # the connection may drop before the answer
     await s.close()
     if not await wait_gone(old_pid, op.timeouts.command):
         await kill_quietly(old_pid)
@@ -124,10 +123,8 @@ async def run(op: Operation) -> ModeResult:
 def _rewrite_pidfile(op: Operation, pid: int) -> None:
     for path in qargv.parse(op.vm.argv).values("pidfile"):
         target = Path(f"/proc/{pid}/root") / path.lstrip("/")
-        try:
+        with contextlib.suppress(OSError):
             target.write_text(f"{pid}\n")
-        except OSError:
-            pass
 
 
 def _tail(path: str, limit: int = 600) -> str:

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from pydantic import ValidationError
+
 from vmupdate_agent import config
 from vmupdate_agent.config import AgentConfig, ConfigError
 from vmupdate_agent.hostexec import DEFAULT_DETACH, DEFAULT_PREFIX
@@ -39,8 +40,8 @@ def test_defaults() -> None:
     assert c.detach_prefix == list(DEFAULT_DETACH)
     assert c.guard_binary is None
     t = c.timeouts
-    assert (t.qmp_command_s, t.handover_s, t.load_s, t.guard_commit_s) == (10.0, 60.0, 120.0,
-                                                                            60.0)
+    assert (t.qmp_command_s, t.handover_s, t.load_s, t.guard_commit_s) == (10.0, 15.0, 30.0,
+                                                                            20.0)
 
 
 def test_defaults_are_not_shared_between_configs() -> None:
@@ -57,7 +58,7 @@ def test_everything_set() -> None:
         node_name="node-a", state_dir="/var/lib/vmupdate-a/", runtime_dir="/run//vmupdate-a",
         allowed_binary_dirs=["/opt/qemu/", "/usr/lib//qemu-new"], tls=TLS,
         client_allowlist=["vmupdate-operator"], guard_binary="/opt/vmupdate/guard",
-        timeouts={"qmp_command_s": 5, "handover_s": 3600, "load_s": 0.5,
+        timeouts={"qmp_command_s": 5, "handover_s": 600, "load_s": 0.5,
                   "guard_commit_s": 30}))
     assert c.node_name == "node-a"
     # Paths come out normalised, so prefix checks on them are exact.
@@ -65,7 +66,7 @@ def test_everything_set() -> None:
     assert c.runtime_dir == "/run/vmupdate-a"
     assert c.allowed_binary_dirs == ["/opt/qemu", "/usr/lib/qemu-new"]
     assert c.tls is not None and c.tls.key_file == "/etc/vmupdate/tls.key"
-    assert c.timeouts.handover_s == 3600 and c.timeouts.load_s == 0.5
+    assert c.timeouts.handover_s == 600 and c.timeouts.load_s == 0.5
 
 
 @pytest.mark.parametrize(("data", "where", "what"), [
@@ -104,8 +105,8 @@ def test_everything_set() -> None:
                  "greater than 0", id="timeout-zero"),
     pytest.param(with_(timeouts={"qmp_command_s": 601}), "timeouts.qmp_command_s",
                  "less than or equal to 600", id="timeout-qmp-too-long"),
-    pytest.param(with_(timeouts={"handover_s": 3601}), "timeouts.handover_s",
-                 "less than or equal to 3600", id="timeout-handover-too-long"),
+    pytest.param(with_(timeouts={"handover_s": 601}), "timeouts.handover_s",
+                 "less than or equal to 600", id="timeout-handover-too-long"),
     pytest.param(with_(timeouts={"load_s": -1}), "timeouts.load_s", "greater than 0",
                  id="timeout-negative"),
     pytest.param(with_(timeouts={"guard_commit_s": "soon"}), "timeouts.guard_commit_s",

@@ -11,6 +11,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+
 from vmupdate_agent import argv as qargv
 from vmupdate_agent import discovery, preflight
 from vmupdate_agent.models import (
@@ -191,6 +192,7 @@ def test_build_vm_info_from_the_recording(load_raw: RawLoader) -> None:
         memory_backends=(MemoryBackend(id="ram0", kind="memfd", size_bytes=256 * MIB,
                                        share=True, mem_path=None),),
         aux_ram_share=True,
+        blockers_by_mode={"cpr-exec": (), "cpr-reboot": (), "cpr-transfer": ()},
     )
     assert vm.memory_bytes == 256 * MIB
     assert discovery.hotplugged_devices(raw) == []
@@ -295,8 +297,12 @@ def test_build_vm_info_from_variants(load_raw: RawLoader, name: str,
     vm = discovery.build_vm_info(load_raw(name))
     assert attrs(vm, tuple(facts)) == facts
     # Nothing else moved: every other fact is the recording's.
-    untouched = tuple(n for n in VMInfo.model_fields if n not in facts and n != "argv")
+    # blockers_by_mode follows migration_blockers (checked per mode in its own test).
+    untouched = tuple(n for n in VMInfo.model_fields
+                      if n not in facts and n not in ("argv", "blockers_by_mode"))
     assert attrs(vm, untouched) == attrs(base, untouched)
+    if "migration_blockers" not in facts:
+        assert set(vm.blockers_by_mode.values()) <= {()}
 
 
 def test_every_variant_is_covered() -> None:
@@ -443,3 +449,10 @@ def test_variants_keep_the_recording_consistent() -> None:
                                                      else []), f.stem
         declared = qargv.declared(qargv.parse(raw["argv"])).device_ids
         assert set(declared) <= set(raw["peripherals"]), f.stem
+
+
+def test_blockers_are_kept_per_mode(load_raw: RawLoader) -> None:
+    """QEMU blocks cpr-transfer, not cpr-exec or cpr-reboot, when ROMs are not shared."""
+    vm = discovery.build_vm_info(load_raw("aux-ram-share-off"))
+    assert vm.blockers_by_mode["cpr-exec"] == () and vm.blockers_by_mode["cpr-reboot"] == ()
+    assert set(vm.blockers_by_mode["cpr-transfer"]) == set(vm.migration_blockers)

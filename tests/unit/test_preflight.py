@@ -9,6 +9,7 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+
 from vmupdate_agent import discovery, preflight
 from vmupdate_agent.models import (
     CprMode,
@@ -211,10 +212,10 @@ FAILS = [
        "parameter",), id="old-without-cpr-exec-command"),
     # migration-blockers
     C("migration-blockers", EXEC, "migration-blocker-all-modes", same,
-      ("migration is blocked: Migration is disabled when VirtFS export path '/srv/share' is "
+      ("QEMU blocks cpr-exec: Migration is disabled when VirtFS export path '/srv/share' is "
        "mounted in the guest using mount_tag 'share'",), id="blocker-virtfs"),
     C("migration-blockers", TRANSFER, "aux-ram-share-off", same,
-      ("migration is blocked: ", "Memory region pc.bios is not compatible with CPR",
+      ("QEMU blocks cpr-transfer: ", "Memory region pc.bios is not compatible with CPR",
        "; Memory region pc.rom"), id="blocker-aux-ram-share-off"),
     # incompatible-capabilities
     C("incompatible-capabilities", EXEC, "capability-x-colo", same,

@@ -1,0 +1,284 @@
+"""The CPR engine on real QEMU processes running a real guest (TCG), no QMP mocks.
+
+Each test checks the guest from outside: its serial counter must go on by exactly one per
+line, with the boot-time token unchanged and every RAM checksum good — so the guest neither
+rebooted nor lost memory — and the pause the agent reports is checked against the blackout
+seen on the serial line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from e2e.rig import Rig, TestVM
+from e2e.rig.fixtures import VMFactory
+from tests.agent.conftest import make_engine
+from vmupdate_agent import engine, procfs
+from vmupdate_agent.models import CprMode, Outcome, RequestedMode, Target, UpdateResult
+
+pytestmark = pytest.mark.qemu
+
+
+def sid(rig: Rig, alt: bool = False) -> str:
+    q = rig.qemu("sid")
+    return str(q.alt_wrapper if alt else q.wrapper)
+
+
+def backports(rig: Rig) -> str:
+    return str(rig.qemu("backports").wrapper)
+
+
+async def update(agent: engine.Engine, vm: TestVM, binary: str, mode: str = "auto",
+                 **kwargs: object) -> UpdateResult:
+    t0 = time.monotonic_ns()
+    result = await agent.update(str(vm.qmp_path), Target(binary=binary, **kwargs),  # type: ignore[arg-type]
+                                RequestedMode(mode))
+    # Let the guest print a few lines on the other side before judging continuity.
+    await vm.serial.wait_ticks(5, after=t0, timeout=30)
+    return result
+
+
+def assert_pause_matches_serial(result: UpdateResult, vm: TestVM, since_ns: int) -> None:
+    """The agent's pause (QEMU's STOP -> RESUME) against the blackout seen from outside."""
+    assert result.pause_ms is not None
+    gap = vm.serial.max_gap_ms(since=since_ns)
+    # The serial gap also holds up to one tick period (10 ms) of the guest's own rhythm.
+    assert abs(gap - result.pause_ms) <= max(20.0, 0.2 * gap), (
+        f"agent says {result.pause_ms:.1f} ms, serial blackout {gap:.1f} ms")
+
+
+async def started(factory: VMFactory, flavour: str, **kwargs: object) -> TestVM:
+    vm = await factory(flavour, **kwargs)  # type: ignore[arg-type]
+    await vm.wait_ticking(90)
+    return vm
+
+
+async def test_cpr_exec_keeps_pid_and_guest(rig: Rig, vm_factory: VMFactory,
+                                            agent: engine.Engine) -> None:
+    vm = await started(vm_factory, "sid")
+    pid, token = vm.pid, vm.token
+    since = time.monotonic_ns()
+    result = await update(agent, vm, sid(rig), "cpr-exec", expected_version=rig.qemu("sid").version)
+    assert result.outcome == Outcome.UPDATED, result.message
+    assert result.mode == CprMode.CPR_EXEC
+    assert result.pid_before == pid and result.pid_after == pid == vm.pid
+    assert result.version_after == rig.qemu("sid").version
+    assert vm.token == token
+    vm.serial.assert_continuous()
+    assert_pause_matches_serial(result, vm, since)
+    assert set(result.phase_ms) >= {"stopping", "execed", "total"}
+    async with vm.qmp() as qmp:
+        assert (await qmp.execute("query-status"))["status"] == "running"
+
+
+async def test_cpr_exec_through_a_different_binary_path(rig: Rig, vm_factory: VMFactory,
+                                                        agent: engine.Engine) -> None:
+    vm = await started(vm_factory, "sid")
+    pid = vm.pid
+    result = await update(agent, vm, sid(rig, alt=True), "cpr-exec")
+    assert result.outcome == Outcome.UPDATED, result.message
+    assert vm.pid == pid
+    # The VM now runs the other binary, and a later update sees it as its own.
+    exe = procfs.exe(pid)
+    assert exe == str(rig.qemu("sid").alt_binary), exe
+    vm.serial.assert_continuous()
+
+
+async def test_five_back_to_back_cpr_exec_updates(rig: Rig, vm_factory: VMFactory,
+                                                  agent: engine.Engine) -> None:
+    vm = await started(vm_factory, "sid")
+    pid = vm.pid
+    pauses = []
+    for i in range(5):
+        since = time.monotonic_ns()
+        result = await update(agent, vm, sid(rig, alt=bool(i % 2)), "cpr-exec")
+        assert result.outcome == Outcome.UPDATED, f"update {i + 1}: {result.message}"
+        assert result.pid_after == pid
+        assert_pause_matches_serial(result, vm, since)
+        pauses.append(result.pause_ms)
+    vm.serial.assert_continuous()
+    assert len(pauses) == 5
+
+
+async def test_cpr_transfer_same_version(rig: Rig, vm_factory: VMFactory,
+                                         agent: engine.Engine) -> None:
+    vm = await started(vm_factory, "backports")
+    old_pid, token = vm.pid, vm.token
+    since = time.monotonic_ns()
+    result = await update(agent, vm, backports(rig), "cpr-transfer")
+    assert result.outcome == Outcome.UPDATED, result.message
+    assert result.mode == CprMode.CPR_TRANSFER
+    assert result.pid_after != old_pid and result.pid_after == vm.pid
+    assert not procfs.alive(old_pid)
+    assert vm.token == token
+    vm.serial.assert_continuous()
+    assert_pause_matches_serial(result, vm, since)
+
+
+async def test_cpr_transfer_across_versions(rig: Rig, vm_factory: VMFactory,
+                                            agent: engine.Engine) -> None:
+    vm = await started(vm_factory, "backports")
+    result = await update(agent, vm, sid(rig), "cpr-transfer",
+                          expected_version=rig.qemu("sid").version)
+    assert result.outcome == Outcome.UPDATED, result.message
+    assert result.version_before == rig.qemu("backports").version
+    assert result.version_after == rig.qemu("sid").version
+    vm.serial.assert_continuous()
+    # The next update starts from the new QEMU, found at the VM's usual socket.
+    again = await update(agent, vm, sid(rig), "auto")
+    assert again.outcome == Outcome.UPDATED and again.mode == CprMode.CPR_EXEC, again.message
+    vm.serial.assert_continuous()
+
+
+async def test_cpr_reboot(rig: Rig, vm_factory: VMFactory, agent: engine.Engine) -> None:
+    vm = await started(vm_factory, "backports", backend="file")
+    token = vm.token
+    since = time.monotonic_ns()
+    result = await update(agent, vm, backports(rig), "cpr-reboot")
+    assert result.outcome == Outcome.UPDATED, result.message
+    assert result.mode == CprMode.CPR_REBOOT
+    assert vm.token == token
+    vm.serial.assert_continuous()
+    assert_pause_matches_serial(result, vm, since)
+
+
+async def test_cpr_reboot_refused_for_memfd_ram(rig: Rig, vm_factory: VMFactory,
+                                                agent: engine.Engine) -> None:
+    vm = await started(vm_factory, "backports")
+    result = await update(agent, vm, backports(rig), "cpr-reboot")
+    assert result.outcome == Outcome.FAILED
+    assert "memory-backend-file" in result.message
+    vm.serial.assert_continuous()
+
+
+async def test_auto_chooses_cpr_exec_then_cpr_transfer(rig: Rig, vm_factory: VMFactory,
+                                                       agent: engine.Engine) -> None:
+    new_vm = await started(vm_factory, "sid")
+    old_vm = await started(vm_factory, "backports")
+    r1 = await update(agent, new_vm, sid(rig), "auto")
+    assert r1.mode == CprMode.CPR_EXEC and "Auto chose cpr-exec" in r1.mode_reason
+    r2 = await update(agent, old_vm, sid(rig), "auto")
+    assert r2.mode == CprMode.CPR_TRANSFER, r2.mode_reason
+    assert "10.2" in r2.mode_reason and rig.qemu("backports").version in r2.mode_reason
+    for vm, r in ((new_vm, r1), (old_vm, r2)):
+        assert r.outcome == Outcome.UPDATED, r.message
+        vm.serial.assert_continuous()
+
+
+# --- the failure table: each case caught by preflight, and survived without it -------------
+
+FAILURES = {
+    # name: (target binary (None: the sid wrapper), extra args, VM options, preflight check)
+    "unknown-option": (None, ("-no-such-option",), {}, "dry-run"),
+    "exiting-prefix": ("/bin/false", (), {}, "target-version"),
+    "other-machine-type": (None, ("-machine", "pc-q35-9.2"), {}, "dry-run"),
+    "other-memory-size": (None, ("-m", "512M"), {}, "dry-run"),
+    "tap-by-ifname": (None, (), {"netdev_tap_ifname": "vmutap{n}"}, "tap-by-fd"),
+}
+
+
+def _case(rig: Rig, name: str, n: int) -> tuple[str, tuple[str, ...], dict[str, object], str]:
+    binary, extra, opts, check = FAILURES[name]
+    opts = {k: (v.format(n=n) if isinstance(v, str) else v) for k, v in opts.items()}
+    return binary or sid(rig), extra, opts, check
+
+
+@pytest.mark.parametrize("case", list(FAILURES))
+async def test_failure_caught_by_preflight(case: str, rig: Rig, vm_factory: VMFactory,
+                                           runtime_dir: Path, built_guard: Path) -> None:
+    binary, extra, opts, check = _case(rig, case, 1)
+    agent = make_engine(rig, runtime_dir, built_guard, allowed=("/bin", "/usr/bin"))
+    vm = await started(vm_factory, "sid", **opts)
+    pid = vm.pid
+    since = time.monotonic_ns()
+    result = await update(agent, vm, binary, "cpr-exec", extra_args=extra)
+    assert result.outcome == Outcome.FAILED, result.message
+    assert result.preflight is not None
+    failed = {c.name for c in result.preflight.failures()}
+    assert check in failed, (failed, result.message)
+    assert "nothing was changed" in result.message
+    # Untouched: same process, never stopped (no blackout beyond the guest's rhythm).
+    assert vm.pid == pid
+    vm.serial.assert_continuous()
+    assert vm.serial.max_gap_ms(since=since) < 200
+
+
+@pytest.mark.parametrize("case", list(FAILURES))
+async def test_failure_recovered_by_the_guard(case: str, rig: Rig, vm_factory: VMFactory,
+                                              agent: engine.Engine) -> None:
+    binary, extra, opts, _ = _case(rig, case, 2)
+    vm = await started(vm_factory, "sid", **opts)
+    old_pid, token = vm.pid, vm.token
+    t0 = time.monotonic_ns()
+    result = await agent.update(str(vm.qmp_path), Target(binary=binary, extra_args=extra),
+                                RequestedMode.CPR_EXEC, skip_preflight=True)
+    assert result.outcome == Outcome.ROLLED_BACK, result.message
+    assert result.pid_after is not None and result.pid_after != old_pid
+    await vm.serial.wait_ticks(5, after=t0, timeout=30)
+    assert vm.pid == result.pid_after
+    assert vm.token == token
+    vm.serial.assert_continuous()
+    async with vm.qmp() as qmp:
+        assert (await qmp.execute("query-status"))["status"] == "running"
+    # The recovered VM updates again, cleanly, in its new pid.
+    again = await update(agent, vm, sid(rig), "cpr-exec")
+    assert again.outcome == Outcome.UPDATED, again.message
+    assert again.pid_after == result.pid_after
+    vm.serial.assert_continuous()
+
+
+async def test_missing_binary_fails_safe_inside_qemu(rig: Rig, vm_factory: VMFactory,
+                                                     agent: engine.Engine) -> None:
+    """QEMU's own exec failure (no such file) resumes the VM in place, guard or not."""
+    vm = await started(vm_factory, "sid")
+    pid = vm.pid
+    result = await agent.update(str(vm.qmp_path),
+                                Target(binary=str(Path(rig.share) / "bin" / "no-such-qemu")),
+                                RequestedMode.CPR_EXEC, skip_preflight=True, use_guard=False)
+    assert result.outcome == Outcome.FAILED, result.message
+    assert vm.pid == pid
+    await asyncio.sleep(0.3)
+    vm.serial.assert_continuous()
+    async with vm.qmp() as qmp:
+        assert (await qmp.execute("query-status"))["status"] == "running"
+
+
+async def test_cpr_transfer_new_qemu_refuses_argv_old_keeps_running(
+        rig: Rig, vm_factory: VMFactory, agent: engine.Engine) -> None:
+    vm = await started(vm_factory, "backports")
+    pid = vm.pid
+    result = await agent.update(str(vm.qmp_path),
+                                Target(binary=backports(rig), extra_args=("-no-such-option",)),
+                                RequestedMode.CPR_TRANSFER, skip_preflight=True)
+    assert result.outcome == Outcome.FAILED, result.message
+    assert "no-such-option" in result.message
+    assert vm.pid == pid
+    await asyncio.sleep(0.3)
+    vm.serial.assert_continuous()
+
+
+async def test_hung_qmp_peer_times_out_with_a_clear_error(rig: Rig, vm_factory: VMFactory,
+                                                          runtime_dir: Path) -> None:
+    import os
+    import signal
+
+    from vmupdate_agent import discovery
+    from vmupdate_agent.qmp import QmpTimeout
+
+    vm = await started(vm_factory, "sid")
+    os.kill(vm.pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(QmpTimeout) as err:
+            await discovery.discover(str(vm.qmp_path), timeout=1.0)
+        assert time.monotonic() - t0 < 5
+        assert str(vm.qmp_path) in str(err.value)
+    finally:
+        os.kill(vm.pid, signal.SIGCONT)
+    await vm.serial.wait_ticks(3, after=time.monotonic_ns(), timeout=30)
+    info, _ = await discovery.discover(str(vm.qmp_path))
+    assert info.runstate == "running"
