@@ -1,0 +1,375 @@
+"""The edge of the gRPC API: requests validated into pydantic specs, answers built from models.
+
+Everything a client sends is checked here before anything else looks at it: each rule names
+the proto field it concerns, so a rejected request says what to fix (INVALID_ARGUMENT). The
+other direction turns the engine's pydantic models into protobuf messages; both directions
+are plain functions without I/O.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import re
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from vmupdate_agent.models import (
+    CprMode,
+    Outcome,
+    Phase,
+    PreflightReport,
+    ProgressEvent,
+    Readiness,
+    RequestedMode,
+    Target,
+    UpdateResult,
+    VMInfo,
+)
+from vmupdate_api.gen import agent_v1_pb2 as pb
+
+if TYPE_CHECKING:
+    from vmupdate_agent.journal import OperationRecord
+
+# The operation id names a journal file and a runtime folder: no '/', no leading dot.
+OPERATION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+MAX_PATH = 4096
+MAX_EXTRA_ARGS = 64
+MAX_ARG = 4096
+MAX_TEXT = 256
+# Upper bounds of per-update timeouts; the same as the agent's configuration accepts.
+MAX_COMMAND_S = 600.0
+MAX_PHASE_S = 3600.0
+MAX_PAUSE_BUDGET_MS = 600_000
+
+
+class InvalidRequest(ValueError):
+    """A request field is wrong; the message starts with the field's name."""
+
+
+# --- requests -------------------------------------------------------------------------------
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+
+def _plain_text(value: str, *, limit: int) -> str:
+    if len(value) > limit:
+        raise ValueError(f"is {len(value)} characters long; at most {limit} are accepted")
+    if any(ord(c) < 0x20 or c == "\x7f" for c in value):
+        raise ValueError("contains control characters")
+    return value
+
+
+def _absolute_path(value: str, what: str) -> str:
+    if not value:
+        raise ValueError(f"is empty: give the absolute path of {what}")
+    _plain_text(value, limit=MAX_PATH)
+    if not value.startswith("/"):
+        raise ValueError(f"must be an absolute path, got {value!r}")
+    if ".." in value.split("/"):
+        raise ValueError(f"must not contain '..', got {value!r}")
+    return os.path.normpath(value)
+
+
+class TargetSpec(_Spec):
+    binary: str
+    expected_version: str = ""
+    sha256: str = ""
+    extra_args: tuple[str, ...] = Field((), max_length=MAX_EXTRA_ARGS)
+
+    @field_validator("binary")
+    @classmethod
+    def _binary(cls, v: str) -> str:
+        return _absolute_path(v, "the new QEMU inside the VM's root")
+
+    @field_validator("expected_version")
+    @classmethod
+    def _version(cls, v: str) -> str:
+        return _plain_text(v, limit=MAX_TEXT)
+
+    @field_validator("sha256")
+    @classmethod
+    def _sha256(cls, v: str) -> str:
+        if v and not re.fullmatch(r"[0-9a-fA-F]{64}", v):
+            raise ValueError("must be 64 hexadecimal digits (or empty for no check)")
+        return v.lower()
+
+    @field_validator("extra_args")
+    @classmethod
+    def _args(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for i, arg in enumerate(v):
+            if not arg:
+                raise ValueError(f"[{i}] is empty")
+            if len(arg) > MAX_ARG or "\x00" in arg:
+                raise ValueError(f"[{i}] is longer than {MAX_ARG} characters or holds NUL")
+        return v
+
+    def to_target(self) -> Target:
+        return Target(binary=self.binary, expected_version=self.expected_version or None,
+                      sha256=self.sha256 or None, extra_args=self.extra_args)
+
+
+class TimeoutsSpec(_Spec):
+    """Per-update overrides of the agent's timeouts (None: the agent's configured value)."""
+
+    qmp_command_seconds: float | None = Field(None, gt=0, le=MAX_COMMAND_S)
+    handover_seconds: float | None = Field(None, gt=0, le=MAX_PHASE_S)
+    load_seconds: float | None = Field(None, gt=0, le=MAX_PHASE_S)
+    guard_commit_seconds: float | None = Field(None, gt=0, le=MAX_PHASE_S)
+
+
+_MODES_IN = {pb.MODE_AUTO: RequestedMode.AUTO, pb.MODE_CPR_EXEC: RequestedMode.CPR_EXEC,
+             pb.MODE_CPR_TRANSFER: RequestedMode.CPR_TRANSFER,
+             pb.MODE_CPR_REBOOT: RequestedMode.CPR_REBOOT}
+
+
+def _requested_mode(v: Any) -> Any:
+    if isinstance(v, RequestedMode):
+        return v
+    if isinstance(v, int):
+        if v == pb.MODE_UNSPECIFIED:
+            raise ValueError("must be set: MODE_AUTO lets the agent choose, or name a mode")
+        if v not in _MODES_IN:
+            known = ", ".join(pb.Mode.Name(m) for m in _MODES_IN)
+            raise ValueError(f"unknown mode {v} (known: {known})")
+        return _MODES_IN[v]  # type: ignore[index]
+    return v  # a string from the journal; pydantic checks it against RequestedMode
+
+
+class PreflightSpec(_Spec):
+    """A Preflight request: which VM, which target, which mode."""
+
+    vm: str
+    target: TargetSpec
+    mode: RequestedMode
+
+    @field_validator("vm")
+    @classmethod
+    def _vm(cls, v: str) -> str:
+        if not v:
+            raise ValueError("is empty: give a VM name, uuid or QMP socket path")
+        return _plain_text(v, limit=MAX_PATH)
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _mode(cls, v: Any) -> Any:
+        return _requested_mode(v)
+
+
+class UpdateSpec(PreflightSpec):
+    """An accepted Update request, as journaled: a preflight's questions plus the update's."""
+
+    operation_id: str
+    timeouts: TimeoutsSpec = TimeoutsSpec()
+    pause_budget_ms: int = Field(0, ge=0, le=MAX_PAUSE_BUDGET_MS)
+
+    @field_validator("operation_id")
+    @classmethod
+    def _operation_id(cls, v: str) -> str:
+        if not v:
+            raise ValueError("is empty: every update needs an id chosen by the caller")
+        if not OPERATION_ID.fullmatch(v):
+            raise ValueError(f"{v[:140]!r} is not 1-128 characters of [A-Za-z0-9._-] starting "
+                             "with a letter or digit")
+        return v
+
+    def fingerprint(self) -> str:
+        """Identifies what was asked, to tell a retry from a different request with the same id."""
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()
+
+
+def describe(exc: ValidationError) -> str:
+    """'field.path: what is wrong; ...' — the proto's field names, pydantic's noise removed."""
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "request"
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        parts.append(f"{where}: {msg}")
+    return "; ".join(parts)
+
+
+def _target_data(msg: pb.UpdateRequest | pb.PreflightRequest) -> dict[str, Any] | None:
+    if not msg.HasField("target"):
+        return None
+    t = msg.target
+    return {"binary": t.binary, "expected_version": t.expected_version, "sha256": t.sha256,
+            "extra_args": tuple(t.extra_args)}
+
+
+def _missing(field: str, what: str) -> InvalidRequest:
+    return InvalidRequest(f"{field}: is required ({what})")
+
+
+def preflight_spec(msg: pb.PreflightRequest) -> PreflightSpec:
+    target = _target_data(msg)
+    if target is None:
+        raise _missing("target", "at least target.binary")
+    try:
+        return PreflightSpec.model_validate({"vm": msg.vm, "target": target, "mode": msg.mode})
+    except ValidationError as exc:
+        raise InvalidRequest(describe(exc)) from exc
+
+
+def update_spec(msg: pb.UpdateRequest) -> UpdateSpec:
+    target = _target_data(msg)
+    if target is None:
+        raise _missing("target", "at least target.binary")
+    t = msg.timeouts
+    timeouts = {name: (getattr(t, name) or None) for name in TimeoutsSpec.model_fields}
+    data = {"operation_id": msg.operation_id, "vm": msg.vm, "target": target, "mode": msg.mode,
+            "timeouts": timeouts, "pause_budget_ms": msg.pause_budget_ms}
+    try:
+        return UpdateSpec.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidRequest(describe(exc)) from exc
+
+
+def operation_id(value: str, field: str = "operation_id") -> str:
+    """Check a bare operation id (GetOperation, WatchOperation)."""
+    if not OPERATION_ID.fullmatch(value):
+        raise InvalidRequest(f"{field}: {value[:140]!r} is not a valid operation id")
+    return value
+
+
+# --- answers --------------------------------------------------------------------------------
+
+_MODES_OUT = {CprMode.CPR_EXEC: pb.MODE_CPR_EXEC, CprMode.CPR_TRANSFER: pb.MODE_CPR_TRANSFER,
+              CprMode.CPR_REBOOT: pb.MODE_CPR_REBOOT}
+_REQUESTED_OUT = {v: k for k, v in _MODES_IN.items()}
+PHASES: dict[Phase, pb.Phase] = {
+    Phase.ACCEPTED: pb.PHASE_ACCEPTED, Phase.PREFLIGHT: pb.PHASE_PREFLIGHT,
+    Phase.STOPPING: pb.PHASE_STOPPING, Phase.SAVED: pb.PHASE_SAVED,
+    Phase.EXECED: pb.PHASE_EXECED, Phase.TRANSFERRED: pb.PHASE_TRANSFERRED,
+    Phase.RESUMED: pb.PHASE_RESUMED, Phase.VERIFIED: pb.PHASE_VERIFIED,
+    Phase.FINISHED: pb.PHASE_FINISHED, Phase.FAILED: pb.PHASE_FAILED,
+    Phase.RECOVERED: pb.PHASE_RECOVERED,
+}
+OUTCOMES: dict[Outcome, pb.Outcome] = {
+    Outcome.UPDATED: pb.OUTCOME_UPDATED, Outcome.FAILED: pb.OUTCOME_FAILED,
+    Outcome.ROLLED_BACK: pb.OUTCOME_ROLLED_BACK, Outcome.LOST: pb.OUTCOME_LOST,
+}
+
+
+def mode_to_pb(mode: CprMode | None) -> pb.Mode:
+    return pb.MODE_UNSPECIFIED if mode is None else _MODES_OUT[mode]
+
+
+def vm_to_pb(vm: VMInfo, readiness: Readiness, *, busy_operation_id: str = "") -> pb.VM:
+    v = vm.features.version
+    msg = pb.VM(
+        qmp_path=vm.qmp_path, pid=vm.pid, name=vm.name, uuid=vm.uuid, argv=vm.argv,
+        root=vm.root, binary=vm.binary,
+        version=pb.QemuVersion(major=v.major, minor=v.minor, micro=v.micro, package=v.package),
+        cpr_modes=[mode_to_pb(m) for m in vm.features.cpr_modes],
+        legacy_cpr_dialect=vm.features.legacy_cpr_dialect,
+        has_cpr_exec_command=vm.features.has_cpr_exec_command,
+        runstate=vm.runstate, machine_type=vm.machine_type,
+        memory_backends=[pb.MemoryBackend(id=b.id, kind=b.kind, size_bytes=b.size_bytes,
+                                          share=b.share, mem_path=b.mem_path or "")
+                         for b in vm.memory_backends],
+        memory_bytes=vm.memory_bytes,
+        migration_blockers=vm.migration_blockers,
+        enabled_capabilities=vm.enabled_capabilities,
+        taps=[pb.TapDevice(id=t.id, ifname=t.ifname or "", fd=t.fd, vhost=t.vhost,
+                           vhostfd=t.vhostfd) for t in vm.taps],
+        vfio_devices=vm.vfio_devices, iommufd_objects=vm.iommufd_objects,
+        vhost_devices=vm.vhost_devices, device_drivers=vm.device_drivers,
+        readiness=pb.Readiness(ready=readiness.ready,
+                               modes=[mode_to_pb(m) for m in readiness.modes],
+                               reasons=readiness.reasons),
+        busy_operation_id=busy_operation_id,
+    )
+    if vm.aux_ram_share is not None:
+        msg.aux_ram_share = vm.aux_ram_share
+    return msg
+
+
+def report_to_pb(report: PreflightReport) -> pb.PreflightReport:
+    return pb.PreflightReport(
+        vm=report.vm, target=report.target, mode=mode_to_pb(report.mode),
+        mode_reason=report.mode_reason, passed=report.passed,
+        checks=[pb.CheckResult(name=c.name, passed=c.passed, message=c.message)
+                for c in report.checks])
+
+
+def progress_to_pb(event: ProgressEvent) -> pb.Progress:
+    msg = pb.Progress(phase=PHASES[event.phase], message=event.message)
+    msg.time.FromNanoseconds(event.time_ns)
+    return msg
+
+
+def phase_durations(events: Sequence[ProgressEvent]) -> dict[str, float]:
+    """Milliseconds from each phase's event to the next one (summed when a phase repeats),
+    and "total" from the first event to the last: the whole operation, preflight included,
+    on one clock."""
+    out: dict[str, float] = {}
+    for event, following in itertools.pairwise(events):
+        ms = (following.time_ns - event.time_ns) / 1e6
+        out[event.phase.value] = round(out.get(event.phase.value, 0.0) + ms, 3)
+    if events:
+        out["total"] = round((events[-1].time_ns - events[0].time_ns) / 1e6, 3)
+    return out
+
+
+def pause_budget_exceeded(result: UpdateResult, budget_ms: int) -> bool:
+    return budget_ms > 0 and result.pause_ms is not None and result.pause_ms > budget_ms
+
+
+def result_to_pb(result: UpdateResult, *, pause_budget_ms: int = 0) -> pb.UpdateResult:
+    msg = pb.UpdateResult(
+        vm=result.vm, outcome=OUTCOMES[result.outcome], mode=mode_to_pb(result.mode),
+        mode_reason=result.mode_reason, message=result.message, pid_before=result.pid_before,
+        version_before=result.version_before, phase_ms=result.phase_ms,
+        pause_budget_exceeded=pause_budget_exceeded(result, pause_budget_ms))
+    if result.pid_after is not None:
+        msg.pid_after = result.pid_after
+    if result.version_after is not None:
+        msg.version_after = result.version_after
+    if result.pause_ms is not None:
+        msg.pause_ms = result.pause_ms
+    if result.preflight is not None:
+        msg.preflight.CopyFrom(report_to_pb(result.preflight))
+    return msg
+
+
+def spec_to_pb(spec: UpdateSpec) -> pb.UpdateRequest:
+    t, tm = spec.target, spec.timeouts
+    return pb.UpdateRequest(
+        operation_id=spec.operation_id, vm=spec.vm,
+        target=pb.Target(binary=t.binary, expected_version=t.expected_version,
+                         sha256=t.sha256, extra_args=t.extra_args),
+        mode=_REQUESTED_OUT[spec.mode],
+        timeouts=pb.Timeouts(**{k: v for k, v in tm.model_dump().items() if v is not None}),
+        pause_budget_ms=spec.pause_budget_ms)
+
+
+def event_to_pb(operation_id: str, sequence: int, item: ProgressEvent | UpdateResult, *,
+                pause_budget_ms: int = 0) -> pb.OperationEvent:
+    msg = pb.OperationEvent(operation_id=operation_id, sequence=sequence)
+    if isinstance(item, ProgressEvent):
+        msg.progress.CopyFrom(progress_to_pb(item))
+    else:
+        msg.result.CopyFrom(result_to_pb(item, pause_budget_ms=pause_budget_ms))
+    return msg
+
+
+def record_to_pb(record: OperationRecord) -> pb.Operation:
+    msg = pb.Operation(
+        operation_id=record.operation_id,
+        state=(pb.OPERATION_STATE_DONE if record.result is not None
+               else pb.OPERATION_STATE_RUNNING),
+        request=spec_to_pb(record.request), vm_name=record.vm.name, vm_uuid=record.vm.uuid,
+        qmp_path=record.vm.qmp_path, events=[progress_to_pb(e) for e in record.events],
+        resolved_after_restart=record.resolved_after_restart)
+    msg.created_at.FromNanoseconds(record.created_ns)
+    if record.finished_ns is not None:
+        msg.finished_at.FromNanoseconds(record.finished_ns)
+    if record.result is not None:
+        msg.result.CopyFrom(result_to_pb(record.result,
+                                         pause_budget_ms=record.request.pause_budget_ms))
+    return msg
