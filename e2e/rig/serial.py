@@ -1,7 +1,7 @@
 """Tail a guest's serial log and judge its continuity from the host side.
 
 The rig guest (``guest/ticker.c``) prints ``TICK <counter> <token> <ok|BAD> <bytes>`` every
-10 ms of guest time.  A background thread reads the log about every millisecond and stamps
+10 ms of guest time.  A helper process reads the log about every millisecond and stamps
 each complete line with the host's ``time.monotonic_ns()`` on arrival, so a pause of the VM
 shows up as a gap between consecutive lines (the guest's own clocks do not see the pause).
 """
@@ -11,6 +11,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import select
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -87,33 +90,35 @@ class SerialMonitor:
             self._error = e
 
     def _follow(self) -> None:
-        fd = -1
-        pending = b""
+        # The stamps are taken by a separate process (stamper.py); see there for why.
+        proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("stamper.py")), str(self.path),
+             str(self.poll_s)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
+        assert proc.stdout is not None
         try:
+            fd = proc.stdout.fileno()
+            pending = b""
             while True:
-                stopping = self._stop.is_set()
-                if fd < 0:
-                    try:
-                        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-                    except FileNotFoundError:
-                        if stopping:
-                            return
-                        time.sleep(self.poll_s)
-                        continue
+                ready, _, _ = select.select([fd], [], [], 0.05)
+                if not ready:
+                    if self._stop.is_set():
+                        return
+                    continue
                 chunk = os.read(fd, 1 << 16)
-                if chunk:
-                    now = time.monotonic_ns()
-                    pending += chunk
-                    if b"\n" in pending:
-                        *complete, pending = pending.split(b"\n")
-                        self._add(now, complete)
-                    continue  # there may be more right now
-                if stopping:
+                if not chunk:
                     return
-                time.sleep(self.poll_s)
+                pending += chunk
+                *complete, pending = pending.split(b"\n")
+                for raw in complete:
+                    stamp, _, text = raw.partition(b" ")
+                    self._add(int(stamp), [text])
         finally:
-            if fd >= 0:
-                os.close(fd)
+            proc.kill()
+            proc.wait(5)
+            proc.stdout.close()
+            if proc.stdin is not None:
+                proc.stdin.close()
 
     def _add(self, now: int, raw_lines: list[bytes]) -> None:
         with self._lock:
