@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel
+
 from vmupdate_api import crd_models as m
 
 COMMAND = "python -m vmupdate_api.crdgen"

@@ -20,9 +20,9 @@ from typing import Any
 
 import pytest
 from qemu.qmp import EventListener, QMPClient
-from vmupdate_agent import guard as guardmod
 
 from e2e.rig import Rig, TestVM, pid_alive, proc_state, qmp_peer_pid, wait_gone
+from vmupdate_agent import guard as guardmod
 
 pytestmark = pytest.mark.qemu
 

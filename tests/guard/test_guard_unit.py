@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from vmupdate_agent import guard as guardmod
 
 HERE = Path(__file__).resolve().parent

@@ -10,6 +10,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+
 from vmupdate_agent import discovery
 from vmupdate_agent.models import VMInfo
 

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+
 from vmupdate_agent import argv as qargv
 from vmupdate_agent.argv import ArgvError, Option, QemuArgv
 

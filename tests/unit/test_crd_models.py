@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import yaml
 from pydantic import BaseModel, ValidationError
+
 from vmupdate_api import crd_models as m
 
 ROOT = Path(__file__).resolve().parents[2]

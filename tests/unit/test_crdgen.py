@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import yaml
 from pydantic import BaseModel, Field
+
 from vmupdate_api import crd_models as m
 from vmupdate_api import crdgen
 

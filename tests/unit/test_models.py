@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import pytest
 from pydantic import ValidationError
+
 from vmupdate_agent.models import (
     CheckResult,
     CprMode,
