@@ -151,11 +151,10 @@ async def _preflight(args: argparse.Namespace, globs: list[str],
 
 async def _update(args: argparse.Namespace, globs: list[str],
                   settings: engine.EngineSettings) -> int:
-    cfg_guard = None
     settings = engine.EngineSettings(
         allowed_dirs=settings.allowed_dirs, runtime_dir=settings.runtime_dir,
-        guard_path=None if args.no_guard else engine.install_guard(settings.runtime_dir,
-                                                                   cfg_guard),
+        guard_path=None if args.no_guard else engine.install_guard(
+            settings.runtime_dir, os.environ.get("VMUPDATE_GUARD_BINARY")),
         host=settings.host, timeouts=settings.timeouts)
     reaper.become_subreaper()
     orphan_reaper = reaper.OrphanReaper()

@@ -66,7 +66,9 @@ class AgentConfig(BaseModel):
     host_exec_prefix: list[str] = Field(default_factory=lambda: list(DEFAULT_PREFIX))
     detach_prefix: list[str] = Field(default_factory=lambda: list(DEFAULT_DETACH))
     guard_binary: str | None = Field(
-        None, description="a prebuilt guard to install; built from source when absent")
+        default_factory=lambda: os.environ.get("VMUPDATE_GUARD_BINARY"),
+        description="a prebuilt guard to install; built from source when absent "
+                    "(default: $VMUPDATE_GUARD_BINARY, which the image sets)")
     timeouts: TimeoutsConfig = Field(default_factory=lambda: TimeoutsConfig())
 
     @field_validator("allowed_binary_dirs")

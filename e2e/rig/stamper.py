@@ -6,6 +6,7 @@ the agent under test, and a busy agent would delay the reads and shift the stamp
 when the file's follower (its parent) goes away or stdin closes.
 """
 
+import contextlib
 import os
 import sys
 import time
@@ -15,10 +16,8 @@ def main() -> int:
     path, poll = sys.argv[1], float(sys.argv[2])
     # A busy host must not delay the stamps either: run ahead of ordinary processes when
     # allowed (root); the loop sleeps between reads, so it takes next to no CPU.
-    try:
+    with contextlib.suppress(OSError):
         os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10))
-    except (PermissionError, OSError):
-        pass
     parent = os.getppid()
     out = sys.stdout.buffer
     fd, pending = -1, b""
