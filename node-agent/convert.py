@@ -40,9 +40,10 @@ MAX_PATH = 4096
 MAX_EXTRA_ARGS = 64
 MAX_ARG = 4096
 MAX_TEXT = 256
-# Upper bounds of per-update timeouts; the same as the agent's configuration accepts.
+# Upper bounds of per-update timeouts: the same as the agent's configuration accepts
+# (TimeoutsConfig; a test keeps them equal).
 MAX_COMMAND_S = 600.0
-MAX_PHASE_S = 3600.0
+MAX_PHASE_S = 600.0
 MAX_PAUSE_BUDGET_MS = 600_000
 
 

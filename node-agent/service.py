@@ -527,16 +527,17 @@ class Operations:
 
     async def resolve_vm(self, ref: str) -> VMInfo:
         """The VM a request names (name, uuid or QMP socket), probed now; it must be idle."""
+        if ref.startswith("/"):
+            ref = os.path.normpath(ref)
         busy = self._busy_with(ref)
         if busy is not None:
             raise Refused(grpc.StatusCode.FAILED_PRECONDITION, _busy_message(busy))
         sockets = await self._sockets_found()
         if ref.startswith("/"):
-            path = os.path.normpath(ref)
-            if path not in sockets:
+            if ref not in sockets:
                 raise Refused(grpc.StatusCode.NOT_FOUND, f"vm: {ref} is not the QMP socket of a "
                               "VM this agent manages (see ListVMs)")
-            return await self._find(ref, [path])
+            return await self._find(ref, [ref])
         cached = self._known.get(ref)
         if cached in sockets:
             with contextlib.suppress(Refused):
@@ -553,8 +554,11 @@ class Operations:
         matches = [i for i in infos if vm_matches(i, ref)]
         if not matches:
             names = ", ".join(sorted(i.name for i in infos)) or "none"
+            silent = "; ".join(f"{c}: {p}" for c, p in zip(candidates, probed, strict=True)
+                               if isinstance(p, BaseException))
             raise Refused(grpc.StatusCode.NOT_FOUND,
-                          f"vm: no VM {ref!r} on this host (VMs found: {names})")
+                          f"vm: no VM {ref!r} on this host (VMs found: {names}"
+                          + (f"; not answering: {silent}" if silent else "") + ")")
         if len(matches) > 1:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
                           f"vm: {len(matches)} VMs are named {ref!r}; use the uuid or the "
@@ -570,6 +574,7 @@ class Operations:
             try:
                 info, raw = await self._probe(path)
             except (QmpError, OSError, KeyError, ValueError, Refused) as exc:
+                # ValueError: argv.ArgvError, a command line the agent cannot parse.
                 return pb.UnreachableSocket(qmp_path=path, error=str(exc))
             hotplugged = discovery.hotplugged_devices(raw)
             return vm_to_pb(info, preflight.readiness(info, hotplugged))
@@ -673,6 +678,11 @@ class Operations:
     async def _guarded(self, live: LiveOperation, body: OperationBody) -> None:
         try:
             await body(live)
+        except Exception:
+            # A bug, not a VM problem. The operation stays registered, so its VM counts as
+            # busy until a restart resolves it from the journal: safer than a second update
+            # on a VM in an unknown state.
+            log.exception("operation %s: the agent failed to see it through", live.id)
         finally:
             # Followers that come later read the journal.
             if live.result is not None:
@@ -927,7 +937,10 @@ class NodeAgentService(pb_grpc.NodeAgentServicer):
                      context: grpc.aio.ServicerContext[pb.UpdateRequest, pb.OperationEvent]
                      ) -> AsyncIterator[pb.OperationEvent]:
         async with _answering(context):
-            op_id = await self.ops.submit(to_update_spec(request))
+            spec = to_update_spec(request)
+            # Shielded: a client that goes away mid-admission must not leave a journaled
+            # operation without a task; once admitted, it runs (and can be followed).
+            op_id = await asyncio.shield(self.ops.submit(spec))
             async for event in self.ops.follow(op_id, 0):
                 yield event
 

@@ -58,7 +58,7 @@ UPDATE_CASES: list[tuple[str, pb.UpdateRequest, grpc.StatusCode, tuple[str, ...]
     ("negative timeout", update(timeouts={"handover_seconds": -1}), INVALID,
      ("timeouts.handover_seconds:", "greater than 0")),
     ("huge timeout", update(timeouts={"load_seconds": 1e9}), INVALID,
-     ("timeouts.load_seconds:", "less than or equal to 3600")),
+     ("timeouts.load_seconds:", "less than or equal to 600")),
     ("NaN timeout", update(timeouts={"guard_commit_seconds": math.nan}), INVALID,
      ("timeouts.guard_commit_seconds:", "finite")),
     ("command timeout too long", update(timeouts={"qmp_command_seconds": 601}), INVALID,

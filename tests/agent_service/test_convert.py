@@ -161,3 +161,16 @@ def test_events_and_records_to_pb() -> None:
     assert finished.request == convert.spec_to_pb(spec)
     assert (finished.vm_name, finished.qmp_path) == ("a", VM.qmp_path)
     assert finished.finished_at.ToNanoseconds() == 2 * 10**18
+
+
+def test_timeout_bounds_match_the_agent_configuration() -> None:
+    from vmupdate_agent.config import TimeoutsConfig
+
+    def upper(model: type, name: str) -> float:
+        return next(m.le for m in model.model_fields[name].metadata if hasattr(m, "le"))
+
+    pairs = {"qmp_command_seconds": "qmp_command_s", "handover_seconds": "handover_s",
+             "load_seconds": "load_s", "guard_commit_seconds": "guard_commit_s"}
+    for request_field, config_field in pairs.items():
+        assert upper(convert.TimeoutsSpec, request_field) == \
+            upper(TimeoutsConfig, config_field), request_field
