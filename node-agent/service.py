@@ -453,7 +453,9 @@ class Operations:
         self._live: dict[str, LiveOperation] = {}
         self._admission = asyncio.Lock()
         self._sockets: dict[str, asyncio.Lock] = {}
-        self._known: dict[str, str] = {}  # VM name / uuid -> QMP socket, from the last probes
+        # VM uuid -> QMP socket, from the last probes: an update by uuid probes one VM. Names
+        # are not cached: they need not be unique, and a request by name must see them all.
+        self._known: dict[str, str] = {}
         self._accepting = True
 
     # --- life cycle -------------------------------------------------------------------------
@@ -510,7 +512,8 @@ class Operations:
     async def _probe(self, path: str) -> tuple[VMInfo, discovery.RawFacts]:
         async with self._holding(path, "probe the VM"):
             info, raw = await discovery.discover(path, timeout=self.settings.timeouts.command)
-        self._known[info.name] = self._known[info.uuid] = path
+        if info.uuid:
+            self._known[info.uuid] = path
         return info, raw
 
     def _busy_with(self, ref: str) -> LiveOperation | None:
