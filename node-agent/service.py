@@ -738,7 +738,9 @@ class Operations:
                             expected_version=rec.request.target.expected_version or None)
         budget = timeouts.handover + timeouts.load + timeouts.guard_commit + timeouts.command
         deadline = time.monotonic() + budget
-        hard_stop = deadline + 3 * timeouts.command + 10
+        # Past the deadline decisions stop waiting; past this, failing actions stop retrying.
+        give_up_s = budget + 3 * timeouts.command + 10
+        hard_stop = deadline - budget + give_up_s
         watcher_gone = False
         last = ""
         while True:
@@ -747,7 +749,7 @@ class Operations:
             step = decide_recovery(facts, expected, final=now >= deadline)
             if step.action == Action.DONE or now >= hard_stop:
                 if step.action != Action.DONE:
-                    step = RecoveryStep(Action.DONE, f"gave up after {budget + 30:.0f}s: "
+                    step = RecoveryStep(Action.DONE, f"gave up after {give_up_s:.0f}s: "
                                         f"{step.message}; last error: {last}", Outcome.LOST)
                 return self._resolved_result(live, facts, step)
             if step.action == Action.WAIT:

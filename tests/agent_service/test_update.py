@@ -126,6 +126,25 @@ async def test_same_operation_id_updates_once(qemu_env: QemuEnv) -> None:
     assert vm.pid == results[0].pid_after
 
 
+async def test_update_refused_by_preflight_changes_nothing(qemu_env: QemuEnv) -> None:
+    vm = await qemu_env.vm("refused")
+    pid = vm.pid
+    agent = await qemu_env.agent()
+    client = await agent.client()
+    request = update_request(qemu_env, "op-refused", "refused")
+    request.target.expected_version = "9.9.9"  # not what the binary is
+    result = await client.update(request, timeout=300)
+    assert result.outcome == pb.OUTCOME_FAILED
+    assert "preflight failed, nothing was changed" in result.message
+    failed = [c.name for c in result.preflight.checks if not c.passed]
+    assert failed == ["target-version"], failed
+    assert (result.pid_after, result.version_after) == (pid, qemu_env.rig.sid.version)
+    op = await client.get_operation("op-refused")
+    assert [p.phase for p in op.events] == [pb.PHASE_ACCEPTED, pb.PHASE_FAILED]
+    assert op_workdirs(agent) == []  # the engine stopped before making one
+    assert vm.pid == pid and await vm.query_status() == "running"
+
+
 async def test_reattach_after_disconnect(qemu_env: QemuEnv) -> None:
     vm = await qemu_env.vm("reattach")
     agent = await qemu_env.agent()
