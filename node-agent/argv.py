@@ -337,9 +337,9 @@ def dry_run_argv(argv: QemuArgv, qmp_path: str, probe_id: str) -> QemuArgv:
                 if opt.name == "netdev":
                     out.append(Option("netdev", f"hubport,id={props.get('id', 'net')},hubid=0"))
                 else:
-                    keep = [(k, v) for k, v in props.items() if k in ("model", "mac", "id")]
-                    out.append(Option("nic", join_keyvals([("hubport", None), ("hubid", "0"),
-                                                           *keep])))
+                    nic: list[tuple[str, str | None]] = [("hubport", None), ("hubid", "0")]
+                    nic += [(k, v) for k, v in props.items() if k in ("model", "mac", "id")]
+                    out.append(Option("nic", join_keyvals(nic)))
                 continue
         if opt.name == "device":
             props = option_props(opt.value, "driver")

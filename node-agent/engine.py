@@ -80,9 +80,10 @@ class Engine:
         s = self.settings
         ctx = s.host
         binary = await target.binary_facts(vm, tgt.binary, want_sha256=tgt.sha256 is not None,
-                                           ctx=ctx)
+                                           ctx=ctx, allowed_dirs=s.allowed_dirs)
         probe = None
-        if binary.executable and tgt.binary.startswith("/") and ".." not in tgt.binary:
+        # Nothing outside the allowed directories is ever run, not even to probe it.
+        if binary.executable and self._allowed(tgt.binary, binary.real_path):
             probe = await target.probe(vm, tgt.binary, runtime_dir=s.runtime_dir, ctx=ctx)
         host = self._host_facts(vm, raw)
         inputs = preflight.PreflightInputs(vm=vm, target=tgt, requested=requested, host=host,
@@ -99,6 +100,10 @@ class Engine:
             dry = await target.dry_run(vm, new_argv, runtime_dir=s.runtime_dir, ctx=ctx)
         inputs = preflight.PreflightInputs(**{**inputs.__dict__, "dry_run": dry})
         return preflight.evaluate(inputs)
+
+    def _allowed(self, path: str, real_path: str) -> bool:
+        dirs = self.settings.allowed_dirs
+        return target.is_allowed(path, dirs) and target.is_allowed(real_path or path, dirs)
 
     def _host_facts(self, vm: VMInfo, raw: discovery.RawFacts) -> preflight.HostFacts:
         s = self.settings
@@ -150,6 +155,16 @@ class Engine:
         report: PreflightReport | None = None
         try:
             if skip_preflight:
+                # Skipping the checks never skips the host's rule on where binaries come from.
+                real = target.resolve_in_root(vm.root, tgt.binary)
+                if not self._allowed(tgt.binary, real):
+                    await session.close()
+                    msg = (f"target {tgt.binary} is outside the directories this host allows "
+                           f"({', '.join(s.allowed_dirs) or 'none'}); nothing was changed")
+                    await emit(Phase.FAILED, msg)
+                    return UpdateResult(**base, outcome=Outcome.FAILED, mode=None,
+                                        message=msg, pid_after=vm.pid,
+                                        version_after=str(vm.features.version))
                 mode, why = await self._mode_without_preflight(vm, tgt, requested)
                 await emit(Phase.PREFLIGHT, f"preflight skipped on request; {why}")
             else:

@@ -7,7 +7,6 @@ dry run, the host's free space); nothing here does I/O.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -21,7 +20,7 @@ from vmupdate_agent.models import (
     Target,
     VMInfo,
 )
-from vmupdate_agent.target import BinaryFacts, DryRunFacts, ProbeFacts
+from vmupdate_agent.target import BinaryFacts, DryRunFacts, ProbeFacts, is_allowed
 
 # Versions that first preserved each kind of device across each mode (QEMU's CPR docs).
 VFIO_MIN_VERSION: dict[CprMode, tuple[int, int]] = {
@@ -287,12 +286,7 @@ def readiness(vm: VMInfo, hotplugged: Sequence[str] = ()) -> Readiness:
 
 
 def _under(path: str, dirs: Sequence[str]) -> bool:
-    norm = os.path.normpath(path)
-    for d in dirs:
-        base = os.path.normpath(d)
-        if norm == base or norm.startswith(base.rstrip("/") + "/"):
-            return True
-    return False
+    return is_allowed(path, tuple(dirs))
 
 
 def check_target_path(p: PreflightInputs, mode: CprMode) -> str | None:

@@ -65,7 +65,19 @@ class DryRunFacts:
     argv: tuple[str, ...] = ()
 
 
-def _resolve_in_root(root: str, path: str) -> str:
+def is_allowed(path: str, dirs: tuple[str, ...]) -> bool:
+    """Whether `path` (absolute, without '..') lies in one of `dirs`."""
+    if not path.startswith("/") or ".." in path.split("/"):
+        return False
+    norm = os.path.normpath(path)
+    for d in dirs:
+        base = os.path.normpath(d)
+        if norm == base or norm.startswith(base.rstrip("/") + "/"):
+            return True
+    return False
+
+
+def resolve_in_root(root: str, path: str) -> str:
     """Resolve symlinks of `path` as the VM would (its root is `root` as the agent sees it)."""
     seen = os.path.realpath(os.path.join(root, path.lstrip("/")))
     if root != "/" and seen.startswith(root.rstrip("/") + "/"):
@@ -74,7 +86,9 @@ def _resolve_in_root(root: str, path: str) -> str:
 
 
 async def binary_facts(vm: VMInfo, path: str, *, want_sha256: bool, ctx: hostexec.HostContext,
-                       timeout: float = 20.0) -> BinaryFacts:
+                       allowed_dirs: tuple[str, ...], timeout: float = 20.0) -> BinaryFacts:
+    """What the file is; it is only run (`-version`) when it lies under `allowed_dirs`, by its
+    given path and by its resolved one (a symlink must not lead out of them)."""
     seen = procfs.in_root(vm.pid, path)
     try:
         st = seen.stat()
@@ -82,12 +96,17 @@ async def binary_facts(vm: VMInfo, path: str, *, want_sha256: bool, ctx: hostexe
         return BinaryFacts(path=path, exists=False)
     is_file = stat.S_ISREG(st.st_mode)
     executable = is_file and bool(st.st_mode & (stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH))
-    real = _resolve_in_root(vm.root, path)
+    real = resolve_in_root(vm.root, path)
     digest = None
     if want_sha256 and is_file:
         digest = await asyncio.to_thread(_sha256, seen)
     version_out, version, err = "", None, ""
-    if executable:
+    if executable and not (is_allowed(path, allowed_dirs) and is_allowed(real, allowed_dirs)):
+        err = "not run: the target is outside the allowed directories"
+        executable_here = False
+    else:
+        executable_here = executable
+    if executable_here:
         try:
             done = await hostexec.run(ctx.wrap(vm.pid, [path, "-version"]), timeout=timeout)
             version_out = (done.stdout + done.stderr).strip()

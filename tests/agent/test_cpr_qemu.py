@@ -286,3 +286,35 @@ async def test_hung_qmp_peer_times_out_with_a_clear_error(rig: Rig, vm_factory: 
     await vm.serial.wait_ticks(3, after=time.monotonic_ns(), timeout=30)
     info, _ = await discovery.discover(str(vm.qmp_path))
     assert info.runstate == "running"
+
+
+async def test_target_outside_allowed_dirs_is_never_run(rig: Rig, vm_factory: VMFactory,
+                                                        agent: engine.Engine,
+                                                        runtime_dir: Path) -> None:
+    """Neither preflight (its -version, probe, dry run) nor an update with preflight skipped
+    runs a binary from outside the host's allowed directories, even through a symlink."""
+    vm = await started(vm_factory, "sid")
+    marker = runtime_dir / "was-run"
+    outside = runtime_dir / "elsewhere"
+    outside.mkdir()
+    script = outside / "qemu"
+    script.write_text(f"#!/bin/sh\ntouch {marker}\nexec {sid(rig)} \"$@\"\n")
+    script.chmod(0o755)
+    link = Path(rig.share) / "bin" / f"link-{runtime_dir.name}"
+    link.symlink_to(script)
+    try:
+        for binary in (str(script), str(link)):
+            report = await agent.preflight(str(vm.qmp_path), Target(binary=binary),
+                                           RequestedMode.CPR_EXEC)
+            assert not report.passed
+            failed = {c.name: c.message for c in report.failures()}
+            assert "outside the directories this host allows" in failed[
+                "target-allowed-directory"]
+            result = await agent.update(str(vm.qmp_path), Target(binary=binary),
+                                        RequestedMode.CPR_EXEC, skip_preflight=True)
+            assert result.outcome == Outcome.FAILED
+            assert "outside the directories this host allows" in result.message
+        assert not marker.exists()
+    finally:
+        link.unlink()
+    vm.serial.assert_continuous()
