@@ -74,6 +74,11 @@ step() { # step NAME CMD...: run (errexit applies) and print how long it took
   echo "<== $name: $(($(date +%s) - t0)) s" >&2
 }
 
+# go get, with its long list of resolved modules kept out of the output unless it fails.
+go_get() {
+  go get "$@" >go-get.log 2>&1 || { cat go-get.log >&2; return 1; }
+}
+
 mkdir -p "$BIN"
 SRC="$OUT/src"
 
@@ -103,7 +108,7 @@ k8s_module() {
     echo ")"
   } >go.mod
   rm -f go.sum
-  go get "k8s.io/kubernetes/cmd/kube-apiserver@$K8S_VERSION" \
+  go_get "k8s.io/kubernetes/cmd/kube-apiserver@$K8S_VERSION" \
     "k8s.io/kubernetes/cmd/kube-controller-manager@$K8S_VERSION" \
     "k8s.io/kubernetes/cmd/kubectl@$K8S_VERSION"
   date=$(sed -n 's/.*"Time":"\([^"]*\)".*/\1/p' "$info")
@@ -120,6 +125,7 @@ k8s_build() {
   cd "$SRC/kubernetes"
   local b
   for b in kube-apiserver kube-controller-manager kubectl; do
+    echo "    go build $b ($(date +%T))" >&2
     go build -p "$GOBUILD_P" -trimpath -ldflags "$K8S_LDFLAGS" -o "$BIN/.$b.tmp" "k8s.io/kubernetes/cmd/$b"
     mv -f "$BIN/.$b.tmp" "$BIN/$b"
   done
@@ -132,7 +138,7 @@ etcd_build() {
   cd "$dir"
   printf 'module vmupdate.test/etcdbuild\n\ngo 1.24\n' >go.mod
   rm -f go.sum
-  go get "go.etcd.io/etcd/server/v3@$ETCD_VERSION"
+  go_get "go.etcd.io/etcd/server/v3@$ETCD_VERSION"
   go build -p "$GOBUILD_P" -trimpath -ldflags "-s -w" -o "$BIN/.etcd.tmp" go.etcd.io/etcd/server/v3
   mv -f "$BIN/.etcd.tmp" "$BIN/etcd"
 }
@@ -144,7 +150,7 @@ helm_build() {
   cd "$dir"
   printf 'module vmupdate.test/helmbuild\n\ngo 1.24\n' >go.mod
   rm -f go.sum
-  go get "$v/cmd/helm@$HELM_VERSION"
+  go_get "$v/cmd/helm@$HELM_VERSION"
   # Helm's default Kubernetes version for `helm template`/lint, as its Makefile sets it.
   cg=$(go list -m -f '{{.Version}}' k8s.io/client-go) # v0.Y.Z
   cg=${cg#v}
