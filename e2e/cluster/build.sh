@@ -48,8 +48,10 @@ fi
 
 mkdir -p "$OUT" "$CACHE/go"
 exec 9>"$OUT.lock"
-echo "waiting for build lock $OUT.lock ..." >&2
-flock 9
+if ! flock -n 9; then
+  echo "waiting for another build.sh (lock $OUT.lock) ..." >&2
+  flock 9
+fi
 if complete; then # another run finished while we waited
   echo "k8s sandbox binaries up to date in $BIN"
   exit 0

@@ -255,7 +255,9 @@ def make_kubeconfig(
         "clusters": [
             {
                 "name": cluster,
-                "cluster": {"server": server, "certificate-authority-data": b64(ca_pem)},
+                "cluster": {"server": server, "certificate-authority-data": b64(ca_pem)}
+                if ca_pem
+                else {"server": server, "insecure-skip-tls-verify": True},
             }
         ],
         "users": [{"name": user, "user": auth}],
@@ -314,7 +316,7 @@ class ManagedProcess:
         setpriv = shutil.which("setpriv")
         if die_with_parent and setpriv:
             # setpriv execs the command in place: the pid stays the command's own.
-            argv = [setpriv, "--pdeathsig", "SIGTERM", "--", *argv]
+            argv = [setpriv, "--pdeathsig", "SIGKILL", "--", *argv]
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as log:
             self.popen = subprocess.Popen(
@@ -683,18 +685,65 @@ class Sandbox:
         user: str,
         groups: Iterable[str] = (),
         path: str | os.PathLike[str] | None = None,
+        *,
+        timeout: float = 60.0,
     ) -> Path:
-        """Mint a client certificate for ``user`` in ``groups`` and write a kubeconfig for it.
+        """Mint a client certificate for ``user`` in ``groups``; write a kubeconfig for it.
 
-        Only for a sandbox started here (it holds the CA). An external cluster would need the
-        CertificateSigningRequest API or ServiceAccount tokens instead.
+        A sandbox started here signs it with its own CA. On an external cluster the
+        certificate goes through the CertificateSigningRequest API (signer
+        ``kubernetes.io/kube-apiserver-client``), approved with the admin credentials: that
+        needs the cluster's controller manager to sign (kind and kubeadm clusters do).
         """
-        if self.ca is None:
-            raise SandboxError("client_kubeconfig needs the sandbox's CA (not an external cluster)")
-        cert, key = self.ca.issue(user, list(groups))
+        groups = list(groups)
+        if self.ca is not None:
+            cert, key = self.ca.issue(user, groups)
+        else:
+            cert, key = self._mint_via_csr(user, groups, timeout)
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in user)
         target = Path(path) if path else self.workdir / "users" / f"{safe}.kubeconfig"
         return _write(target, make_kubeconfig(self.server, self.ca_pem, user, cert, key).encode())
+
+    def _mint_via_csr(self, user: str, groups: list[str], timeout: float) -> tuple[bytes, bytes]:
+        key = _key()
+        subject = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, g) for g in groups]
+        subject.append(x509.NameAttribute(NameOID.COMMON_NAME, user))
+        csr = (
+            x509.CertificateSigningRequestBuilder()
+            .subject_name(x509.Name(subject))
+            .sign(key, hashes.SHA256())
+        )
+        name = f"vmupdate-test-{user.lower()[:40]}-{os.urandom(4).hex()}"
+        name = "".join(c if c.isalnum() or c in "-." else "-" for c in name)
+        manifest = {
+            "apiVersion": "certificates.k8s.io/v1",
+            "kind": "CertificateSigningRequest",
+            "metadata": {"name": name},
+            "spec": {
+                "request": base64.b64encode(csr.public_bytes(serialization.Encoding.PEM)).decode(),
+                "signerName": "kubernetes.io/kube-apiserver-client",
+                "expirationSeconds": 86400,
+                "usages": ["digital signature", "client auth"],
+            },
+        }
+        self.kubectl("create", "-f", "-", input=json.dumps(manifest), check=True)
+        try:
+            self.kubectl("certificate", "approve", name, check=True)
+            deadline = time.monotonic() + timeout
+            while True:
+                res = self.kubectl(
+                    "get", "csr", name, "-o", "jsonpath={.status.certificate}", check=True
+                )
+                if res.stdout.strip():
+                    return base64.b64decode(res.stdout.strip()), _key_pem(key)
+                if time.monotonic() > deadline:
+                    raise SandboxError(
+                        f"CertificateSigningRequest {name} was not signed within {timeout} s "
+                        "(does the cluster run a controller manager with a signer?)"
+                    )
+                time.sleep(0.2)
+        finally:
+            self.kubectl("delete", "csr", name, "--ignore-not-found", "--wait=false")
 
     def api_client(self, kubeconfig: str | os.PathLike[str] | None = None) -> Any:
         """A ``kubernetes.client.ApiClient`` for this cluster (admin, or ``kubeconfig``)."""
