@@ -16,7 +16,7 @@ import pytest
 
 from e2e.rig import Rig, TestVM
 from e2e.rig.fixtures import VMFactory
-from tests.agent.conftest import make_engine
+from tests.agent.conftest import TICK_PERIOD_MS, make_engine
 from vmupdate_agent import engine, procfs
 from vmupdate_agent.models import CprMode, Outcome, RequestedMode, Target, UpdateResult
 
@@ -41,19 +41,29 @@ async def update(agent: engine.Engine, vm: TestVM, binary: str, mode: str = "aut
     return result
 
 
-# The guest prints every 10 ms of its own time, and its clock stops with the VM: the gap
-# between the last line before the pause and the first after it is the pause plus one period.
-TICK_PERIOD_MS = 10.0
+def assert_pause_within_serial_gap(result: UpdateResult, vm: TestVM, since_ns: int) -> None:
+    """The guest was dark at least as long as the agent says (a pause is never overstated).
+
+    For cpr-transfer and cpr-reboot the new QEMU's start-up after RESUME is not calibrated
+    (it varies far more with host load than cpr-exec's), so only this bound is checked."""
+    assert result.pause_ms is not None and result.pause_ms > 0
+    gap = vm.serial.max_gap_ms(since=since_ns)
+    assert result.pause_ms <= gap + 5.0, (
+        f"agent says {result.pause_ms:.1f} ms, but the guest printed within {gap:.1f} ms")
 
 
-def assert_pause_matches_serial(result: UpdateResult, vm: TestVM, since_ns: int) -> None:
-    """The agent's pause (QEMU's STOP -> RESUME) against the blackout seen from outside:
-    within 20 ms or 20 %."""
+def assert_pause_matches_serial(result: UpdateResult, vm: TestVM, since_ns: int,
+                                cold_start_ms: float) -> None:
+    """The agent's pause (QEMU's STOP -> RESUME) against the blackout seen from outside,
+    within 20 ms or 20 %. The serial gap holds two things the pause does not: one tick
+    period (the guest prints every 10 ms of its own time, and its clock stops with the VM)
+    and TCG's cold start in the new QEMU (calibrated separately, see conftest)."""
     assert result.pause_ms is not None
-    blackout = vm.serial.max_gap_ms(since=since_ns) - TICK_PERIOD_MS
+    gap = vm.serial.max_gap_ms(since=since_ns)
+    blackout = gap - TICK_PERIOD_MS - cold_start_ms
     assert abs(blackout - result.pause_ms) <= max(20.0, 0.2 * blackout), (
-        f"agent says {result.pause_ms:.1f} ms, serial blackout {blackout:.1f} ms "
-        f"(+{TICK_PERIOD_MS:.0f} ms tick period)")
+        f"agent says {result.pause_ms:.1f} ms; serial gap {gap:.1f} ms = blackout "
+        f"{blackout:.1f} + tick {TICK_PERIOD_MS:.0f} + TCG cold start {cold_start_ms:.1f}")
 
 
 async def started(factory: VMFactory, flavour: str, **kwargs: object) -> TestVM:
@@ -63,7 +73,7 @@ async def started(factory: VMFactory, flavour: str, **kwargs: object) -> TestVM:
 
 
 async def test_cpr_exec_keeps_pid_and_guest(rig: Rig, vm_factory: VMFactory,
-                                            agent: engine.Engine) -> None:
+                                            agent: engine.Engine, tcg_cold_start_ms: float) -> None:
     vm = await started(vm_factory, "sid")
     pid, token = vm.pid, vm.token
     since = time.monotonic_ns()
@@ -74,7 +84,7 @@ async def test_cpr_exec_keeps_pid_and_guest(rig: Rig, vm_factory: VMFactory,
     assert result.version_after == rig.qemu("sid").version
     assert vm.token == token
     vm.serial.assert_continuous()
-    assert_pause_matches_serial(result, vm, since)
+    assert_pause_matches_serial(result, vm, since, tcg_cold_start_ms)
     assert set(result.phase_ms) >= {"stopping", "execed", "total"}
     async with vm.qmp() as qmp:
         assert (await qmp.execute("query-status"))["status"] == "running"
@@ -94,7 +104,8 @@ async def test_cpr_exec_through_a_different_binary_path(rig: Rig, vm_factory: VM
 
 
 async def test_five_back_to_back_cpr_exec_updates(rig: Rig, vm_factory: VMFactory,
-                                                  agent: engine.Engine) -> None:
+                                                  agent: engine.Engine,
+                                                  tcg_cold_start_ms: float) -> None:
     vm = await started(vm_factory, "sid")
     pid = vm.pid
     pauses = []
@@ -103,7 +114,7 @@ async def test_five_back_to_back_cpr_exec_updates(rig: Rig, vm_factory: VMFactor
         result = await update(agent, vm, sid(rig, alt=bool(i % 2)), "cpr-exec")
         assert result.outcome == Outcome.UPDATED, f"update {i + 1}: {result.message}"
         assert result.pid_after == pid
-        assert_pause_matches_serial(result, vm, since)
+        assert_pause_matches_serial(result, vm, since, tcg_cold_start_ms)
         pauses.append(result.pause_ms)
     vm.serial.assert_continuous()
     assert len(pauses) == 5
@@ -121,7 +132,7 @@ async def test_cpr_transfer_same_version(rig: Rig, vm_factory: VMFactory,
     assert not procfs.alive(old_pid)
     assert vm.token == token
     vm.serial.assert_continuous()
-    assert_pause_matches_serial(result, vm, since)
+    assert_pause_within_serial_gap(result, vm, since)
 
 
 async def test_cpr_transfer_across_versions(rig: Rig, vm_factory: VMFactory,
@@ -148,7 +159,7 @@ async def test_cpr_reboot(rig: Rig, vm_factory: VMFactory, agent: engine.Engine)
     assert result.mode == CprMode.CPR_REBOOT
     assert vm.token == token
     vm.serial.assert_continuous()
-    assert_pause_matches_serial(result, vm, since)
+    assert_pause_within_serial_gap(result, vm, since)
 
 
 async def test_cpr_reboot_refused_for_memfd_ram(rig: Rig, vm_factory: VMFactory,
