@@ -54,6 +54,10 @@ class BinariesMissing(SandboxError):
     """The control-plane binaries are not built: run e2e/cluster/build.sh."""
 
 
+class PortTaken(SandboxError):
+    """A free port picked for a server was taken before the server bound it."""
+
+
 # --------------------------------------------------------------------------- binaries
 
 
@@ -241,7 +245,10 @@ def make_kubeconfig(
     cluster: str = "vmupdate-sandbox",
 ) -> str:
     """A self-contained kubeconfig (certificates inline) for one identity."""
-    b64 = lambda data: base64.b64encode(data).decode()  # noqa: E731
+
+    def b64(data: bytes) -> str:
+        return base64.b64encode(data).decode()
+
     auth: dict[str, str] = {}
     if cert_pem is not None and key_pem is not None:
         auth["client-certificate-data"] = b64(cert_pem)
@@ -397,7 +404,35 @@ class Sandbox:
         Returns once ``/readyz`` answers ok and, with the controller manager, the ``default``
         ServiceAccount exists. ``die_with_parent=False`` keeps the processes alive after this
         Python process exits (the CLI's ``up``); stop them with ``down``/:meth:`attach`.
+        A port taken between picking and binding it (another process won the race) is retried
+        with new ports.
         """
+        for attempt in range(3):
+            try:
+                return cls._start_once(
+                    workdir,
+                    controller_manager=controller_manager,
+                    bin_dir=bin_dir,
+                    timeout=timeout,
+                    die_with_parent=die_with_parent,
+                    extra_apiserver_args=extra_apiserver_args,
+                )
+            except PortTaken:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    @classmethod
+    def _start_once(
+        cls,
+        workdir: str | os.PathLike[str],
+        *,
+        controller_manager: bool,
+        bin_dir: str | os.PathLike[str] | None,
+        timeout: float,
+        die_with_parent: bool,
+        extra_apiserver_args: Sequence[str],
+    ) -> Sandbox:
         workdir = Path(workdir).resolve()
         bdir = Path(bin_dir) if bin_dir else default_bin_dir()
         needed = ["etcd", "kube-apiserver", "kubectl"]
@@ -406,6 +441,7 @@ class Sandbox:
         exe = {name: str(find_binary(name, bdir)) for name in needed}
 
         workdir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(workdir / "etcd", ignore_errors=True)  # a fresh cluster every time
         pki, logs = workdir / "pki", workdir / "logs"
         ca = CertificateAuthority.create()
         _write(pki / "ca.crt", ca.cert_pem, 0o644)
@@ -749,7 +785,8 @@ class Sandbox:
         """A ``kubernetes.client.ApiClient`` for this cluster (admin, or ``kubeconfig``)."""
         from kubernetes import config  # imported lazily: not every user needs it
 
-        return config.new_client_from_config(config_file=str(kubeconfig or self.kubeconfig))
+        path = str(kubeconfig or self.kubeconfig)
+        return config.new_client_from_config(config_file=path)  # type: ignore[no-untyped-call]
 
     def env(self) -> dict[str, str]:
         """Environment variables that point kubectl/helm/kopf at this cluster."""
@@ -796,6 +833,8 @@ class Sandbox:
     def _wait(self, what: str, ready: Any, deadline: float, proc: ManagedProcess) -> None:
         while True:
             if (rc := proc.exited()) is not None:
+                if "address already in use" in proc.tail():
+                    raise PortTaken(f"{proc.name}: a port was taken; log {proc.log}")
                 raise SandboxError(
                     f"{proc.name} exited with {rc} while waiting for {what}; "
                     f"log {proc.log}:\n{proc.tail()}"

@@ -228,6 +228,7 @@ def test_kopf_operator_runs_against_the_sandbox(
                 ).stdout
                 == "8"
             ),
+            timeout=60,
         )
     assert runner.exception is None, runner.output
     assert runner.exit_code == 0, runner.output
@@ -268,14 +269,17 @@ def test_start_and_stop_leave_no_process(tmp_path: Path) -> None:
 def test_cli_up_env_down(tmp_path: Path) -> None:
     workdir = tmp_path / "cli"
     env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}
-    run = lambda *a: subprocess.run(  # noqa: E731
-        [sys.executable, "-m", "e2e.cluster", *a, "--dir", str(workdir)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+
+    def run(*a: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "e2e.cluster", *a, "--dir", str(workdir)],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
     up = run("up", "--no-controller-manager")
     assert up.returncode == 0, up.stderr
     try:
