@@ -329,3 +329,33 @@ async def test_target_outside_allowed_dirs_is_never_run(rig: Rig, vm_factory: VM
     finally:
         link.unlink()
     vm.serial.assert_continuous()
+
+
+@pytest.mark.parametrize(("mode", "extra", "outcome"), [
+    # The new QEMU refuses the command line: it never starts, the old one resumes.
+    ("cpr-transfer", ("-no-such-option",), Outcome.FAILED),
+    ("cpr-reboot", ("-no-such-option",), Outcome.FAILED),
+    # It starts but cannot load the state (another machine): before the old one quits
+    # (cpr-transfer) the old one resumes; after it (cpr-reboot) the old binary is started
+    # on the saved state.
+    ("cpr-transfer", ("-machine", "pc-q35-9.2"), Outcome.FAILED),
+    ("cpr-reboot", ("-machine", "pc-q35-9.2"), Outcome.ROLLED_BACK),
+], ids=["transfer-refused", "reboot-refused", "transfer-load-fails", "reboot-load-fails"])
+async def test_new_process_failures_never_lose_the_vm(
+        mode: str, extra: tuple[str, ...], outcome: Outcome, rig: Rig, vm_factory: VMFactory,
+        agent: engine.Engine) -> None:
+    vm = await started(vm_factory, "backports", backend="file")
+    pid, token = vm.pid, vm.token
+    result = await agent.update(str(vm.qmp_path),
+                                Target(binary=backports(rig), extra_args=extra),
+                                RequestedMode(mode), skip_preflight=True)
+    assert result.outcome == outcome, result.message
+    await vm.serial.wait_ticks(5, after=time.monotonic_ns(), timeout=30)
+    if outcome == Outcome.FAILED:
+        assert vm.pid == pid  # the old process runs on
+    else:
+        assert vm.pid == result.pid_after != pid
+    assert vm.token == token
+    vm.serial.assert_continuous()
+    async with vm.qmp() as qmp:
+        assert (await qmp.execute("query-status"))["status"] == "running"
