@@ -1,0 +1,341 @@
+"""The rollout planner: from the spec, the hosts' inventories and the per-VM rows, the next rows
+and the VMs to start now. Pure: no I/O, time comes in as ``now``.
+
+One call is one reconcile step. The caller persists the returned rows (the started ones carry
+their operation ids) *before* it asks any agent to act, so a restarted operator finds every
+operation it may have started in status.
+
+Rules, in the order they are applied:
+
+1. A new generation (``observed_generation != generation``) retries what failed: Failed,
+   RolledBack and dry-run rows go back to Pending (and get new operation ids when started).
+2. Selection: a VM is selected when its host matches ``hostNames`` and ``hostSelector``
+   (VMHost labels), its name matches a ``vmNames`` glob, and its QEMU version matches
+   ``qemuVersions`` -- or it runs the target already, or this rollout already acted on it
+   (an updated VM's version no longer matches ``qemuVersions: [10.0]``, yet it stays selected).
+   A Pending VM that stops matching becomes Skipped.
+3. Observation against the inventory: a Pending VM found on the target is Updated ("already
+   runs the target"); an Updated VM found on another binary again (by an inventory taken
+   after its update finished) is Pending again and gets the next attempt's operation id.
+   A Pending VM missing from a fresh inventory, or whose VMHost is gone, is Skipped; it comes
+   back (Pending) when an inventory taken after the skip lists it again. Nothing
+   is concluded from an unavailable host (stale heartbeat, no endpoint): its rows stay.
+   Rows in Preflight or Updating belong to their agent operation and are never changed here.
+4. Halts (real rollouts only): a failure while fewer than ``canary`` VMs have been updated
+   (CanaryFailed); an updated VM paused longer than ``pauseBudgetMs`` in this generation
+   (PauseBudgetExceeded); with failurePolicy Halt, more than ``maxFailures`` failed VMs
+   (FailureLimitExceeded). Halted: nothing new starts; running updates finish.
+5. Starting, in (host, name) order, none while halted or ``paused``: only on available hosts;
+   while the canary phase lasts (fewer than ``canary`` VMs updated by this rollout) one VM
+   at a time and nothing else in flight; otherwise up to ``maxParallel`` in flight across the
+   cluster and ``maxParallelPerHost`` per host. Dry runs use the same limits, no canary.
+6. At most ``MAX_VM_ROWS`` rows: VMs beyond that are not tracked (counted in ``dropped``).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from vmupdate_api.crd_models import (
+    FAILED_VM_PHASES,
+    IN_PROGRESS_VM_PHASES,
+    MAX_VM_ROWS,
+    FailurePolicy,
+    HostVM,
+    Reason,
+    VMPhase,
+    VMRolloutStatus,
+    VMUpdateSpec,
+)
+from vmupdate_operator.inventory import (
+    DEFAULT_STALE_AFTER,
+    HostInventory,
+    seen_after,
+    unavailable_reason,
+)
+from vmupdate_operator.operation_ids import next_operation_id, parse_operation_id, vm_identity
+from vmupdate_operator.selection import host_matches, name_matches, runs_target, version_matches
+
+Key = tuple[str, str]  # (host, VM name): a VM's name is unique on its host
+
+UPDATE_FAILURES = frozenset({VMPhase.FAILED, VMPhase.ROLLED_BACK})
+RETRIED_ON_NEW_GENERATION = FAILED_VM_PHASES | {VMPhase.DRY_RUN_PASSED}
+
+# Messages of rows this module writes (tests and the status builder compare against them).
+ALREADY_ON_TARGET = "already runs the target"
+HALTED = "not started: the rollout is halted"
+PAUSED = "not started: spec.paused is true"
+
+
+@dataclass(frozen=True)
+class Halt:
+    """Why no new VM may start (the rollout is Failed)."""
+
+    reason: Reason
+    message: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    rows: tuple[VMRolloutStatus, ...]
+    """Every row after this step, sorted by (host, name)."""
+    started: tuple[VMRolloutStatus, ...]
+    """Rows this step moved to Preflight: persist them, then ask their agents."""
+    halt: Halt | None
+    canary_active: bool
+    """Still in the canary phase (fewer than ``canary`` VMs updated by this rollout)."""
+    waiting: tuple[str, ...]
+    """Distinct reasons why Pending VMs were not started, in row order."""
+    dropped: int
+    """Selected VMs not tracked because status holds at most MAX_VM_ROWS rows."""
+
+
+def key_of(row: VMRolloutStatus) -> Key:
+    return (row.host, row.name)
+
+
+def plan(*, uid: str, generation: int, observed_generation: int | None, spec: VMUpdateSpec,
+         hosts: Sequence[HostInventory], rows: Sequence[VMRolloutStatus], now: datetime,
+         stale_after: timedelta = DEFAULT_STALE_AFTER, hold: str | None = None) -> Plan:
+    """One reconcile step; see the module documentation for the rules.
+
+    ``hold``: start nothing, for this reason (e.g. the VMUpdate is being deleted).
+    """
+    current: dict[Key, VMRolloutStatus] = {}
+    for row in rows:
+        current.setdefault(key_of(row), row)
+    if observed_generation != generation:
+        current = {k: _reset_for_new_generation(r, generation) for k, r in current.items()}
+
+    hosts_by_name = {h.name: h for h in hosts}
+    unavailable = {h.name: unavailable_reason(h, now, stale_after) for h in hosts}
+    current, dropped, listed = _observe(spec, sorted(hosts, key=lambda h: h.name), current,
+                                        now, unavailable)
+    current = _account_for_missing(current, listed, hosts_by_name, unavailable, now)
+
+    ordered = [current[k] for k in sorted(current)]
+    halt = None if spec.dry_run else _halt(spec, ordered, generation)
+    canary_active = not spec.dry_run and _canary_active(spec, ordered)
+    new_rows, started, waiting = _start(
+        uid=uid, generation=generation, spec=spec, rows=ordered, hosts=hosts_by_name,
+        unavailable=unavailable, halt=halt, hold=hold, canary_active=canary_active, now=now)
+    return Plan(rows=tuple(new_rows), started=tuple(started), halt=halt,
+                canary_active=canary_active, waiting=tuple(waiting), dropped=dropped)
+
+
+# --- step 1: a new generation ---------------------------------------------------------------
+
+
+def _reset_for_new_generation(row: VMRolloutStatus, generation: int) -> VMRolloutStatus:
+    if row.phase not in RETRIED_ON_NEW_GENERATION:
+        return row
+    return row.model_copy(update={
+        "phase": VMPhase.PENDING, "started_at": None, "finished_at": None,
+        "message": f"to be tried again under generation {generation}"})
+
+
+# --- steps 2 and 3: selection and observation -----------------------------------------------
+
+
+def _observe(spec: VMUpdateSpec, hosts: Iterable[HostInventory],
+             current: dict[Key, VMRolloutStatus], now: datetime,
+             unavailable: dict[str, str | None]
+             ) -> tuple[dict[Key, VMRolloutStatus], int, set[Key]]:
+    out = dict(current)
+    listed: set[Key] = set()
+    dropped = 0
+    for host in hosts:
+        host_ok = host_matches(spec.selector, host.name, host.labels)
+        for vm in host.vms:
+            key = (host.name, vm.name)
+            listed.add(key)
+            row = out.get(key)
+            if (row is not None and row.uuid and vm.uuid and row.uuid != vm.uuid
+                    and row.phase not in IN_PROGRESS_VM_PHASES):
+                row = None  # another VM now carries this name: it is a new VM to us
+            acted_on = row is not None and row.phase not in (VMPhase.PENDING, VMPhase.SKIPPED)
+            selected = host_ok and name_matches(spec.selector, vm.name) and (
+                version_matches(spec.selector, vm.qemu_version)
+                or runs_target(vm, spec.target) or acted_on)
+            if not selected:
+                if row is not None and row.phase == VMPhase.PENDING:
+                    out[key] = _skipped(row, "no longer matches spec.selector", now)
+                continue
+            if row is None:
+                if key not in out and len(out) >= MAX_VM_ROWS:
+                    dropped += 1
+                    continue
+                row = VMRolloutStatus(host=host.name, name=vm.name, uuid=vm.uuid,
+                                      from_version=vm.qemu_version)
+            out[key] = _observed(row, vm, host, spec, now,
+                                 host_available=unavailable.get(host.name) is None)
+    return out, dropped, listed
+
+
+def _observed(row: VMRolloutStatus, vm: HostVM, host: HostInventory, spec: VMUpdateSpec,
+              now: datetime, *, host_available: bool) -> VMRolloutStatus:
+    if row.phase in IN_PROGRESS_VM_PHASES:
+        return row  # its agent operation decides
+    on_target = runs_target(vm, spec.target)
+    if row.phase == VMPhase.SKIPPED and not seen_after(host, row.finished_at):
+        return row  # listed by an inventory older than the skip: not back yet
+    if row.phase in (VMPhase.PENDING, VMPhase.SKIPPED):
+        if on_target:
+            return row.model_copy(update={
+                "phase": VMPhase.UPDATED, "uuid": vm.uuid or row.uuid,
+                "to_version": vm.qemu_version, "pid_after": vm.pid, "finished_at": now,
+                "message": ALREADY_ON_TARGET})
+        return row.model_copy(update={
+            "phase": VMPhase.PENDING, "uuid": vm.uuid or row.uuid,
+            "from_version": vm.qemu_version,
+            "message": None if row.phase == VMPhase.SKIPPED else row.message})
+    if (row.phase == VMPhase.UPDATED and not on_target and host_available
+            and seen_after(host, row.finished_at)):
+        return row.model_copy(update={
+            "phase": VMPhase.PENDING, "from_version": vm.qemu_version, "to_version": None,
+            "pid_before": None, "pid_after": None, "pause_ms": None, "mode": None,
+            "started_at": None, "finished_at": None,
+            "message": f"runs {_describe(vm)} again after its update; updating it again"})
+    return row
+
+
+def _describe(vm: HostVM) -> str:
+    return " ".join(p for p in (vm.binary, vm.qemu_version) if p) or "another QEMU"
+
+
+def _account_for_missing(current: dict[Key, VMRolloutStatus], listed: set[Key],
+                         hosts: dict[str, HostInventory], unavailable: dict[str, str | None],
+                         now: datetime) -> dict[Key, VMRolloutStatus]:
+    out = dict(current)
+    for key, row in current.items():
+        if key in listed or row.phase != VMPhase.PENDING:
+            continue
+        if row.host not in hosts:
+            out[key] = _skipped(row, f"host {row.host} has no VMHost any more", now)
+        elif unavailable.get(row.host) is None:
+            out[key] = _skipped(row, f"VM no longer found on host {row.host}", now)
+    return out
+
+
+def _skipped(row: VMRolloutStatus, why: str, now: datetime) -> VMRolloutStatus:
+    return row.model_copy(update={"phase": VMPhase.SKIPPED, "message": why, "finished_at": now})
+
+
+# --- step 4: halts --------------------------------------------------------------------------
+
+
+def _updated_by_rollout(rows: Iterable[VMRolloutStatus]) -> int:
+    return sum(r.phase == VMPhase.UPDATED and r.operation_id is not None for r in rows)
+
+
+def _has_work(rows: Iterable[VMRolloutStatus]) -> bool:
+    return any(r.phase == VMPhase.PENDING or r.phase in IN_PROGRESS_VM_PHASES for r in rows)
+
+
+def _canary_active(spec: VMUpdateSpec, rows: Sequence[VMRolloutStatus]) -> bool:
+    return _updated_by_rollout(rows) < spec.strategy.canary and _has_work(rows)
+
+
+def _where(row: VMRolloutStatus) -> str:
+    return f"{row.name} on {row.host}"
+
+
+RETRY_HINT = ("to retry, fix the cause, then change the spec (a new generation retries "
+              "failed VMs), e.g. set spec.paused to true and back to false")
+
+
+def _halt(spec: VMUpdateSpec, rows: Sequence[VMRolloutStatus], generation: int) -> Halt | None:
+    strategy = spec.strategy
+    failures = [r for r in rows if r.phase in UPDATE_FAILURES]
+    if failures and strategy.canary > 0 and _updated_by_rollout(rows) < strategy.canary:
+        first = failures[0]
+        return Halt(Reason.CANARY_FAILED,
+                    f"canary VM {_where(first)} failed: {first.message or first.phase.value}; "
+                    f"{RETRY_HINT}")
+    for row in rows:
+        ref = parse_operation_id(row.operation_id)
+        if (row.phase == VMPhase.UPDATED and row.pause_ms is not None
+                and row.pause_ms > strategy.pause_budget_ms
+                and ref is not None and ref.generation == generation):
+            return Halt(Reason.PAUSE_BUDGET_EXCEEDED,
+                        f"{_where(row)} was paused {row.pause_ms} ms, over pauseBudgetMs "
+                        f"{strategy.pause_budget_ms} (the VM itself is updated); to go on, "
+                        "raise strategy.pauseBudgetMs or make the guests pause less")
+    if strategy.failure_policy == FailurePolicy.HALT and len(failures) > strategy.max_failures:
+        names = ", ".join(_where(r) for r in failures[:5])
+        more = f" and {len(failures) - 5} more" if len(failures) > 5 else ""
+        return Halt(Reason.FAILURE_LIMIT_EXCEEDED,
+                    f"{len(failures)} VM(s) failed ({names}{more}), more than maxFailures "
+                    f"{strategy.max_failures}; {RETRY_HINT}")
+    return None
+
+
+# --- step 5: starting -----------------------------------------------------------------------
+
+
+def _start(*, uid: str, generation: int, spec: VMUpdateSpec, rows: list[VMRolloutStatus],
+           hosts: dict[str, HostInventory], unavailable: dict[str, str | None],
+           halt: Halt | None, hold: str | None, canary_active: bool, now: datetime
+           ) -> tuple[list[VMRolloutStatus], list[VMRolloutStatus], list[str]]:
+    strategy = spec.strategy
+    in_flight = sum(r.phase in IN_PROGRESS_VM_PHASES for r in rows)
+    per_host = Counter(r.host for r in rows if r.phase in IN_PROGRESS_VM_PHASES)
+    limit = 1 if canary_active else strategy.max_parallel
+    out: list[VMRolloutStatus] = []
+    started: list[VMRolloutStatus] = []
+    waiting: list[str] = []
+
+    def wait(row: VMRolloutStatus, why: str) -> None:
+        if why not in waiting:
+            waiting.append(why)
+        out.append(row if row.message == why else row.model_copy(update={"message": why}))
+
+    for row in rows:
+        if row.phase != VMPhase.PENDING:
+            out.append(row)
+            continue
+        host = hosts.get(row.host)
+        vm = host.vm(row.name) if host is not None else None
+        if halt is not None:
+            wait(row, HALTED)
+        elif hold is not None:
+            wait(row, hold)
+        elif spec.paused:
+            wait(row, PAUSED)
+        elif unavailable.get(row.host) is not None or vm is None:
+            wait(row, unavailable.get(row.host) or f"host {row.host} does not list the VM")
+        elif in_flight >= limit:
+            wait(row, "waiting for the canary to finish" if canary_active
+                 else f"waiting: {limit} VM(s) in flight (strategy.maxParallel)")
+        elif per_host[row.host] >= strategy.max_parallel_per_host:
+            wait(row, f"waiting: {strategy.max_parallel_per_host} VM(s) in flight on "
+                      f"{row.host} (strategy.maxParallelPerHost)")
+        else:
+            begun = _begin(row, vm, uid=uid, generation=generation, spec=spec, now=now,
+                           canary=canary_active)
+            in_flight += 1
+            per_host[row.host] += 1
+            out.append(begun)
+            started.append(begun)
+    return out, started, waiting
+
+
+def _begin(row: VMRolloutStatus, vm: HostVM, *, uid: str, generation: int, spec: VMUpdateSpec,
+           now: datetime, canary: bool) -> VMRolloutStatus:
+    fields: dict[str, object] = {
+        "phase": VMPhase.PREFLIGHT, "uuid": vm.uuid or row.uuid, "started_at": now,
+        "finished_at": None, "pid_before": vm.pid, "pid_after": None,
+        "from_version": vm.qemu_version, "to_version": None, "pause_ms": None, "mode": None,
+    }
+    if spec.dry_run:
+        fields.update(operation_id=None, message="preflight requested from the agent")
+    else:
+        identity = vm_identity(row.host, row.name, vm.uuid or row.uuid)
+        fields.update(
+            operation_id=next_operation_id(uid, generation, identity, row.operation_id),
+            message="canary: update requested from the agent" if canary
+            else "update requested from the agent")
+    return row.model_copy(update=fields)

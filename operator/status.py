@@ -1,0 +1,178 @@
+"""The VMUpdate status builder: rows and a plan in, phase, counts and conditions out. Pure.
+
+Phase precedence (see ``vmupdate_api.crd_models``): Failed > Paused > Progressing >
+Degraded > Succeeded; a dry run ends in DryRunComplete. Conditions follow Kubernetes API
+conventions: CamelCase reasons, messages that say what to do, ``observedGeneration`` on each,
+and ``lastTransitionTime`` that moves only when a condition's status changes
+(:func:`vmupdate_api.crd_models.condition` keeps it otherwise).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+from vmupdate_api.crd_models import (
+    COND_DEGRADED,
+    COND_PROGRESSING,
+    COND_READY,
+    FAILED_VM_PHASES,
+    IN_PROGRESS_VM_PHASES,
+    MAX_MESSAGE,
+    ConditionStatus,
+    ConditionUpdate,
+    Reason,
+    UpdatePhase,
+    VMPhase,
+    VMRolloutStatus,
+    VMUpdateSpec,
+    VMUpdateStatus,
+    condition,
+)
+from vmupdate_operator.planning import Plan
+
+# Reasons beyond crd_models.Reason (the schema accepts any CamelCase reason).
+RUNNING_PREFLIGHT = "RunningPreflight"
+DRY_RUN_COMPLETE = "DryRunComplete"
+SELECTION_TOO_LARGE = "SelectionTooLarge"
+
+_LISTED = 3  # VMs named in a message before "and N more"
+
+
+def _names(rows: Sequence[VMRolloutStatus], *, detail: bool = False) -> str:
+    parts = []
+    for row in rows[:_LISTED]:
+        text = f"{row.name} on {row.host}"
+        if detail and row.message:
+            text += f" ({row.message})"
+        parts.append(text)
+    if len(rows) > _LISTED:
+        parts.append(f"and {len(rows) - _LISTED} more")
+    return ", ".join(parts)
+
+
+def _clip(text: str, limit: int = MAX_MESSAGE) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def decide_phase(spec: VMUpdateSpec, rows: Sequence[VMRolloutStatus], plan: Plan) -> UpdatePhase:
+    pending = any(r.phase == VMPhase.PENDING for r in rows)
+    in_flight = any(r.phase in IN_PROGRESS_VM_PHASES for r in rows)
+    failed = any(r.phase in FAILED_VM_PHASES for r in rows)
+    if spec.dry_run:
+        if spec.paused and pending:
+            return UpdatePhase.PAUSED
+        return UpdatePhase.PROGRESSING if pending or in_flight else UpdatePhase.DRY_RUN_COMPLETE
+    if plan.halt is not None:
+        return UpdatePhase.FAILED
+    if spec.paused and pending:
+        return UpdatePhase.PAUSED
+    if pending or in_flight:
+        return UpdatePhase.PROGRESSING
+    return UpdatePhase.DEGRADED if failed else UpdatePhase.SUCCEEDED
+
+
+def build_status(*, previous: VMUpdateStatus | None, spec: VMUpdateSpec, generation: int,
+                 plan: Plan, now: datetime) -> VMUpdateStatus:
+    """The status to write after a reconcile step (``previous``: what status holds now)."""
+    rows = list(plan.rows)
+    phase = decide_phase(spec, rows, plan)
+    base = previous or VMUpdateStatus()
+    status = VMUpdateStatus(phase=phase, observed_generation=generation,
+                            start_time=base.start_time, conditions=list(base.conditions),
+                            vms=rows).recount()
+    conditions = status.conditions
+    for update in _conditions(spec, status, plan, generation):
+        conditions = condition(conditions, update, now)
+    return status.model_copy(update={"conditions": conditions})
+
+
+def _conditions(spec: VMUpdateSpec, status: VMUpdateStatus, plan: Plan, generation: int
+                ) -> list[ConditionUpdate]:
+    rows = status.vms
+    phase = status.phase
+    target = f"QEMU {spec.target.version} at {spec.target.binary}"
+    in_flight = [r for r in rows if r.phase in IN_PROGRESS_VM_PHASES]
+    failed = [r for r in rows if r.phase in FAILED_VM_PHASES]
+    pending = [r for r in rows if r.phase == VMPhase.PENDING]
+    done = f"{status.updated} of {status.targets} selected VM(s) run {target}"
+
+    def make(type_: str, ok: bool | None, reason: str, message: str) -> ConditionUpdate:
+        value = (ConditionStatus.UNKNOWN if ok is None
+                 else ConditionStatus.TRUE if ok else ConditionStatus.FALSE)
+        return ConditionUpdate(type=type_, status=value, reason=reason, message=_clip(message),
+                               observed_generation=generation)
+
+    # Ready
+    if phase == UpdatePhase.SUCCEEDED:
+        ready = (make(COND_READY, True, Reason.ALL_VMS_UPDATED, done) if rows
+                 else make(COND_READY, True, Reason.NO_MATCHING_VMS,
+                           "no VM matches spec.selector (VMs that appear later are updated "
+                           "too); check the selector against `kubectl get vmhosts -o wide`"))
+    elif phase == UpdatePhase.DRY_RUN_COMPLETE:
+        checked = status.dry_run_passed + status.failed
+        ready = (make(COND_READY, True, Reason.DRY_RUN_PASSED,
+                      f"preflight passed on {status.dry_run_passed} VM(s)"
+                      + (f"; {status.updated} already run {target}" if status.updated else ""))
+                 if not failed else
+                 make(COND_READY, False, Reason.DRY_RUN_FAILED,
+                      f"preflight failed on {len(failed)} of {checked} VM(s): "
+                      f"{_names(failed, detail=True)}"))
+    elif phase == UpdatePhase.FAILED and plan.halt is not None:
+        ready = make(COND_READY, False, Reason.ROLLOUT_HALTED, f"{done}; halted")
+    elif phase == UpdatePhase.DEGRADED:
+        ready = make(COND_READY, False, Reason.VM_UPDATE_FAILED,
+                     f"{done}; {len(failed)} failed: {_names(failed, detail=True)}")
+    else:
+        ready = make(COND_READY, False, Reason.ROLLOUT_IN_PROGRESS, done)
+
+    # Progressing
+    if phase == UpdatePhase.PROGRESSING:
+        reason = RUNNING_PREFLIGHT if spec.dry_run else Reason.UPDATING_VMS
+        verb = "checking" if spec.dry_run else "updating"
+        if in_flight:
+            message = f"{verb} {_names(in_flight)}"
+            if pending:
+                message += f"; {len(pending)} VM(s) waiting"
+        else:
+            message = f"{len(pending)} VM(s) waiting: " + "; ".join(plan.waiting)
+        progressing = make(COND_PROGRESSING, True, reason, message)
+    elif phase == UpdatePhase.PAUSED:
+        progressing = make(COND_PROGRESSING, False, Reason.ROLLOUT_PAUSED,
+                           f"spec.paused is true: {len(pending)} VM(s) wait"
+                           + (f", {len(in_flight)} still finishing" if in_flight else "")
+                           + "; set spec.paused to false to go on")
+    elif phase == UpdatePhase.FAILED and plan.halt is not None:
+        progressing = make(COND_PROGRESSING, False, Reason.ROLLOUT_HALTED,
+                           plan.halt.message
+                           + (f"; {len(in_flight)} update(s) still finishing" if in_flight
+                              else ""))
+    elif phase == UpdatePhase.DRY_RUN_COMPLETE:
+        progressing = make(COND_PROGRESSING, False, DRY_RUN_COMPLETE,
+                           "dry run complete: nothing was changed; set spec.dryRun to false to "
+                           "update the VMs")
+    else:
+        progressing = make(COND_PROGRESSING, False, Reason.ROLLOUT_COMPLETE,
+                           "nothing left to do until a selected VM appears or leaves the target")
+
+    # Degraded
+    if plan.halt is not None and not spec.dry_run:
+        degraded = make(COND_DEGRADED, True, plan.halt.reason, plan.halt.message)
+    elif failed:
+        reason = Reason.DRY_RUN_FAILED if spec.dry_run else Reason.VM_UPDATE_FAILED
+        degraded = make(COND_DEGRADED, True, reason,
+                        f"{len(failed)} VM(s) failed: {_names(failed, detail=True)}")
+    elif plan.dropped:
+        degraded = make(COND_DEGRADED, True, SELECTION_TOO_LARGE,
+                        f"{plan.dropped} selected VM(s) are not tracked: status holds at most "
+                        f"{len(rows)} rows; split this VMUpdate (e.g. by spec.selector.hostNames)")
+    else:
+        degraded = make(COND_DEGRADED, False, Reason.NO_FAILURES, "no VM failed")
+    return [ready, progressing, degraded]
+
+
+def with_start_time(status: VMUpdateStatus, now: datetime) -> VMUpdateStatus:
+    """``status`` with ``startTime`` set if it was not (see the CRD's immutability rule)."""
+    if status.start_time is not None:
+        return status
+    return status.model_copy(update={"start_time": now.replace(microsecond=0)})
