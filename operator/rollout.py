@@ -1,0 +1,454 @@
+"""One VMUpdate's convergence loop: plan, persist, call the agents, record what they say.
+
+The loop runs in the VMUpdate's kopf daemon (one per object, only in the active replica).
+Each step applies what the VM tasks reported, asks the pure planner for the next rows,
+builds the status and writes it -- and only once that write succeeded does it start tasks
+for the rows the step moved to Preflight. So every operation id an agent may ever see is in
+status before the agent sees it; a restarted operator reads the rows back, follows every
+Preflight/Updating row by its operation id (GetOperation, then the agent's stream), and
+never starts an operation that is not recorded, nor one twice.
+
+VM tasks never write status themselves: they post row changes to the loop, which applies
+them in order and coalesces bursts of progress into one write. The loop is the only writer
+of the object's status, so plain merge patches cannot lose each other's changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import random
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import grpc
+from pydantic import ValidationError
+
+from vmupdate_api.crd_models import (
+    IN_PROGRESS_VM_PHASES,
+    UpdatePhase,
+    VMPhase,
+    VMRolloutStatus,
+    VMUpdateSpec,
+    VMUpdateStatus,
+)
+from vmupdate_api.gen import agent_v1_pb2 as pb
+from vmupdate_operator import planning, translate
+from vmupdate_operator.agent_client import AgentError
+from vmupdate_operator.inventory import DEFAULT_STALE_AFTER, HostInventory
+from vmupdate_operator.kube import StatusWriteError
+from vmupdate_operator.metrics import Metrics
+from vmupdate_operator.planning import Key, key_of
+from vmupdate_operator.status import build_status, with_start_time
+
+log = logging.getLogger(__name__)
+
+RowChange = Callable[[VMRolloutStatus], VMRolloutStatus]
+COALESCE_S = 0.2  # progress events arriving within this are written together
+DELETING = "not started: the VMUpdate is being deleted"
+
+
+class StatusWriter(Protocol):
+    async def write(self, name: str, status: VMUpdateStatus) -> None: ...
+
+
+class AgentApi(Protocol):
+    """What a rollout needs of an agent client (``AgentClient`` has it)."""
+
+    async def get_operation(self, operation_id: str, *, timeout: float | None = None
+                            ) -> pb.Operation: ...
+
+    async def update(self, request: pb.UpdateRequest, *,
+                     on_event: Callable[[pb.OperationEvent], Any] | None = None,
+                     timeout: float = 900.0) -> pb.UpdateResult: ...
+
+    async def preflight(self, request: pb.PreflightRequest, *, timeout: float | None = None
+                        ) -> pb.PreflightReport: ...
+
+
+class AgentSource(Protocol):
+    async def client(self, host: str, endpoint: str) -> Any: ...
+
+
+EventSink = Callable[[str, str, str], None]  # (type Normal|Warning, reason, message)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def backoff(initial: float = 1.0, cap: float = 30.0) -> Iterator[float]:
+    delay = initial
+    while True:
+        yield delay * random.uniform(0.5, 1.0)
+        delay = min(delay * 2, cap)
+
+
+@dataclass
+class RolloutDeps:
+    """Everything a rollout talks to; tests hand in fakes."""
+
+    writer: StatusWriter
+    agents: AgentSource
+    hosts: Callable[[], Sequence[HostInventory]]
+    events: EventSink
+    metrics: Metrics = field(default_factory=Metrics)
+    clock: Callable[[], datetime] = utcnow
+    stale_after: Any = DEFAULT_STALE_AFTER
+    resync_s: float = 10.0
+    update_timeout_s: float = 900.0
+    deletion_wait_s: float = 900.0
+
+
+class Rollout:
+    """The convergence loop of one VMUpdate (see the module documentation)."""
+
+    def __init__(self, body: Mapping[str, Any], deps: RolloutDeps) -> None:
+        self.body = body  # kopf's live view: always the latest spec and metadata
+        self.deps = deps
+        meta = body.get("metadata") or {}
+        self.name = str(meta.get("name"))
+        self.uid = str(meta.get("uid"))
+        self.status: VMUpdateStatus | None = None  # as last written (or read at start)
+        self.rows: list[VMRolloutStatus] = []
+        self._changes: list[tuple[Key, RowChange]] = []
+        self._tasks: dict[Key, asyncio.Task[None]] = {}
+        self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._deleting = False
+        self._spec_error: str | None = None
+
+    # --- control -----------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        """Reconcile soon (the spec or an inventory changed)."""
+        self._wake.set()
+
+    def stop(self, *, deleting: bool) -> None:
+        """Leave the loop: when ``deleting``, after the running VM operations finished;
+        otherwise (operator exiting or standing by) at once -- the agents carry on and the
+        next active operator follows their operations."""
+        self._deleting = self._deleting or deleting
+        self._stop.set()
+        self._wake.set()
+
+    @property
+    def running(self) -> int:
+        return sum(not t.done() for t in self._tasks.values())
+
+    async def run(self) -> None:
+        self._load()
+        try:
+            while not self._stop.is_set():
+                await self.step()
+                await self._sleep(self.deps.resync_s)
+            if self._deleting:
+                await self._drain()
+        finally:
+            await self._cancel_tasks()
+
+    # --- one step ----------------------------------------------------------------------------
+
+    def _load(self) -> None:
+        raw = self.body.get("status")
+        if raw:
+            try:
+                self.status = VMUpdateStatus.model_validate(dict(raw))
+                self.rows = list(self.status.vms)
+            except ValidationError as exc:
+                # Not expected (the API server validated it). The rows are rebuilt; operation
+                # ids are deterministic, so agents still dedupe what already ran.
+                log.error("VMUpdate %s: status unreadable, rebuilding rows: %s", self.name, exc)
+
+    def spec(self) -> VMUpdateSpec | None:
+        try:
+            spec = VMUpdateSpec.model_validate(dict(self.body.get("spec") or {}))
+        except ValidationError as exc:
+            message = f"spec does not validate: {exc}"
+            if message != self._spec_error:
+                self.deps.events("Warning", "InvalidSpec", message[:1000])
+            self._spec_error = message
+            return None
+        self._spec_error = None
+        return spec
+
+    @property
+    def generation(self) -> int:
+        return int((self.body.get("metadata") or {}).get("generation") or 0)
+
+    def _apply_changes(self) -> None:
+        changes, self._changes = self._changes, []
+        index = {key_of(r): i for i, r in enumerate(self.rows)}
+        for key, change in changes:
+            i = index.get(key)
+            if i is not None:
+                self.rows[i] = change(self.rows[i])
+
+    async def step(self, *, hold: str | None = None) -> bool:
+        """One reconcile: plan, write status, start what the plan started. False when the
+        status could not be written (nothing was started then)."""
+        spec = self.spec()
+        if spec is None:
+            return True
+        self._apply_changes()
+        now = self.deps.clock()
+        generation = self.generation
+        observed = self.status.observed_generation if self.status else None
+        plan = planning.plan(uid=self.uid, generation=generation, observed_generation=observed,
+                             spec=spec, hosts=self.deps.hosts(), rows=self.rows, now=now,
+                             stale_after=self.deps.stale_after,
+                             hold=hold or (DELETING if self._deleting else None))
+        status = build_status(previous=self.status, spec=spec, generation=generation,
+                              plan=plan, now=now)
+        if plan.started and not spec.dry_run:
+            # Before the first real Update: from now on spec.target is immutable.
+            status = with_start_time(status, now)
+        if self.status is None or status.to_wire() != self.status.to_wire():
+            try:
+                await self.deps.writer.write(self.name, status)
+            except StatusWriteError as exc:
+                log.warning("VMUpdate %s: %s; retrying", self.name, exc)
+                return False
+        before = self.status
+        self.status = status
+        self.rows = list(status.vms)
+        self._report(before, status, spec, now)
+        for row in self.rows:
+            if row.phase in IN_PROGRESS_VM_PHASES and key_of(row) not in self._live_tasks():
+                self._spawn(row)
+        return True
+
+    def _live_tasks(self) -> set[Key]:
+        return {k for k, t in self._tasks.items() if not t.done()}
+
+    async def _sleep(self, timeout: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout)
+        self._wake.clear()
+        if not self._stop.is_set():
+            await asyncio.sleep(COALESCE_S)
+
+    async def _drain(self) -> None:
+        """Deleting: start nothing, record the running operations until they end."""
+        deadline = asyncio.get_running_loop().time() + self.deps.deletion_wait_s
+        while True:
+            written = await self.step()
+            if self.running == 0 and written and not self._changes:
+                return
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                log.error("VMUpdate %s deleted while %d VM operation(s) still run; not "
+                          "waiting longer", self.name, self.running)
+                return
+            await self._sleep(min(remaining, self.deps.resync_s))
+
+    async def _cancel_tasks(self) -> None:
+        tasks = [t for t in self._tasks.values() if not t.done()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # --- events and metrics from row transitions ---------------------------------------------
+
+    def _report(self, before: VMUpdateStatus | None, after: VMUpdateStatus, spec: VMUpdateSpec,
+                now: datetime) -> None:
+        old = {key_of(r): r for r in (before.vms if before else [])}
+        for row in after.vms:
+            prev = old.get(key_of(row))
+            if prev is None or prev.phase != row.phase:
+                self._row_event(prev, row, spec)
+        old_phase = before.phase if before else None
+        if after.phase != old_phase:
+            self._phase_event(after, now)
+
+    def _row_event(self, prev: VMRolloutStatus | None, row: VMRolloutStatus,
+                   spec: VMUpdateSpec) -> None:
+        where = f"VM {row.name} on {row.host}"
+        target = f"QEMU {spec.target.version} at {spec.target.binary}"
+        if row.phase == VMPhase.PREFLIGHT and (prev is None or prev.phase == VMPhase.PENDING):
+            if row.operation_id:
+                self.deps.events("Normal", "UpdateStarted",
+                                 f"{where}: updating to {target} (pid {row.pid_before}, QEMU "
+                                 f"{row.from_version}); operation {row.operation_id}")
+            else:
+                self.deps.events("Normal", "PreflightStarted", f"{where}: checking {target}")
+        elif row.phase == VMPhase.UPDATED and prev is not None and prev.phase in (
+                IN_PROGRESS_VM_PHASES):
+            pause = f", guest paused {row.pause_ms} ms" if row.pause_ms is not None else ""
+            mode = row.mode.value if row.mode else "unknown mode"
+            self.deps.events("Normal", "VMUpdated",
+                             f"{where} runs {target} ({mode}, pid {row.pid_before} -> "
+                             f"{row.pid_after}{pause})")
+        elif row.phase == VMPhase.FAILED:
+            self.deps.events("Warning", "VMUpdateFailed", f"{where}: {row.message}")
+        elif row.phase == VMPhase.ROLLED_BACK:
+            self.deps.events("Warning", "VMRolledBack", f"{where}: {row.message}")
+        elif row.phase == VMPhase.DRY_RUN_PASSED:
+            self.deps.events("Normal", "PreflightPassed", f"{where}: {row.message}")
+        elif row.phase == VMPhase.DRY_RUN_FAILED:
+            self.deps.events("Warning", "PreflightFailed", f"{where}: {row.message}")
+        elif row.phase == VMPhase.PENDING and prev is not None and prev.phase == VMPhase.UPDATED:
+            self.deps.events("Warning", "VMLeftTarget", f"{where}: {row.message}")
+        elif row.phase == VMPhase.SKIPPED and prev is not None:
+            self.deps.events("Normal", "VMSkipped", f"{where}: {row.message}")
+
+    def _phase_event(self, status: VMUpdateStatus, now: datetime) -> None:
+        ready = next((c for c in status.conditions if c.type == "Ready"), None)
+        progressing = next((c for c in status.conditions if c.type == "Progressing"), None)
+        if status.phase == UpdatePhase.SUCCEEDED:
+            self.deps.events("Normal", "RolloutComplete", ready.message if ready else "")
+            if status.start_time is not None and status.updated:
+                self.deps.metrics.rollout.observe((now - status.start_time).total_seconds())
+        elif status.phase == UpdatePhase.FAILED:
+            self.deps.events("Warning", "RolloutHalted",
+                             progressing.message if progressing else "")
+        elif status.phase == UpdatePhase.DRY_RUN_COMPLETE:
+            self.deps.events("Normal", "DryRunComplete", ready.message if ready else "")
+        elif status.phase == UpdatePhase.PAUSED:
+            self.deps.events("Normal", "RolloutPaused",
+                             progressing.message if progressing else "")
+
+    # --- VM tasks ----------------------------------------------------------------------------
+
+    def post(self, key: Key, change: RowChange) -> None:
+        """A VM task's news: applied to the row at the next step."""
+        self._changes.append((key, change))
+        self._wake.set()
+
+    def row(self, key: Key) -> VMRolloutStatus | None:
+        row = next((r for r in self.rows if key_of(r) == key), None)
+        for k, change in self._changes:  # what is not applied yet
+            if row is not None and k == key:
+                row = change(row)
+        return row
+
+    def _host(self, name: str) -> HostInventory | None:
+        return next((h for h in self.deps.hosts() if h.name == name), None)
+
+    def _spawn(self, row: VMRolloutStatus) -> None:
+        key = key_of(row)
+        drive = self._drive_update if row.operation_id else self._drive_preflight
+        log.info("VMUpdate %s: following %s of %s on %s (%s)", self.name,
+                 f"operation {row.operation_id}" if row.operation_id else "the preflight",
+                 row.name, row.host, row.message or row.phase.value)
+        self._tasks[key] = asyncio.create_task(self._guarded(key, drive),
+                                               name=f"vmupdate:{self.name}:{key[0]}/{key[1]}")
+
+    async def _guarded(self, key: Key, drive: Callable[[Key], Any]) -> None:
+        self.deps.metrics.in_flight.inc()
+        try:
+            await drive(key)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug: keep the row in flight, the next step retries
+            log.exception("VMUpdate %s: task for %s/%s failed", self.name, *key)
+            message = f"operator error, retrying: {exc!r}"[:1000]
+            self.post(key, lambda r: r.model_copy(update={"message": message}))
+        finally:
+            self.deps.metrics.in_flight.dec()
+            self._wake.set()
+
+    async def _client(self, key: Key, delays: Iterator[float]) -> Any | None:
+        """The agent client for the VM's host, or None after waiting (the caller loops)."""
+        row = self.row(key)
+        host = self._host(row.host) if row is not None else None
+        if host is None or not host.endpoint:
+            why = "no VMHost" if host is None else "no endpoint in its VMHost"
+            self.post(key, lambda r: r.model_copy(update={
+                "message": f"waiting for the agent of {key[0]}: {why}"}))
+            await asyncio.sleep(next(delays))
+            return None
+        return await self.deps.agents.client(host.name, host.endpoint)
+
+    def _still_in_flight(self, key: Key) -> VMRolloutStatus | None:
+        row = self.row(key)
+        return row if row is not None and row.phase in IN_PROGRESS_VM_PHASES else None
+
+    async def _drive_update(self, key: Key) -> None:
+        delays = backoff()
+        while (row := self._still_in_flight(key)) is not None:
+            spec = self.spec()
+            client = await self._client(key, delays)
+            if client is None or spec is None:
+                continue
+            try:
+                request = await self._request_for(client, row, spec)
+                result = await client.update(
+                    request, on_event=lambda e: self._on_progress(key, e),
+                    timeout=self.deps.update_timeout_s)
+            except AgentError as exc:
+                if exc.code == grpc.StatusCode.ALREADY_EXISTS:
+                    continue  # journaled with another request: the next round follows it
+                if await self._agent_refused(key, exc, delays, dry_run=False):
+                    return
+                continue
+            now = self.deps.clock()
+            self.post(key, functools.partial(translate.with_result, result=result, now=now))
+            self._count_result(result)
+            return
+
+    async def _request_for(self, client: Any, row: VMRolloutStatus, spec: VMUpdateSpec
+                           ) -> pb.UpdateRequest:
+        """The request to send for the row's operation: the journaled one when the agent
+        has it (so a resend is the same request and the agent follows its operation), else a
+        new one under the row's id (the first send never arrived)."""
+        assert row.operation_id
+        try:
+            operation = await client.get_operation(row.operation_id)
+        except AgentError as exc:
+            if exc.code != grpc.StatusCode.NOT_FOUND:
+                raise
+            return translate.update_request(row, spec)
+        request: pb.UpdateRequest = operation.request
+        return request
+
+    def _on_progress(self, key: Key, event: pb.OperationEvent) -> None:
+        if event.HasField("progress"):
+            progress = event.progress
+            self.post(key, functools.partial(translate.with_progress, progress=progress))
+
+    def _count_result(self, result: pb.UpdateResult) -> None:
+        metrics = self.deps.metrics
+        outcome = pb.Outcome.Name(result.outcome).removeprefix("OUTCOME_").lower()
+        metrics.vm_updates.labels(outcome).inc()
+        if "total" in result.phase_ms:
+            metrics.vm_update.labels(outcome).observe(result.phase_ms["total"] / 1000)
+        if result.HasField("pause_ms"):
+            mode = translate.PB_TO_CPR_MODE.get(result.mode)
+            metrics.vm_pause.labels(mode.value if mode else "unknown").observe(
+                result.pause_ms / 1000)
+
+    async def _agent_refused(self, key: Key, exc: AgentError, delays: Iterator[float], *,
+                             dry_run: bool) -> bool:
+        """Record a refusal; True when it ends the VM's operation, False to try again."""
+        what = translate.on_error(exc.code)
+        now = self.deps.clock()
+        message = f"agent {exc.target}: {exc.code.name}: {exc.details}"
+        self.post(key, functools.partial(translate.with_error, what=what, message=message,
+                                         now=now, dry_run=dry_run))
+        if what == translate.OnError.RETRY:
+            await asyncio.sleep(next(delays))
+            return False
+        return True
+
+    async def _drive_preflight(self, key: Key) -> None:
+        delays = backoff()
+        while (row := self._still_in_flight(key)) is not None:
+            spec = self.spec()
+            client = await self._client(key, delays)
+            if client is None or spec is None:
+                continue
+            try:
+                report = await client.preflight(translate.preflight_request(row, spec))
+            except AgentError as exc:
+                if await self._agent_refused(key, exc, delays, dry_run=True):
+                    return
+                continue
+            now = self.deps.clock()
+            self.post(key, functools.partial(translate.with_preflight, report=report, now=now))
+            self.deps.metrics.preflights.labels("passed" if report.passed else "failed").inc()
+            return
