@@ -217,9 +217,12 @@ class Rollout:
         self.status = status
         self.rows = list(status.vms)
         self._report(before, status, spec, now)
+        live = self._live_tasks()
         for row in self.rows:
-            if row.phase in IN_PROGRESS_VM_PHASES and key_of(row) not in self._live_tasks():
-                self._spawn(row)
+            # With the changes posted meanwhile: a task that just finished posted its result.
+            current = self._still_in_flight(key_of(row))
+            if current is not None and key_of(row) not in live:
+                self._spawn(current)
         return True
 
     def _live_tasks(self) -> set[Key]:

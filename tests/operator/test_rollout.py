@@ -9,6 +9,7 @@ written; a deleted VMUpdate waits for its running operations.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -38,9 +39,12 @@ class Writer:
     def __init__(self) -> None:
         self.written: list[VMUpdateStatus] = []
         self.fail = False
+        self.during: Callable[[VMUpdateStatus], Any] | None = None
 
     async def write(self, name: str, status: VMUpdateStatus) -> None:
         await asyncio.sleep(0)
+        if self.during is not None:
+            await self.during(status)
         if self.fail:
             raise StatusWriteError("API server down")
         self.written.append(status)
@@ -345,3 +349,23 @@ async def test_an_invalid_spec_is_reported_not_acted_on() -> None:
     await task
     assert events[0][:2] == ("Warning", "InvalidSpec") and writer.written == []
     assert OLD  # the VM is untouched
+
+
+async def test_each_operation_is_followed_by_one_task(caplog: pytest.LogCaptureFixture
+                                                       ) -> None:
+    caplog.set_level(logging.INFO, logger="vmupdate_operator.rollout")
+    writer = Writer()
+    agent = Agent(writer, [host("a", vm("x"))])
+    agent.release.clear()
+
+    async def finish_during_the_write(status: VMUpdateStatus) -> None:
+        if status.vms and status.vms[0].phase == VMPhase.UPDATING and not agent.release.is_set():
+            agent.release.set()
+            await asyncio.sleep(0.05)  # the task posts its result and ends meanwhile
+
+    writer.during = finish_during_the_write
+    r = make_rollout(make_body(spec()), writer, agent)
+    await run_until(r, phase_is(writer, UpdatePhase.SUCCEEDED))
+    # A finished task whose result was not applied yet is not followed by a second one.
+    assert len(agent.updates) == 1
+    assert sum("following operation" in m for m in caplog.messages) == 1
