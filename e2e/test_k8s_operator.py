@@ -25,6 +25,8 @@ from e2e.k8s.nodes import Fleet
 from e2e.k8s.operator_process import HOST_STALE_AFTER_S, PEERING_LIFETIME_S, OperatorProcess
 from e2e.rig import Rig
 from vmupdate_agent.procfs import exe as procfs_exe
+from vmupdate_api.gen import agent_v1_pb2 as pb
+from vmupdate_operator.agent_client import AgentClient, ClientTls
 
 pytestmark = [pytest.mark.k8s, pytest.mark.qemu]
 
@@ -110,10 +112,19 @@ async def test_three_vms_on_two_hosts_converge(vmupdates: Kubectl, three_vms: Pl
     assert "two-hosts" in table and "Succeeded" in table
     columns = kubectl("get", "vmupdate", "two-hosts", "--no-headers", timeout=30).stdout.split()
     assert columns[1:5] == ["Succeeded", "3", "3", "0"]
-    hosts = kubectl("get", "vmhosts", "-o", "wide", "--no-headers", timeout=30).stdout
-    lines = {line.split()[0]: line.split() for line in hosts.splitlines()}
-    assert lines["node-a"][1:5] == ["node-a", "2", "2", rig.sid.version], hosts
-    assert lines["node-b"][1:5] == ["node-b", "1", "1", rig.sid.version], hosts
+    def host_table() -> Any:
+        # NAME NODE VMS READY QEMU HEARTBEAT AGE ENDPOINT AGENT; a listing taken while the
+        # last update still ran shows that VM busy (not ready): wait for the next heartbeat.
+        out = kubectl("get", "vmhosts", "-o", "wide", "--no-headers", timeout=30).stdout
+        lines = {line.split()[0]: line.split() for line in out.splitlines()}
+        if (lines["node-a"][1:5] == ["node-a", "2", "2", rig.sid.version]
+                and lines["node-b"][1:5] == ["node-b", "1", "1", rig.sid.version]):
+            return lines
+        return None
+
+    lines = await kube.wait_for(host_table, 30, "both VMHosts to list their VMs ready",
+                                describe=lambda: str(kube.get(kubectl, "vmhosts")))
+    assert lines["node-a"][7] == fleet.node("node-a").endpoint
     # Events for each VM's start and finish, and Prometheus metrics.
     reasons = [e["reason"] for e in kube.events(kubectl, "two-hosts")]
     assert reasons.count("UpdateStarted") == 3 and reasons.count("VMUpdated") == 3, reasons
@@ -130,6 +141,43 @@ async def test_three_vms_on_two_hosts_converge(vmupdates: Kubectl, three_vms: Pl
     assert kube.rows(obj)["web-03"]["phase"] == "Updated"
     assert procfs_exe(web03.pid) == rig.sid.alt_binary
     web03.serial.assert_continuous()
+
+    # Desired state: a VM put back on its old binary (here by a person calling its agent
+    # directly) is updated again, under the next attempt's operation id.
+    web01 = three_vms.vms["web-01"]
+    first_op = kube.rows(obj)["web-01"]["operationId"]
+    await revert_to_old_binary(fleet, "node-a", web01.uuid, rig)
+    assert procfs_exe(web01.pid) == rig.sid.binary
+
+    def updated_again() -> Any:
+        o = ready(kubectl, "two-hosts")
+        row = kube.rows(o).get("web-01") if o else None
+        return o if row and row["operationId"] != first_op else None
+
+    obj = await kube.wait_for(updated_again, ROLLOUT_TIMEOUT, "web-01 to be updated again")
+    row = kube.rows(obj)["web-01"]
+    assert row["operationId"] == first_op.removesuffix("-a0") + "-a1"
+    assert row["phase"] == "Updated" and row["pidAfter"] == pids["web-01"] == web01.pid
+    assert procfs_exe(web01.pid) == rig.sid.alt_binary
+    web01.serial.assert_continuous(since=mark)
+    reasons = [e["reason"] for e in kube.events(kubectl, "two-hosts")]
+    assert "VMLeftTarget" in reasons
+
+
+async def revert_to_old_binary(fleet: Fleet, node: str, vm_uuid: str, rig: Rig) -> None:
+    """What a person with the operator's credentials could do with grpcurl."""
+    pki = fleet.node(node).pki
+    tls = ClientTls(ca_file=str(pki.ca_cert), cert_file=str(pki.operator.cert),
+                    key_file=str(pki.operator.key))
+    client = await AgentClient.connect(fleet.node(node).endpoint, tls)
+    try:
+        result = await client.update(pb.UpdateRequest(
+            operation_id=f"manual-revert-{vm_uuid}", vm=vm_uuid, mode=pb.MODE_CPR_EXEC,
+            target=pb.Target(binary=rig.sid.binary, expected_version=rig.sid.version)),
+            timeout=120)
+    finally:
+        await client.close()
+    assert result.outcome == pb.OUTCOME_UPDATED, result.message
 
 
 async def test_dry_run_changes_nothing_and_reports_readiness(

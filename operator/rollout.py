@@ -272,7 +272,13 @@ class Rollout:
                    spec: VMUpdateSpec) -> None:
         where = f"VM {row.name} on {row.host}"
         target = f"QEMU {spec.target.version} at {spec.target.binary}"
-        if row.phase == VMPhase.PREFLIGHT and (prev is None or prev.phase == VMPhase.PENDING):
+        if prev is not None and prev.phase == VMPhase.UPDATED and row.phase in (
+                VMPhase.PENDING, VMPhase.PREFLIGHT):
+            self.deps.events("Warning", "VMLeftTarget",
+                             f"{where} no longer runs {target} (found QEMU {row.from_version} "
+                             "by an inventory taken after its update); updating it again")
+        if row.phase == VMPhase.PREFLIGHT and (prev is None
+                                               or prev.phase not in IN_PROGRESS_VM_PHASES):
             if row.operation_id:
                 self.deps.events("Normal", "UpdateStarted",
                                  f"{where}: updating to {target} (pid {row.pid_before}, QEMU "
@@ -294,8 +300,6 @@ class Rollout:
             self.deps.events("Normal", "PreflightPassed", f"{where}: {row.message}")
         elif row.phase == VMPhase.DRY_RUN_FAILED:
             self.deps.events("Warning", "PreflightFailed", f"{where}: {row.message}")
-        elif row.phase == VMPhase.PENDING and prev is not None and prev.phase == VMPhase.UPDATED:
-            self.deps.events("Warning", "VMLeftTarget", f"{where}: {row.message}")
         elif row.phase == VMPhase.SKIPPED and prev is not None:
             self.deps.events("Normal", "VMSkipped", f"{where}: {row.message}")
 

@@ -52,8 +52,10 @@ class SimulatedNode:
         config = {
             "node_name": self.name,
             "socket_globs": [str(self.vm_dir / "*" / "qmp.sock")],
-            # The target QEMU of the tests lives here inside the sid root (the VMs' root).
-            "allowed_binary_dirs": [str(Path(rig.sid.alt_binary).parent)],
+            # The target QEMU of the tests lives here inside the sid root (the VMs' root);
+            # the VMs' own binary's folder too, so a test can put a VM back on it.
+            "allowed_binary_dirs": [str(Path(rig.sid.alt_binary).parent),
+                                    str(Path(rig.sid.binary).parent)],
             "state_dir": str(self.state_dir),
             "runtime_dir": str(self.runtime_dir),
             "listen_address": self.endpoint,

@@ -369,3 +369,19 @@ async def test_each_operation_is_followed_by_one_task(caplog: pytest.LogCaptureF
     # A finished task whose result was not applied yet is not followed by a second one.
     assert len(agent.updates) == 1
     assert sum("following operation" in m for m in caplog.messages) == 1
+
+
+async def test_a_vm_that_left_the_target_is_updated_again_and_reported() -> None:
+    writer, events = Writer(), []
+    agent = Agent(writer, [host("a", vm("x"))])
+    r = make_rollout(make_body(spec()), writer, agent, events)
+    await run_until(r, phase_is(writer, UpdatePhase.SUCCEEDED))
+    # Someone puts it back on the old binary; a later inventory shows it.
+    [h] = agent.hosts
+    agent.hosts[0] = host("a", vm("x"), heartbeat=T0 + timedelta(minutes=1))
+    assert h.vms[0].binary == NEW
+    again = make_rollout(make_body(spec(), writer.last), writer, agent, events)
+    await run_until(again, lambda: len(agent.executions) == 2
+                    and phase_is(writer, UpdatePhase.SUCCEEDED)())
+    assert agent.executions[1].endswith("-a1")
+    assert ("Warning", "VMLeftTarget") in [e[:2] for e in events]
