@@ -279,6 +279,8 @@ async def test_operator_killed_mid_rollout_finishes_without_updating_twice(
     rows = kube.rows(obj)
     # The VM in flight at the kill kept its operation id: followed, not started again.
     assert rows[busy[0]["name"]]["operationId"] == busy[0]["operationId"]
+    restarted_log = operator_process.log().split("--- operator run")[-1]
+    assert f"following operation {busy[0]['operationId']}" in restarted_log
     # Every VM was updated by exactly one agent operation, and nothing else ran.
     journals = fleet.journals()
     ran = sorted(op for journal in journals.values() for op in journal if op not in known)
@@ -380,3 +382,34 @@ async def test_a_host_with_a_stale_heartbeat_waits(
 
     obj = await wait_ready(kubectl, "two-hosts", operator_process)
     assert kube.rows(obj)["web-02"]["phase"] == "Updated"
+
+
+async def test_deleting_waits_for_the_running_update(
+        vmupdates: Kubectl, three_vms: Placement, rig: Rig, fleet: Fleet) -> None:
+    """The finalizer holds a deleted VMUpdate until the update it started has finished;
+    nothing new starts meanwhile."""
+    kubectl = vmupdates
+    known = {op for journal in fleet.journals().values() for op in journal}
+    manifest, _ = kube.example("vmupdate-two-hosts-serial.yaml", **target(rig))
+    kube.apply(kubectl, manifest)
+
+    def in_flight() -> Any:
+        rows = kube.rows(vmupdate(kubectl, "two-hosts-serial"))
+        return [r for r in rows.values() if r["phase"] in ("Preflight", "Updating")]
+
+    await kube.wait_for(in_flight, 60, "a VM update in flight", interval=0.05)
+    kubectl("delete", "vmupdate", "two-hosts-serial", "--wait=false", timeout=30)
+    held = vmupdate(kubectl, "two-hosts-serial")
+    assert held is not None and held["metadata"].get("deletionTimestamp")
+    assert "vmupdate.dev/finalizer" in held["metadata"]["finalizers"]
+
+    def gone_with_journals() -> Any:
+        journals = fleet.journals()  # read before the check: no newer than the object's end
+        return journals if vmupdate(kubectl, "two-hosts-serial") is None else None
+
+    journals = await kube.wait_for(gone_with_journals, ROLLOUT_TIMEOUT, "the VMUpdate to go")
+    started = {op: rec for j in journals.values() for op, rec in j.items() if op not in known}
+    assert 1 <= len(started) < 3, started  # the running one (not the whole rollout)
+    assert all(rec["state"] == "done" for rec in started.values()), started
+    await asyncio.sleep(3)
+    assert {op for j in fleet.journals().values() for op in j if op not in known} == set(started)
