@@ -69,7 +69,8 @@ def _parser() -> argparse.ArgumentParser:
         else:
             c.add_argument("--no-dry-run", action="store_true")
     s = sub.add_parser("serve", help="run the gRPC service")
-    s.set_defaults(serve=True)
+    # Accepted after the subcommand too (`serve --config FILE`, the DaemonSet's spelling).
+    s.add_argument("--config", dest="serve_config", help="agent configuration")
     return p
 
 
@@ -181,6 +182,8 @@ async def _update(args: argparse.Namespace, globs: list[str],
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if getattr(args, "serve_config", None):
+        args.config = args.serve_config
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:
