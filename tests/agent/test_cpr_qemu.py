@@ -225,8 +225,10 @@ async def test_failure_caught_by_preflight(case: str, rig: Rig, vm_factory: VMFa
 
 @pytest.mark.parametrize("case", list(FAILURES))
 async def test_failure_recovered_by_the_guard(case: str, rig: Rig, vm_factory: VMFactory,
-                                              agent: engine.Engine) -> None:
+                                              runtime_dir: Path, built_guard: Path) -> None:
     binary, extra, opts, _ = _case(rig, case, 2)
+    # /bin/false must be an allowed target here: skipping preflight never skips that rule.
+    agent = make_engine(rig, runtime_dir, built_guard, allowed=("/bin", "/usr/bin"))
     vm = await started(vm_factory, "sid", **opts)
     old_pid, token = vm.pid, vm.token
     result = await agent.update(str(vm.qmp_path), Target(binary=binary, extra_args=extra),
