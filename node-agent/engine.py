@@ -224,6 +224,8 @@ class Engine:
         return UpdateResult(**base, outcome=final.outcome, mode=mode, mode_reason=why,
                             message=final.message, pid_after=final.pid_after,
                             version_after=final.version_after, pause_ms=final.pause_ms,
+                            paused_at_ns=op.stop_event.qemu_time_ns if op.stop_event else None,
+                            resumed_at_ns=final.resumed_ns,
                             phase_ms=op.phase_ms, preflight=report)
 
     async def _mode_without_preflight(self, vm: VMInfo, tgt: Target, requested: RequestedMode

@@ -185,5 +185,9 @@ class UpdateResult(_Model):
     version_before: str
     version_after: str | None
     pause_ms: float | None = None
+    # When the guest was stopped and resumed, from QEMU's own STOP and RESUME events
+    # (wall clock, ns since the epoch): the pause is their difference.
+    paused_at_ns: int | None = None
+    resumed_at_ns: int | None = None
     phase_ms: dict[str, float] = Field(default_factory=dict)
     preflight: PreflightReport | None = None

@@ -47,6 +47,8 @@ class ModeResult:
     pid_after: int | None
     version_after: str | None
     pause_ms: float | None
+    # QEMU's own RESUME timestamp (wall clock, ns), when the agent saw it.
+    resumed_ns: int | None = None
     session: QmpSession | None = None
 
 

@@ -161,7 +161,8 @@ async def _finish_new(op: Operation, session: QmpSession, *, use_guard: bool) ->
     await op.emit(Phase.RESUMED, "the guest runs in the new QEMU")
     return ModeResult(outcome=Outcome.UPDATED, message=f"updated in place to QEMU {version}",
                       pid_after=session.peer_pid, version_after=version,
-                      pause_ms=pause_ms(op.stop_event, resumed), session=session)
+                      pause_ms=pause_ms(op.stop_event, resumed),
+                      resumed_ns=resumed.qemu_time_ns, session=session)
 
 
 async def _after_exec_abort(op: Operation, why: str) -> ModeResult:

@@ -91,7 +91,8 @@ async def _handover(op: Operation, s: QmpSession, pinned: hostexec.PinnedContext
     return ModeResult(outcome=Outcome.UPDATED,
                       message=f"restarted on QEMU {version} in pid {session.peer_pid}",
                       pid_after=session.peer_pid, version_after=version,
-                      pause_ms=pause_ms(op.stop_event, resumed), session=session)
+                      pause_ms=pause_ms(op.stop_event, resumed),
+                      resumed_ns=resumed.qemu_time_ns, session=session)
 
 
 async def _restart_old(op: Operation, pinned: hostexec.PinnedContext, state_uri: str,
@@ -114,7 +115,8 @@ async def _restart_old(op: Operation, pinned: hostexec.PinnedContext, state_uri:
                       message=f"rolled back: the new QEMU failed ({why}); the VM runs QEMU "
                               f"{version} again in pid {session.peer_pid}",
                       pid_after=session.peer_pid, version_after=version,
-                      pause_ms=pause_ms(op.stop_event, resumed), session=session)
+                      pause_ms=pause_ms(op.stop_event, resumed),
+                      resumed_ns=resumed.qemu_time_ns, session=session)
 
 
 async def _start(op: Operation, pinned: hostexec.PinnedContext, argv: qargv.QemuArgv,

@@ -117,7 +117,8 @@ async def run(op: Operation) -> ModeResult:
     return ModeResult(outcome=Outcome.UPDATED,
                       message=f"transferred to QEMU {version} in pid {new.peer_pid}",
                       pid_after=new.peer_pid, version_after=version,
-                      pause_ms=pause_ms(op.stop_event, resumed), session=new)
+                      pause_ms=pause_ms(op.stop_event, resumed),
+                      resumed_ns=resumed.qemu_time_ns, session=new)
 
 
 def _rewrite_pidfile(op: Operation, pid: int) -> None:
