@@ -231,6 +231,10 @@ def declared(argv: QemuArgv) -> DeclaredDevices:
 # --- building new command lines -------------------------------------------------------------
 
 
+def without(argv: QemuArgv, *names: str) -> QemuArgv:
+    return QemuArgv(argv.binary, tuple(o for o in argv.options if o.name not in names))
+
+
 def with_binary(argv: QemuArgv, binary: str) -> QemuArgv:
     return QemuArgv(binary, argv.options)
 

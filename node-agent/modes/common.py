@@ -169,6 +169,60 @@ async def verify_version(session: QmpSession, target: Target) -> str:
     return got
 
 
+async def reset_capabilities(session: QmpSession) -> None:
+    """x-ignore-shared belongs to cpr-reboot: the receiving QEMU of the other modes starts
+    without it and refuses a stream that has it (a VM once moved by cpr-reboot may still)."""
+    caps = await session.cmd("query-migrate-capabilities")
+    if any(c.get("capability") == "x-ignore-shared" and c.get("state") for c in caps):
+        await session.cmd("migrate-set-capabilities", {"capabilities": [
+            {"capability": "x-ignore-shared", "state": False}]})
+
+
+def release_pidfile(op: Operation) -> None:
+    """Let a new QEMU that starts beside the old one create the VM's -pidfile: QEMU locks it,
+    and the old one's lock stays with the unlinked file. The old QEMU removes the path when
+    it exits, so `rewrite_pidfile` writes it again for whichever QEMU runs the VM then."""
+    for path in qargv.parse(op.vm.argv).values("pidfile"):
+        with contextlib.suppress(OSError):
+            procfs.in_root(op.vm.pid, path).unlink()
+
+
+async def connect_new_qemu(qmp_path: str, marker: str, *, timeout: float,
+                           command_timeout: float, log_path: str) -> QmpSession:
+    """Connect to a QEMU the agent just started; fail at once if it exited instead (the
+    guest is stopped while this waits)."""
+    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+    while True:
+        try:
+            return await QmpSession.open(qmp_path, timeout=1.0,
+                                         command_timeout=command_timeout)
+        except QmpError as exc:
+            last = exc
+        if time.monotonic() - started > 0.5 and not pids_with_arg(marker):
+            tail = _file_tail(log_path)
+            raise QmpError("the new QEMU exited before answering on QMP"
+                           + (f": {tail}" if tail else ""))
+        if time.monotonic() > deadline:
+            raise QmpError(f"the new QEMU did not answer on QMP within {timeout:.0f}s: {last}")
+        await asyncio.sleep(0.002)
+
+
+def _file_tail(path: str, limit: int = 600) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return f.read().strip()[-limit:]
+    except OSError:
+        return ""
+
+
+def rewrite_pidfile(op: Operation, pid: int) -> None:
+    """Point the VM's -pidfile at its new process (the old QEMU deleted it on exit)."""
+    for path in qargv.parse(op.vm.argv).values("pidfile"):
+        with contextlib.suppress(OSError):
+            (procfs.in_root(pid, path)).write_text(f"{pid}\n")
+
+
 def pids_with_arg(word: str) -> list[int]:
     """Processes whose command line contains `word` (a path unique to one operation)."""
     out = []

@@ -25,6 +25,7 @@ from vmupdate_agent.modes.common import (
     UpdateAborted,
     ensure_running,
     pause_ms,
+    reset_capabilities,
     resume,
     stderr_tail,
     verify_version,
@@ -57,6 +58,7 @@ async def run(op: Operation, *, use_guard: bool) -> ModeResult:
     s = op.session
     was_running = op.vm.runstate == "running"
     cmd, state_uri = build_commands(op, use_guard=use_guard)
+    await reset_capabilities(s)
     await s.cmd("migrate-set-parameters", {"mode": "cpr-exec", "cpr-exec-command": cmd})
     mark = s.mark()
     await op.emit(Phase.STOPPING, f"saving state to {state_uri} and exec'ing "

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from pathlib import Path
 
 from vmupdate_agent import argv as qargv
 from vmupdate_agent import hostexec
@@ -18,11 +17,14 @@ from vmupdate_agent.modes.common import (
     ModeResult,
     Operation,
     UpdateAborted,
+    connect_new_qemu,
     ensure_running,
     kill_quietly,
     pause_ms,
     pids_with_arg,
+    release_pidfile,
     resume,
+    rewrite_pidfile,
     verify_version,
     wait_gone,
     wait_incoming_loaded,
@@ -67,9 +69,11 @@ async def _handover(op: Operation, s: QmpSession, pinned: hostexec.PinnedContext
     # if it cannot start, the old one simply resumes.
     temp_qmp = op.path("qmp.sock")
     new_argv = qargv.replace_socket_path(op.new_argv(), op.vm.qmp_path, temp_qmp)
+    release_pidfile(op)
     try:
         session = await _start(op, pinned, new_argv, temp_qmp)
     except (QmpError, hostexec.HostExecError) as exc:
+        rewrite_pidfile(op, op.vm.pid)
         note = await ensure_running(s, was_running)
         raise UpdateAborted(f"the new QEMU did not start: {exc}; {note}") from exc
     with contextlib.suppress(QmpError):  # the connection may drop before the answer
@@ -87,7 +91,7 @@ async def _handover(op: Operation, s: QmpSession, pinned: hostexec.PinnedContext
         return await _restart_old(op, pinned, state_uri, str(exc))
     resumed = await resume(session, op.timeouts.command)
     await op.emit(Phase.RESUMED, f"the guest runs in the new QEMU (pid {session.peer_pid})")
-    _rewrite_pidfile(op, session.peer_pid)
+    rewrite_pidfile(op, session.peer_pid)
     return ModeResult(outcome=Outcome.UPDATED,
                       message=f"restarted on QEMU {version} in pid {session.peer_pid}",
                       pid_after=session.peer_pid, version_after=version,
@@ -108,7 +112,7 @@ async def _restart_old(op: Operation, pinned: hostexec.PinnedContext, state_uri:
                                   f"one ({exc})", pid_after=None, version_after=None,
                           pause_ms=None)
     resumed = await resume(session, op.timeouts.command)
-    _rewrite_pidfile(op, session.peer_pid)
+    rewrite_pidfile(op, session.peer_pid)
     await op.emit(Phase.RECOVERED, f"the new QEMU failed; QEMU {version} restarted on the "
                   "saved state")
     return ModeResult(outcome=Outcome.ROLLED_BACK,
@@ -124,8 +128,9 @@ async def _start(op: Operation, pinned: hostexec.PinnedContext, argv: qargv.Qemu
     cmd = qargv.appended(argv, ["-S", "-incoming", "defer"]).render()
     await hostexec.spawn_detached(pinned, op.vm.pid, cmd, log_path=op.path("new-qemu.log"))
     try:
-        return await QmpSession.open_retrying(qmp_path, timeout=op.timeouts.handover,
-                                              command_timeout=op.timeouts.command)
+        return await connect_new_qemu(qmp_path, qmp_path, timeout=op.timeouts.handover,
+                                      command_timeout=op.timeouts.command,
+                                      log_path=op.path("new-qemu.log"))
     except QmpError:
         await _kill_started(op)
         raise
@@ -136,13 +141,15 @@ async def _load(op: Operation, session: QmpSession, target: Target, state_uri: s
     await session.cmd("migrate-set-capabilities", {"capabilities": _CAPS})
     await session.cmd("migrate-incoming", {"uri": state_uri})
     await wait_incoming_loaded(session, op.timeouts.load)
-    return await verify_version(session, target)
+    version = await verify_version(session, target)
+    # Back to an ordinary QEMU: a later cpr-transfer or cpr-exec must not send with
+    # x-ignore-shared (its receiver would refuse the stream).
+    await session.cmd("migrate-set-capabilities", {"capabilities": [
+        {"capability": "x-ignore-shared", "state": False}]})
+    await session.cmd("migrate-set-parameters", {"mode": "normal"})
+    return version
 
 
-def _rewrite_pidfile(op: Operation, pid: int) -> None:
-    for path in qargv.parse(op.vm.argv).values("pidfile"):
-        with contextlib.suppress(OSError):
-            (Path(f"/proc/{pid}/root") / path.lstrip("/")).write_text(f"{pid}\n")
 
 
 async def _kill_started(op: Operation) -> None:

@@ -23,17 +23,21 @@ from vmupdate_agent.modes.common import (
     ModeResult,
     Operation,
     UpdateAborted,
+    connect_new_qemu,
     ensure_running,
     kill_quietly,
     pause_ms,
     pids_with_arg,
+    release_pidfile,
+    reset_capabilities,
     resume,
+    rewrite_pidfile,
     verify_version,
     wait_gone,
     wait_incoming_loaded,
     wait_outgoing_done,
 )
-from vmupdate_agent.qmp import QmpError, QmpSession
+from vmupdate_agent.qmp import QmpError
 
 
 def new_command(op: Operation) -> tuple[list[str], str, str, str]:
@@ -51,11 +55,13 @@ async def run(op: Operation) -> ModeResult:
     was_running = op.vm.runstate == "running"
     argv, main_sock, cpr_sock, new_qmp = new_command(op)
     await op.emit(Phase.STOPPING, f"starting {op.target.binary} beside the VM")
+    release_pidfile(op)
     await hostexec.spawn_detached(op.host, op.vm.pid, argv, log_path=op.path("new-qemu.log"))
 
     async def cleanup_new(why: str) -> UpdateAborted:
         for pid in pids_with_arg(new_qmp):
             await kill_quietly(pid)
+        rewrite_pidfile(op, op.vm.pid)
         note = await ensure_running(s, was_running)
         log_tail = _tail(op.path("new-qemu.log"))
         return UpdateAborted(f"{why}{'; new QEMU said: ' + log_tail if log_tail else ''}; "
@@ -70,6 +76,7 @@ async def run(op: Operation) -> ModeResult:
             raise await cleanup_new("the new QEMU did not open its cpr channel")
         await asyncio.sleep(0.002)
 
+    await reset_capabilities(s)
     await s.cmd("migrate-set-parameters", {"mode": "cpr-transfer"})
     mark = s.mark()
     channels = [
@@ -90,8 +97,9 @@ async def run(op: Operation) -> ModeResult:
     await op.emit(Phase.TRANSFERRED, "state and descriptors handed to the new QEMU")
 
     try:
-        new = await QmpSession.open_retrying(new_qmp, timeout=op.timeouts.handover,
-                                             command_timeout=op.timeouts.command)
+        new = await connect_new_qemu(new_qmp, new_qmp, timeout=op.timeouts.handover,
+                                     command_timeout=op.timeouts.command,
+                                     log_path=op.path("new-qemu.log"))
     except QmpError as exc:
         raise await cleanup_new(f"the new QEMU did not answer on QMP: {exc}") from exc
     try:
@@ -113,7 +121,7 @@ async def run(op: Operation) -> ModeResult:
     # The old QEMU removes its socket when it exits; only now can the VM's well-known QMP
     # path be handed to the new one, and the pidfile (which the old one deleted) rewritten.
     os.replace(new_qmp, op.vm.qmp_path)
-    _rewrite_pidfile(op, new.peer_pid)
+    rewrite_pidfile(op, new.peer_pid)
     return ModeResult(outcome=Outcome.UPDATED,
                       message=f"transferred to QEMU {version} in pid {new.peer_pid}",
                       pid_after=new.peer_pid, version_after=version,
@@ -121,11 +129,6 @@ async def run(op: Operation) -> ModeResult:
                       resumed_ns=resumed.qemu_time_ns, session=new)
 
 
-def _rewrite_pidfile(op: Operation, pid: int) -> None:
-    for path in qargv.parse(op.vm.argv).values("pidfile"):
-        target = Path(f"/proc/{pid}/root") / path.lstrip("/")
-        with contextlib.suppress(OSError):
-            target.write_text(f"{pid}\n")
 
 
 def _tail(path: str, limit: int = 600) -> str:
