@@ -224,14 +224,16 @@ def rewrite_pidfile(op: Operation, pid: int) -> None:
 
 
 def pids_with_arg(word: str) -> list[int]:
-    """Processes whose command line contains `word` (a path unique to one operation)."""
+    """Processes with an argument that contains `word` (a path unique to one operation,
+    e.g. inside `-qmp unix:PATH,server=on`)."""
     out = []
     for entry in procfs.PROC.iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            if word in procfs.cmdline(int(entry.name)) and procfs.alive(int(entry.name)):
-                out.append(int(entry.name))
+            pid = int(entry.name)
+            if any(word in arg for arg in procfs.cmdline(pid)) and procfs.alive(pid):
+                out.append(pid)
         except (FileNotFoundError, ProcessLookupError, PermissionError):
             continue
     return out
