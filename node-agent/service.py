@@ -58,7 +58,14 @@ from vmupdate_agent.models import (
     UpdateResult,
     VMInfo,
 )
-from vmupdate_agent.modes.common import Timeouts, UpdateAborted, kill_quietly, pids_with_arg
+from vmupdate_agent.modes import cpr_reboot
+from vmupdate_agent.modes.common import (
+    Timeouts,
+    UpdateAborted,
+    kill_quietly,
+    pids_with_arg,
+    write_pidfiles,
+)
 from vmupdate_agent.qmp import QmpError, QmpSession
 from vmupdate_api.gen import agent_v1_pb2 as pb
 from vmupdate_api.gen import agent_v1_pb2_grpc as pb_grpc
@@ -171,6 +178,11 @@ class RecoveryFacts:
     # A cpr-transfer target QEMU still in the operation's work folder (its own QMP socket).
     transfer_target_pids: tuple[int, ...] = ()
     transfer_target: QemuFacts | None = None
+    mode: CprMode | None = None
+    # The QEMU the operation started from still exists (cpr-reboot quits it mid-operation).
+    old_alive: bool = True
+    # The device state a cpr-reboot saved, when its file exists.
+    saved_state: str = ""
 
 
 @dataclass(frozen=True)
@@ -190,6 +202,7 @@ class Action(enum.StrEnum):
     CONT = "cont"
     KILL_TRANSFER_TARGET = "kill-transfer-target"
     ADOPT_TRANSFER_TARGET = "adopt-transfer-target"
+    LOAD_SAVED_STATE = "load-saved-state"  # cpr-reboot: give the waiting new QEMU the state
     DONE = "done"
 
 
@@ -214,6 +227,10 @@ def decide_recovery(f: RecoveryFacts, e: Expected, *, final: bool = False) -> Re
             return RecoveryStep(Action.DONE, "the guard's rollback did not finish in time",
                                 Outcome.LOST)
         return RecoveryStep(Action.WAIT, "the guard is rolling back")
+    if f.mode == CprMode.CPR_REBOOT and not f.old_alive:
+        step = _after_reboot_quit(f, final)
+        if step is not None:
+            return step
     if f.transfer_target_pids:
         t = f.transfer_target
         if t is not None and t.runstate == "running":
@@ -273,6 +290,49 @@ def decide_recovery(f: RecoveryFacts, e: Expected, *, final: bool = False) -> Re
     return RecoveryStep(Action.DONE, f"updated: {where}", Outcome.UPDATED)
 
 
+def _waits_for_state(q: QemuFacts | None) -> bool:
+    return q is not None and q.runstate == "inmigrate" and q.migration == "none"
+
+
+def _after_reboot_quit(f: RecoveryFacts, final: bool) -> RecoveryStep | None:
+    """cpr-reboot interrupted after the old QEMU quit: only the saved device state and the
+    RAM file hold the VM now, so the new QEMU is never stopped, but given the state (it was
+    started with a deferred incoming migration). None: the general rules apply (loading,
+    paused after the load, running)."""
+    target = f.transfer_target if f.transfer_target_pids else None
+    if f.transfer_target_pids and target is None:
+        if final:
+            return RecoveryStep(Action.DONE, "the old QEMU had quit and the new one never "
+                                "answered on QMP" + _restart_hint(f), Outcome.LOST)
+        return RecoveryStep(Action.WAIT, "the new QEMU does not answer yet")
+    if _waits_for_state(target) or _waits_for_state(f.vm):
+        if not f.saved_state:
+            return RecoveryStep(Action.DONE, "the old QEMU had quit, but its saved state is "
+                                "gone", Outcome.LOST)
+        return RecoveryStep(Action.LOAD_SAVED_STATE, f"the old QEMU has quit and the new one "
+                            f"waits for the state: loading {f.saved_state}")
+    if target is not None:
+        if final:
+            return RecoveryStep(Action.DONE, f"the new QEMU is {target.runstate} (migration "
+                                f"{target.migration}), not waiting for the state"
+                                + _restart_hint(f), Outcome.LOST)
+        return RecoveryStep(Action.WAIT, f"the new QEMU is {target.runstate}")
+    if f.vm is None:
+        # Nothing was started after the quit (the agent died in between), or it died.
+        return RecoveryStep(Action.DONE, "the old QEMU had quit and no new one runs"
+                            + _restart_hint(f), Outcome.LOST)
+    return None
+
+
+def _restart_hint(f: RecoveryFacts) -> str:
+    if not f.saved_state:
+        return "; no saved state was found"
+    return (f"; the VM's device state is saved in {f.saved_state} and its RAM is in its "
+            f"memory-backend file: start its QEMU again with its command line plus "
+            f"`-incoming defer`, then migrate-set-capabilities x-ignore-shared, "
+            f"migrate-set-parameters mode=cpr-reboot, migrate-incoming file:{f.saved_state}")
+
+
 _ROLLBACK_REASONS = {
     "commit-timeout": "no commit came within the guard's timeout",
     "new-exited": "the new QEMU exited before the commit",
@@ -282,13 +342,14 @@ _ROLLBACK_REASONS = {
 
 
 def infer_mode(requested: RequestedMode, workdir_files: frozenset[str]) -> CprMode | None:
-    """The mode an interrupted operation used, from what it left in its work folder."""
+    """The mode an interrupted operation used: the one requested, or (Auto, which picks
+    cpr-exec or cpr-transfer) what it left in its work folder."""
+    if requested != RequestedMode.AUTO:
+        return CprMode(requested.value)
     if "guard.status" in workdir_files:
         return CprMode.CPR_EXEC
     if "new-qemu.log" in workdir_files or "cpr.sock" in workdir_files:
         return CprMode.CPR_TRANSFER
-    if requested != RequestedMode.AUTO:
-        return CprMode(requested.value)
     return None
 
 
@@ -780,7 +841,14 @@ class Operations:
             if target_pids:
                 target, _ = await ask_qemu(target_sock, timeout=min(timeout, 3.0))
         qemu_pid = status.get("qemu_pid")
+        try:
+            files = frozenset(os.listdir(rec.workdir))
+        except OSError:
+            files = frozenset()
+        state = os.path.join(rec.workdir, cpr_reboot.STATE_FILE)
         return RecoveryFacts(
+            mode=infer_mode(rec.request.mode, files), old_alive=procfs.alive(rec.vm.pid),
+            saved_state=state if cpr_reboot.STATE_FILE in files else "",
             guard_phase=str(status["phase"]) if "phase" in status else None,
             guard_qemu_pid=qemu_pid if isinstance(qemu_pid, int) else None,
             guard_reason=str(status.get("reason") or ""),
@@ -806,10 +874,24 @@ class Operations:
             for pid in facts.transfer_target_pids:
                 await kill_quietly(pid, timeout=timeouts.command)
         elif action == Action.ADOPT_TRANSFER_TARGET:
-            await self._adopt_transfer_target(rec, timeouts)
+            await self._adopt_transfer_target(rec, facts, timeouts)
+        elif action == Action.LOAD_SAVED_STATE:
+            await self._load_saved_state(rec, facts, timeouts)
         return False
 
-    async def _adopt_transfer_target(self, rec: OperationRecord, timeouts: Timeouts) -> None:
+    async def _load_saved_state(self, rec: OperationRecord, facts: RecoveryFacts,
+                                timeouts: Timeouts) -> None:
+        # As the engine does once the old QEMU is gone: the VM's socket path is the new one's.
+        temp = os.path.join(rec.workdir, "qmp.sock")
+        if facts.transfer_target_pids and os.path.exists(temp):
+            os.replace(temp, rec.vm.qmp_path)
+        async with await QmpSession.open(rec.vm.qmp_path, timeout=timeouts.command,
+                                         command_timeout=timeouts.command) as s:
+            await cpr_reboot.load_saved_state(s, f"file:{facts.saved_state}", timeouts.load)
+            write_pidfiles(rec.vm.argv, s.peer_pid)
+
+    async def _adopt_transfer_target(self, rec: OperationRecord, facts: RecoveryFacts,
+                                     timeouts: Timeouts) -> None:
         old = rec.vm.pid
         if procfs.alive(old):
             with contextlib.suppress(QmpError, OSError):
@@ -821,6 +903,8 @@ class Operations:
             await kill_quietly(old, timeout=timeouts.command)
         # As the engine does once the old QEMU is gone: the VM's socket path is the new one's.
         os.replace(os.path.join(rec.workdir, "qmp.sock"), rec.vm.qmp_path)
+        if facts.transfer_target is not None:
+            write_pidfiles(rec.vm.argv, facts.transfer_target.pid)
 
     def _resolved_result(self, live: LiveOperation, facts: RecoveryFacts, step: RecoveryStep
                          ) -> UpdateResult:
@@ -876,7 +960,7 @@ class Operations:
 _ACTION_PHASES = {
     Action.COMMIT: Phase.SAVED, Action.ABORT: Phase.RECOVERED, Action.CONT: Phase.RESUMED,
     Action.KILL_TRANSFER_TARGET: Phase.RECOVERED, Action.ADOPT_TRANSFER_TARGET:
-        Phase.TRANSFERRED,
+        Phase.TRANSFERRED, Action.LOAD_SAVED_STATE: Phase.TRANSFERRED,
 }
 
 

@@ -8,7 +8,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -218,7 +218,11 @@ def _file_tail(path: str, limit: int = 600) -> str:
 
 def rewrite_pidfile(op: Operation, pid: int) -> None:
     """Point the VM's -pidfile at its new process (the old QEMU deleted it on exit)."""
-    for path in qargv.parse(op.vm.argv).values("pidfile"):
+    write_pidfiles(op.vm.argv, pid)
+
+
+def write_pidfiles(vm_argv: Sequence[str], pid: int) -> None:
+    for path in qargv.parse(vm_argv).values("pidfile"):
         with contextlib.suppress(OSError):
             (procfs.in_root(pid, path)).write_text(f"{pid}\n")
 

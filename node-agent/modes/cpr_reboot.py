@@ -33,12 +33,14 @@ from vmupdate_agent.modes.common import (
 from vmupdate_agent.qmp import QmpError, QmpSession
 
 _CAPS = [{"capability": "x-ignore-shared", "state": True}]
+# In the operation's work folder; found there again by an agent restarted mid-operation.
+STATE_FILE = "state"
 
 
 async def run(op: Operation) -> ModeResult:
     s = op.session
     was_running = op.vm.runstate == "running"
-    state_uri = f"file:{op.path('state')}"
+    state_uri = f"file:{op.path(STATE_FILE)}"
     await s.cmd("migrate-set-parameters", {"mode": "cpr-reboot"})
     await s.cmd("migrate-set-capabilities", {"capabilities": _CAPS})
     mark = s.mark()
@@ -137,17 +139,22 @@ async def _start(op: Operation, pinned: hostexec.PinnedContext, argv: qargv.Qemu
 
 
 async def _load(op: Operation, session: QmpSession, target: Target, state_uri: str) -> str:
+    await load_saved_state(session, state_uri, op.timeouts.load)
+    return await verify_version(session, target)
+
+
+async def load_saved_state(session: QmpSession, state_uri: str, timeout: float) -> None:
+    """Load a cpr-reboot's saved state into a QEMU started with `-incoming defer` (left
+    paused: -S)."""
     await session.cmd("migrate-set-parameters", {"mode": "cpr-reboot"})
     await session.cmd("migrate-set-capabilities", {"capabilities": _CAPS})
     await session.cmd("migrate-incoming", {"uri": state_uri})
-    await wait_incoming_loaded(session, op.timeouts.load)
-    version = await verify_version(session, target)
+    await wait_incoming_loaded(session, timeout)
     # Back to an ordinary QEMU: a later cpr-transfer or cpr-exec must not send with
     # x-ignore-shared (its receiver would refuse the stream).
     await session.cmd("migrate-set-capabilities", {"capabilities": [
         {"capability": "x-ignore-shared", "state": False}]})
     await session.cmd("migrate-set-parameters", {"mode": "normal"})
-    return version
 
 
 

@@ -90,6 +90,7 @@ def qemu(runstate: str = "running", migration: str = "none", pid: int = 100,
 
 
 W, C, RB = guard.PHASE_WATCHING, guard.PHASE_COMMITTED, guard.PHASE_ROLLED_BACK
+REBOOT, STATE = CprMode.CPR_REBOOT, "/run/vmupdate/ops/op-1/state"
 
 
 @pytest.mark.parametrize(("facts", "action", "outcome"), [
@@ -123,6 +124,34 @@ W, C, RB = guard.PHASE_WATCHING, guard.PHASE_COMMITTED, guard.PHASE_ROLLED_BACK
                    transfer_target=qemu("paused", "completed", pid=300)),
      Action.KILL_TRANSFER_TARGET, None),
     (RecoveryFacts(vm=qemu(pid=300)), Action.DONE, Outcome.UPDATED),
+    # cpr-reboot before the quit: the started QEMU never ran the guest; the old one resumes.
+    (RecoveryFacts(mode=REBOOT, saved_state=STATE, vm=qemu("postmigrate", "completed"),
+                   transfer_target_pids=(300,), transfer_target=qemu("inmigrate", pid=300)),
+     Action.KILL_TRANSFER_TARGET, None),
+    (RecoveryFacts(mode=REBOOT, saved_state=STATE, vm=qemu("postmigrate", "completed")),
+     Action.CONT, None),
+    # cpr-reboot after the quit: the saved state goes to the waiting new QEMU, wherever its
+    # socket is; it is never stopped (it is all that can run the VM now).
+    (RecoveryFacts(mode=REBOOT, old_alive=False, saved_state=STATE, vm=None,
+                   transfer_target_pids=(300,), transfer_target=qemu("inmigrate", pid=300)),
+     Action.LOAD_SAVED_STATE, None),
+    (RecoveryFacts(mode=REBOOT, old_alive=False, saved_state=STATE,
+                   vm=qemu("inmigrate", pid=300)), Action.LOAD_SAVED_STATE, None),
+    (RecoveryFacts(mode=REBOOT, old_alive=False, vm=qemu("inmigrate", pid=300)),
+     Action.DONE, Outcome.LOST),
+    (RecoveryFacts(mode=REBOOT, old_alive=False, saved_state=STATE, vm=None,
+                   transfer_target_pids=(300,)), Action.WAIT, None),
+    (RecoveryFacts(mode=REBOOT, old_alive=False, saved_state=STATE, vm=None,
+                   transfer_target_pids=(300,), transfer_target=qemu("paused", pid=300)),
+     Action.WAIT, None),
+    (RecoveryFacts(mode=REBOOT, old_alive=False, saved_state=STATE,
+                   vm=qemu("inmigrate", "active", pid=300)), Action.WAIT, None),
+    (RecoveryFacts(mode=REBOOT, old_alive=False, saved_state=STATE,
+                   vm=qemu("paused", "completed", pid=300)), Action.CONT, None),
+    (RecoveryFacts(mode=REBOOT, old_alive=False, saved_state=STATE, vm=qemu(pid=300)),
+     Action.DONE, Outcome.UPDATED),
+    (RecoveryFacts(mode=REBOOT, old_alive=False, saved_state=STATE, vm=None), Action.DONE,
+     Outcome.LOST),
 ])
 def test_decide_recovery(facts: RecoveryFacts, action: Action, outcome: Outcome | None) -> None:
     step = decide_recovery(facts, BEFORE)
@@ -135,7 +164,11 @@ def test_time_up_never_waits() -> None:
                RecoveryFacts(guard_phase=W, vm=None),
                RecoveryFacts(vm=None), RecoveryFacts(vm=qemu("paused", "active")),
                RecoveryFacts(guard_phase=guard.PHASE_ROLLING_BACK),
-               RecoveryFacts(vm=qemu("postmigrate"), transfer_target_pids=(3,))]
+               RecoveryFacts(vm=qemu("postmigrate"), transfer_target_pids=(3,)),
+               RecoveryFacts(mode=REBOOT, old_alive=False, saved_state=STATE,
+                             transfer_target_pids=(3,)),
+               RecoveryFacts(mode=REBOOT, old_alive=False, saved_state=STATE,
+                             transfer_target_pids=(3,), transfer_target=qemu("paused", pid=3))]
     for facts in waiting:
         assert decide_recovery(facts, BEFORE).action == Action.WAIT
         step = decide_recovery(facts, BEFORE, final=True)
@@ -157,3 +190,16 @@ def test_infer_mode() -> None:
     assert infer_mode(RequestedMode.AUTO, frozenset({"new-qemu.log"})) == CprMode.CPR_TRANSFER
     assert infer_mode(RequestedMode.CPR_REBOOT, frozenset()) == CprMode.CPR_REBOOT
     assert infer_mode(RequestedMode.AUTO, frozenset()) is None
+    # A cpr-reboot leaves a new-qemu.log too: the request says which mode it was.
+    assert infer_mode(RequestedMode.CPR_REBOOT, frozenset({"new-qemu.log", "state"})) == \
+        CprMode.CPR_REBOOT
+
+
+def test_a_lost_reboot_says_how_to_bring_the_vm_back() -> None:
+    step = decide_recovery(RecoveryFacts(mode=REBOOT, old_alive=False, saved_state=STATE),
+                           BEFORE)
+    assert step.outcome == Outcome.LOST
+    assert f"migrate-incoming file:{STATE}" in step.message and "-incoming defer" in step.message
+    timed_out = decide_recovery(RecoveryFacts(mode=REBOOT, old_alive=False, saved_state=STATE,
+                                              transfer_target_pids=(300,)), BEFORE, final=True)
+    assert timed_out.outcome == Outcome.LOST and "never answered" in timed_out.message
