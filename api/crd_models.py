@@ -941,3 +941,12 @@ class VMHost(K8sModel):
     metadata: ObjectMeta = Field(default_factory=ObjectMeta)
     spec: VMHostSpec
     status: VMHostStatus | None = None
+
+
+def status_merge_patch(status: K8sModel) -> dict[str, Any]:
+    """A merge patch that makes an object's ``.status`` equal ``status``: fields unset now
+    are sent as null, so the patch removes them (lists are replaced whole)."""
+    wire = status.to_wire()
+    for name, info in type(status).model_fields.items():
+        wire.setdefault(info.alias or name, None)
+    return {"status": wire}

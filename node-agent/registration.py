@@ -60,6 +60,7 @@ from vmupdate_api.crd_models import (
     Reason,
     VMHostStatus,
     condition,
+    status_merge_patch,
 )
 from vmupdate_api.gen import agent_v1_pb2 as pb
 
@@ -154,28 +155,7 @@ def vmhost_object(settings: RegistrationSettings) -> dict[str, Any]:
             "spec": {"nodeName": settings.node_name}}
 
 
-def status_patch(status: VMHostStatus) -> dict[str, Any]:
-    """A merge patch making .status equal ``status`` (unset fields sent as null)."""
-    wire = status.to_wire()
-    for name, info in VMHostStatus.model_fields.items():
-        wire.setdefault(info.alias or name, None)
-    return {"status": wire}
-
-
 # --- I/O -------------------------------------------------------------------------------------
-
-
-async def api_client() -> Any:
-    """In a pod: its service account; outside: $KUBECONFIG or ~/.kube/config."""
-    from kubernetes_asyncio import client, config
-
-    try:
-        config.load_incluster_config()  # type: ignore[no-untyped-call]
-        return client.ApiClient()
-    except config.ConfigException:
-        configuration = client.Configuration()
-        await config.load_kube_config(client_configuration=configuration)
-        return client.ApiClient(configuration)
 
 
 class VMHostWriter:
@@ -246,7 +226,10 @@ async def run_registration(settings: RegistrationSettings, list_vms: ListVMs, *,
     """Keep the VMHost current until ``stop`` is set. Errors are logged and retried at the
     next interval; this task never ends the agent."""
     own_api = api is None
-    api = api if api is not None else await api_client()
+    if api is None:
+        from vmupdate_api.kube import api_client  # kubernetes_asyncio: only when registering
+
+        api = await api_client()
     writer = VMHostWriter(api, settings)
     conditions: list[Condition] | None = None
     try:
@@ -276,7 +259,7 @@ async def _report_once(writer: VMHostWriter, settings: RegistrationSettings,
             c.to_wire() for c in failed]}})
         return failed
     status = host_status(listing, settings, listed_at, conditions)
-    await writer.write_status(status_patch(status))
+    await writer.write_status(status_merge_patch(status))
     return status.conditions
 
 

@@ -6,10 +6,16 @@ import asyncio
 import logging
 from typing import Any
 
-from kubernetes_asyncio import client, config
+from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from vmupdate_api.crd_models import GROUP, PLURAL_VMUPDATES, VERSION, VMUpdateStatus
+from vmupdate_api.crd_models import (
+    GROUP,
+    PLURAL_VMUPDATES,
+    VERSION,
+    VMUpdateStatus,
+    status_merge_patch,
+)
 
 log = logging.getLogger(__name__)
 
@@ -18,28 +24,6 @@ MERGE_PATCH = "application/merge-patch+json"
 
 class StatusWriteError(RuntimeError):
     """The status could not be written (the caller must not act as if it were)."""
-
-
-async def api_client() -> client.ApiClient:
-    """In the cluster: the pod's service account; outside: $KUBECONFIG or ~/.kube/config."""
-    try:
-        config.load_incluster_config()  # type: ignore[no-untyped-call]
-        return client.ApiClient()
-    except config.ConfigException:
-        configuration = client.Configuration()
-        await config.load_kube_config(client_configuration=configuration)
-        return client.ApiClient(configuration)
-
-
-def status_patch(status: VMUpdateStatus) -> dict[str, Any]:
-    """A merge patch that makes ``.status`` equal ``status``: fields that are unset now are
-    sent as null, so a merge patch removes them (lists are replaced whole)."""
-    wire = status.to_wire()
-    for name, info in VMUpdateStatus.model_fields.items():
-        alias = info.alias or name
-        if alias not in wire:
-            wire[alias] = None
-    return {"status": wire}
 
 
 class VMUpdateStatusWriter:
@@ -55,7 +39,7 @@ class VMUpdateStatusWriter:
         try:
             await asyncio.wait_for(
                 self._objects.patch_cluster_custom_object_status(
-                    GROUP, VERSION, PLURAL_VMUPDATES, name, status_patch(status),
+                    GROUP, VERSION, PLURAL_VMUPDATES, name, status_merge_patch(status),
                     _content_type=MERGE_PATCH, _request_timeout=self._timeout),
                 self._timeout + 5)
         except ApiException as exc:

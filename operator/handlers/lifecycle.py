@@ -8,10 +8,11 @@ from typing import Any
 import kopf
 
 from vmupdate_api.crd_models import GROUP
+from vmupdate_api.kube import api_client
 from vmupdate_operator import config as operator_config
 from vmupdate_operator.agents import AgentPool
 from vmupdate_operator.context import AgentsNotConfigured, OperatorContext
-from vmupdate_operator.kube import VMUpdateStatusWriter, api_client
+from vmupdate_operator.kube import VMUpdateStatusWriter
 from vmupdate_operator.metrics import Metrics
 
 FINALIZER = f"{GROUP}/finalizer"

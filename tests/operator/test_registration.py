@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from vmupdate_agent import registration as reg
-from vmupdate_api.crd_models import CprMode, VMHost, VMHostStatus
+from vmupdate_api.crd_models import CprMode, VMHost, VMHostStatus, status_merge_patch
 from vmupdate_api.gen import agent_v1_pb2 as pb
 
 T0 = datetime(2025, 6, 1, 12, 0, 0, tzinfo=UTC)
@@ -74,7 +74,7 @@ def test_object_and_patch() -> None:
     obj = reg.vmhost_object(SETTINGS)
     assert obj["metadata"] == {"name": "node-a", "labels": {"zone": "1"}}
     assert obj["spec"] == {"nodeName": "node-a"}
-    patch = reg.status_patch(VMHostStatus())
+    patch = status_merge_patch(VMHostStatus())
     assert patch["status"]["endpoint"] is None and patch["status"]["vms"] == []
 
 
