@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import stat
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -214,6 +215,34 @@ def _file_tail(path: str, limit: int = 600) -> str:
             return f.read().strip()[-limit:]
     except OSError:
         return ""
+
+
+OLD_BINARY_COPY = "old-qemu"
+
+
+async def binary_for_rollback(op: Operation) -> str:
+    """A path (inside the VM's root) that runs the old QEMU's binary, for the way back.
+
+    A package upgrade usually replaces the binary in place, and the VMs are then moved onto
+    the new file under the same path: a rollback through that path would start the very
+    QEMU that just failed. The running process still holds its binary (/proc/<pid>/exe), so
+    when the file on disk is another one, a copy of the running one is kept in the
+    operation's work folder (which the VM sees at the same path). Done before the guest is
+    stopped: it costs no pause."""
+    exe = f"/proc/{op.vm.pid}/exe"
+    running = await asyncio.to_thread(os.stat, exe)
+    try:
+        on_disk = await asyncio.to_thread(os.stat, procfs.in_root(op.vm.pid, op.vm.binary))
+        if (on_disk.st_dev, on_disk.st_ino) == (running.st_dev, running.st_ino):
+            return op.vm.binary
+    except OSError:
+        pass
+    copy = op.path(OLD_BINARY_COPY)
+    await asyncio.to_thread(shutil.copyfile, exe, copy)
+    os.chmod(copy, 0o755)
+    log.info("%s: %s was replaced on disk; the old QEMU is kept as %s for a rollback",
+             op.vm.name, op.vm.binary, copy)
+    return copy
 
 
 def rewrite_pidfile(op: Operation, pid: int) -> None:

@@ -23,6 +23,7 @@ from vmupdate_agent.modes.common import (
     ModeResult,
     Operation,
     UpdateAborted,
+    binary_for_rollback,
     ensure_running,
     pause_ms,
     reset_capabilities,
@@ -34,8 +35,10 @@ from vmupdate_agent.modes.common import (
 from vmupdate_agent.qmp import QmpError, QmpSession, QmpTimeout
 
 
-def build_commands(op: Operation, *, use_guard: bool) -> tuple[list[str], str]:
-    """The cpr-exec-command, and the state file URI."""
+def build_commands(op: Operation, *, use_guard: bool, old_binary: str
+                   ) -> tuple[list[str], str]:
+    """The cpr-exec-command, and the state file URI. `old_binary`: what the rollback runs
+    (see binary_for_rollback)."""
     state_uri = f"file:{op.path('state')}"
     new = qargv.appended(op.new_argv(), ["-S", "-incoming", state_uri]).render()
     if not use_guard:
@@ -44,7 +47,7 @@ def build_commands(op: Operation, *, use_guard: bool) -> tuple[list[str], str]:
     # The rollback brings back exactly the old QEMU: the binary it runs (not argv[0], which
     # may be a wrapper), its argv, and taps adopted by descriptor (fd=N), because a tap
     # opened by name is still held and would be busy.
-    old = qargv.taps_by_fd(qargv.with_binary(op.old_argv(), op.vm.binary),
+    old = qargv.taps_by_fd(qargv.with_binary(op.old_argv(), old_binary),
                            procfs.tun_fds(op.vm.pid))
     rollback = qargv.appended(old, ["-incoming", state_uri]).render()
     cmd = cpr_guard.guard_command(
@@ -57,7 +60,8 @@ def build_commands(op: Operation, *, use_guard: bool) -> tuple[list[str], str]:
 async def run(op: Operation, *, use_guard: bool) -> ModeResult:
     s = op.session
     was_running = op.vm.runstate == "running"
-    cmd, state_uri = build_commands(op, use_guard=use_guard)
+    old_binary = await binary_for_rollback(op) if use_guard else op.vm.binary
+    cmd, state_uri = build_commands(op, use_guard=use_guard, old_binary=old_binary)
     await reset_capabilities(s)
     await s.cmd("migrate-set-parameters", {"mode": "cpr-exec", "cpr-exec-command": cmd})
     mark = s.mark()

@@ -17,6 +17,7 @@ from vmupdate_agent.modes.common import (
     ModeResult,
     Operation,
     UpdateAborted,
+    binary_for_rollback,
     connect_new_qemu,
     ensure_running,
     kill_quietly,
@@ -41,6 +42,7 @@ async def run(op: Operation) -> ModeResult:
     s = op.session
     was_running = op.vm.runstate == "running"
     state_uri = f"file:{op.path(STATE_FILE)}"
+    old_binary = await binary_for_rollback(op)
     await s.cmd("migrate-set-parameters", {"mode": "cpr-reboot"})
     await s.cmd("migrate-set-capabilities", {"capabilities": _CAPS})
     mark = s.mark()
@@ -60,13 +62,13 @@ async def run(op: Operation) -> ModeResult:
     old_pid = op.vm.pid
     pinned = op.host.pin(old_pid)
     try:
-        return await _handover(op, s, pinned, state_uri, was_running)
+        return await _handover(op, s, pinned, state_uri, was_running, old_binary)
     finally:
         pinned.close()
 
 
 async def _handover(op: Operation, s: QmpSession, pinned: hostexec.PinnedContext,
-                    state_uri: str, was_running: bool) -> ModeResult:
+                    state_uri: str, was_running: bool, old_binary: str) -> ModeResult:
     # The new QEMU starts while the old one still exists (stopped), on a socket of its own:
     # if it cannot start, the old one simply resumes.
     temp_qmp = op.path("qmp.sock")
@@ -90,7 +92,7 @@ async def _handover(op: Operation, s: QmpSession, pinned: hostexec.PinnedContext
     except (QmpError, TimeoutError) as exc:
         await session.close()
         await _kill_started(op)
-        return await _restart_old(op, pinned, state_uri, str(exc))
+        return await _restart_old(op, pinned, state_uri, str(exc), old_binary)
     resumed = await resume(session, op.timeouts.command)
     await op.emit(Phase.RESUMED, f"the guest runs in the new QEMU (pid {session.peer_pid})")
     rewrite_pidfile(op, session.peer_pid)
@@ -102,9 +104,9 @@ async def _handover(op: Operation, s: QmpSession, pinned: hostexec.PinnedContext
 
 
 async def _restart_old(op: Operation, pinned: hostexec.PinnedContext, state_uri: str,
-                       why: str) -> ModeResult:
-    old_argv = qargv.with_binary(op.old_argv(), op.vm.binary)
-    old_target = Target(binary=op.vm.binary, expected_version=str(op.vm.features.version))
+                       why: str, old_binary: str) -> ModeResult:
+    old_argv = qargv.with_binary(op.old_argv(), old_binary)
+    old_target = Target(binary=old_binary, expected_version=str(op.vm.features.version))
     try:
         session = await _start(op, pinned, old_argv, op.vm.qmp_path)
         version = await _load(op, session, old_target, state_uri)

@@ -9,6 +9,7 @@ seen on the serial line.
 from __future__ import annotations
 
 import asyncio
+import shutil
 import statistics
 import sys
 import time
@@ -454,3 +455,49 @@ async def test_pidfile_and_alternating_new_process_modes(rig: Rig, vm_factory: V
         assert result.outcome == Outcome.UPDATED, f"{mode}: {result.message}"
         assert pidfile.read_text().strip() == str(result.pid_after) == str(vm.pid)
     vm.serial.assert_continuous()
+
+
+# --- the old binary replaced on disk (a package upgrade) ----------------------------------
+
+WRONG_MACHINE = "pc-q35-9.2"  # a QEMU forced onto it cannot load the VM's state
+
+
+@pytest.mark.parametrize(("flavour", "mode"), [("sid", "cpr-exec"), ("backports", "cpr-reboot")])
+async def test_rollback_runs_the_old_binary_even_when_its_file_was_replaced(
+        flavour: Flavour, mode: str, rig: Rig, vm_factory: VMFactory, runtime_dir: Path,
+        built_guard: Path) -> None:
+    """The usual host update: the package manager replaces the QEMU binary in place, then
+    the VMs move onto the new file under the same path. If the new QEMU fails, the way back
+    must run the binary the VM ran, not what the path names now (here: a QEMU that cannot
+    load the state, which a rollback through the path would start again, losing the VM)."""
+    qemu = rig.qemu(flavour)
+    bin_dir = runtime_dir / "opt-qemu"
+    bin_dir.mkdir()
+    path = bin_dir / "qemu-system-x86_64"
+    real = qemu.root / qemu.binary.lstrip("/") if qemu.root else Path(qemu.binary)
+    shutil.copyfile(real, path)
+    path.chmod(0o755)
+    agent = make_engine(rig, runtime_dir, built_guard, allowed=(str(bin_dir),))
+    vm = await started(vm_factory, flavour, backend="memfd" if mode == "cpr-exec" else "file")
+    token = vm.token
+    onto_copy = await update(agent, vm, str(path), "cpr-exec" if mode == "cpr-exec"
+                             else "cpr-transfer")
+    assert onto_copy.outcome == Outcome.UPDATED, onto_copy.message
+    assert procfs.exe(vm.pid) == str(path)
+
+    # The "upgrade": another file under the same path.
+    upgraded = bin_dir / "upgraded"
+    upgraded.write_text(f'#!/bin/sh\nexec {qemu.binary} "$@" -machine {WRONG_MACHINE}\n')
+    upgraded.chmod(0o755)
+    upgraded.replace(path)
+    result = await agent.update(str(vm.qmp_path), Target(binary=str(path)), RequestedMode(mode),
+                                skip_preflight=True)
+    assert result.outcome == Outcome.ROLLED_BACK, result.message
+    await vm.serial.wait_ticks(5, after=time.monotonic_ns(), timeout=30)
+    assert vm.pid == result.pid_after
+    assert vm.token == token
+    vm.serial.assert_continuous()
+    async with vm.qmp() as qmp:
+        assert (await qmp.execute("query-status"))["status"] == "running"
+        version = await qmp.execute("query-version")
+    assert f"{version['qemu']['major']}.{version['qemu']['minor']}" in qemu.version
