@@ -25,7 +25,8 @@ Rules, in the order they are applied:
    (CanaryFailed); an updated VM paused longer than ``pauseBudgetMs`` in this generation
    (PauseBudgetExceeded); with failurePolicy Halt, more than ``maxFailures`` failed VMs
    (FailureLimitExceeded). Halted: nothing new starts; running updates finish.
-5. Starting, in (host, name) order, none while halted or ``paused``: only on available hosts;
+5. Starting, in (host, name) order, none while halted or ``paused``: only on available hosts,
+   and (real rollouts) only VMs their host reports ready (not ready ones wait, and say why);
    while the canary phase lasts (fewer than ``canary`` VMs updated by this rollout) one VM
    at a time and nothing else in flight; otherwise up to ``maxParallel`` in flight across the
    cluster and ``maxParallelPerHost`` per host. Dry runs use the same limits, no canary.
@@ -68,6 +69,8 @@ RETRIED_ON_NEW_GENERATION = FAILED_VM_PHASES | {VMPhase.DRY_RUN_PASSED}
 ALREADY_ON_TARGET = "already runs the target"
 HALTED = "not started: the rollout is halted"
 PAUSED = "not started: spec.paused is true"
+NOT_READY = ("not started: VM(s) not ready for an in-place update (each row says why; fix the "
+             "VM's command line or wait until it is free)")
 
 
 @dataclass(frozen=True)
@@ -307,6 +310,15 @@ def _start(*, uid: str, generation: int, spec: VMUpdateSpec, rows: list[VMRollou
             wait(row, PAUSED)
         elif unavailable.get(row.host) is not None or vm is None:
             wait(row, unavailable.get(row.host) or f"host {row.host} does not list the VM")
+        elif not vm.ready and not spec.dry_run:
+            # Its agent would refuse it; starting it would only count a failure (and may
+            # halt the rollout). It starts once its host reports it ready. A dry run still
+            # asks: its preflight report is the detail the user needs.
+            if NOT_READY not in waiting:
+                waiting.append(NOT_READY)
+            reasons = "; ".join(vm.not_ready_reasons) or "its agent gave no reason"
+            out.append(row.model_copy(update={
+                "message": f"not started: not ready for an in-place update: {reasons}"}))
         elif in_flight >= limit:
             wait(row, "waiting for the canary to finish" if canary_active
                  else f"waiting: {limit} VM(s) in flight (strategy.maxParallel)")

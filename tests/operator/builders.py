@@ -23,10 +23,12 @@ def uuid_for(name: str) -> str:
 
 
 def vm(name: str, *, version: str = OLD_VERSION, binary: str = OLD, pid: int = 4242,
-       uuid: str | None = "auto", ready: bool = True) -> HostVM:
+       uuid: str | None = "auto", ready: bool = True,
+       not_ready_reasons: tuple[str, ...] = ()) -> HostVM:
     return HostVM(name=name, uuid=uuid_for(name) if uuid == "auto" else uuid, pid=pid,
                   qemu_version=version, binary=binary, machine_type="pc-q35-10.0",
-                  memory_mib=256, runstate="running", ready=ready)
+                  memory_mib=256, runstate="running", ready=ready,
+                  not_ready_reasons=list(not_ready_reasons))
 
 
 def on_target(name: str, **kwargs: Any) -> HostVM:

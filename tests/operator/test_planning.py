@@ -465,6 +465,42 @@ def test_vms_of_unavailable_hosts_wait(inventory: object, why: str) -> None:
     assert plan.started == () and why in (by_name(plan)["x"].message or "")
 
 
+# --- VMs their host reports not ready -------------------------------------------------------
+
+SHARE_OFF = "cpr-exec: memory backend ram0 has share=off; restart the VM with share=on"
+
+
+def test_a_vm_that_is_not_ready_waits_and_says_why_while_the_others_go_on() -> None:
+    inventory = host("a", vm("x", ready=False, not_ready_reasons=(SHARE_OFF,)), vm("y"))
+    plan = make_plan(spec(), [inventory])
+    assert [r.name for r in plan.started] == ["y"]
+    x = by_name(plan)["x"]
+    assert x.phase == P and x.operation_id is None
+    assert x.message == f"not started: not ready for an in-place update: {SHARE_OFF}"
+    assert plan.waiting == (planning.NOT_READY,) and plan.halt is None
+
+
+def test_a_not_ready_vm_neither_fails_nor_holds_up_the_canary() -> None:
+    inventory = host("a", vm("a1", ready=False), vm("a2"), vm("a3"))
+    plan = make_plan(spec(strategy={"canary": 1, "failurePolicy": "Halt", "maxFailures": 0}),
+                     [inventory])
+    assert [r.name for r in plan.started] == ["a2"] and plan.canary_active
+    assert by_name(plan)["a1"].message == ("not started: not ready for an in-place update: "
+                                           "its agent gave no reason")
+
+
+def test_a_not_ready_vm_starts_once_its_host_reports_it_ready() -> None:
+    first = make_plan(spec(), [host("a", vm("x", ready=False))])
+    assert first.started == ()
+    again = make_plan(spec(), [host("a", vm("x"))], rows=first.rows)
+    assert [r.name for r in again.started] == ["x"]
+
+
+def test_a_dry_run_still_asks_the_agent_about_a_not_ready_vm() -> None:
+    plan = make_plan(spec(dryRun=True), [host("a", vm("x", ready=False))])
+    assert [r.name for r in plan.started] == ["x"]
+
+
 def test_stale_after_is_configurable() -> None:
     inventory = host("a", vm("x"), heartbeat=T0 - timedelta(seconds=20))
     assert make_plan(spec(), [inventory]).started
