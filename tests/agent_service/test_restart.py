@@ -38,25 +38,36 @@ async def guard_phase(path: Path, wanted: set[str], timeout: float) -> dict[str,
     raise AssertionError(f"guard status {status} never reached {wanted}")
 
 
-async def freeze_then_kill(env: QemuEnv, agent: AgentProcess, op_id: str, vm_name: str,
-                           **request_fields: Any
-                           ) -> tuple[asyncio.Task[pb.UpdateResult], list[pb.OperationEvent]]:
-    """Start an update through the client library; freeze the agent as soon as it reports
-    STOPPING (the migrate command is already on its way to QEMU), wait until the guard has
-    exec'd the new QEMU, then SIGKILL the agent. QEMU and the guard carry on without it."""
+async def frozen_at(env: QemuEnv, agent: AgentProcess, op_id: str, vm_name: str, phase: int,
+                    **request_fields: Any
+                    ) -> tuple[asyncio.Task[pb.UpdateResult], list[pb.OperationEvent]]:
+    """Start an update through the client library and freeze the agent (SIGSTOP) as soon as
+    it reports `phase`: it gets no further than a few ms past it. Returns the client's
+    waiting call (it reattaches to a restarted agent) and the events it saw."""
     client = await agent.client()
     seen: list[pb.OperationEvent] = []
     frozen = asyncio.Event()
 
     def on_event(event: pb.OperationEvent) -> None:
         seen.append(event)
-        if event.progress.phase == pb.PHASE_STOPPING and not frozen.is_set():
+        if event.progress.phase == phase and not frozen.is_set():
             os.kill(agent.pid, signal.SIGSTOP)
             frozen.set()
 
     request = update_request(env, op_id, vm_name, **request_fields)
     waiting = asyncio.create_task(client.update(request, on_event=on_event, timeout=600))
     await asyncio.wait_for(frozen.wait(), 120)
+    return waiting, seen
+
+
+async def freeze_then_kill(env: QemuEnv, agent: AgentProcess, op_id: str, vm_name: str,
+                           **request_fields: Any
+                           ) -> tuple[asyncio.Task[pb.UpdateResult], list[pb.OperationEvent]]:
+    """Freeze the agent as soon as it reports STOPPING (the migrate command is already on
+    its way to QEMU), wait until the guard has exec'd the new QEMU, then SIGKILL the agent.
+    QEMU and the guard carry on without it."""
+    waiting, seen = await frozen_at(env, agent, op_id, vm_name, pb.PHASE_STOPPING,
+                                    **request_fields)
     await guard_phase(agent.runtime_dir / "ops" / op_id / "guard.status",
                       {guard.PHASE_WATCHING}, 30)
     os.kill(agent.pid, signal.SIGKILL)
@@ -145,19 +156,8 @@ async def cut_a_reboot_after_the_quit(env: QemuEnv, vm: TestVM, *, start_new: bo
     (`start_new=False`: it died, or the agent died before starting it); and the old QEMU
     quit."""
     agent = await env.agent()
-    client = await agent.client()
-    seen: list[pb.OperationEvent] = []
-    frozen = asyncio.Event()
-
-    def on_event(event: pb.OperationEvent) -> None:
-        seen.append(event)
-        if event.progress.phase == pb.PHASE_SAVED and not frozen.is_set():
-            os.kill(agent.pid, signal.SIGSTOP)
-            frozen.set()
-
-    request = update_request(env, "op-reboot", vm.name, mode=pb.MODE_CPR_REBOOT)
-    waiting = asyncio.create_task(client.update(request, on_event=on_event, timeout=600))
-    await asyncio.wait_for(frozen.wait(), 120)
+    waiting, seen = await frozen_at(env, agent, "op-reboot", vm.name, pb.PHASE_SAVED,
+                                    mode=pb.MODE_CPR_REBOOT)
     workdir = agent.runtime_dir / "ops" / "op-reboot"
     temp_qmp = workdir / "qmp.sock"
     await asyncio.sleep(1.0)  # a new QEMU the agent launched as it froze shows up by now
@@ -256,22 +256,9 @@ async def test_a_reboot_cut_with_no_new_qemu_is_lost_and_says_how_to_restart_it(
 async def killed_at(env: QemuEnv, vm: TestVM, op_id: str, phase: int, **request_fields: Any
                     ) -> tuple[AgentProcess, asyncio.Task[pb.UpdateResult],
                                list[pb.OperationEvent]]:
-    """Start an update, SIGKILL the agent as soon as it reports `phase` (frozen first, so it
-    gets no further than a few ms past it)."""
+    """Start an update, SIGKILL the agent as soon as it reports `phase`."""
     agent = await env.agent()
-    client = await agent.client()
-    seen: list[pb.OperationEvent] = []
-    frozen = asyncio.Event()
-
-    def on_event(event: pb.OperationEvent) -> None:
-        seen.append(event)
-        if event.progress.phase == phase and not frozen.is_set():
-            os.kill(agent.pid, signal.SIGSTOP)
-            frozen.set()
-
-    request = update_request(env, op_id, vm.name, **request_fields)
-    waiting = asyncio.create_task(client.update(request, on_event=on_event, timeout=600))
-    await asyncio.wait_for(frozen.wait(), 120)
+    waiting, seen = await frozen_at(env, agent, op_id, vm.name, phase, **request_fields)
     os.kill(agent.pid, signal.SIGKILL)
     await agent.kill()
     return agent, waiting, seen
