@@ -11,7 +11,6 @@ import pytest
 import yaml
 
 from e2e.cluster.sandbox import Sandbox
-from e2e.k8s.fixtures import *  # noqa: F403  (fixtures)
 from e2e.k8s.fixtures import operator_stopped
 
 pytestmark = pytest.mark.k8s

@@ -19,7 +19,6 @@ import pytest
 
 from e2e.cluster.fixtures import Kubectl
 from e2e.k8s import kube
-from e2e.k8s.fixtures import *  # noqa: F403  (fixtures)
 from e2e.k8s.fixtures import ACTIVE_PRIORITY, Placement
 from e2e.k8s.nodes import Fleet
 from e2e.k8s.operator_process import HOST_STALE_AFTER_S, PEERING_LIFETIME_S, OperatorProcess

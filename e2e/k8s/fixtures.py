@@ -1,6 +1,6 @@
-"""pytest fixtures for the operator's end-to-end tests. Use from a test module::
-
-    from e2e.k8s.fixtures import *  # noqa: F403  (fixtures)
+"""pytest fixtures for the operator's end-to-end tests, imported once for all of e2e/ by
+e2e/conftest.py (imported into each test module instead, every module would get its own
+session fleet and operator).
 
 Session-wide: the sandbox control plane with the CRDs and the peering object, two simulated
 nodes (``node-a``, ``node-b``: an agent and a VMHost registrar each), the operator process.
