@@ -317,6 +317,8 @@ class ManagedProcess:
     log: Path
     popen: subprocess.Popen[bytes] | None = None
     pid: int = 0
+    #: variables set (or replaced) in the inherited environment, e.g. another KUBECONFIG
+    env: dict[str, str] | None = None
 
     def start(self, *, die_with_parent: bool) -> None:
         argv = self.argv
@@ -333,6 +335,7 @@ class ManagedProcess:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 close_fds=True,
+                env=None if self.env is None else {**os.environ, **self.env},
             )
         self.pid = self.popen.pid
 
