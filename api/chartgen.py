@@ -14,8 +14,6 @@ A build tool, not a runtime contract: it reads the agent's model to write the ch
 
 from __future__ import annotations
 
-import argparse
-import difflib
 import json
 import sys
 from collections.abc import Mapping, Sequence
@@ -23,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from vmupdate_agent.config import AgentConfig
+from vmupdate_api import generated
 
 COMMAND = "python -m vmupdate_api.chartgen"
 CHART = "charts/vmupdate"
@@ -232,58 +231,19 @@ def render(root: Path) -> dict[str, str]:
     }
 
 
-def default_root() -> Path:
-    """The repository root when run from a checkout, else the current directory."""
-    here = Path(__file__).resolve().parent.parent
-    return here if (here / "pyproject.toml").is_file() else Path.cwd()
-
-
 def drift(root: Path) -> list[str]:
     """Differences between the generated files and those under ``root`` (empty: none)."""
-    problems: list[str] = []
-    for rel, text in sorted(render(root).items()):
-        path = root / rel
-        current = path.read_text() if path.is_file() else None
-        if current is None:
-            problems.append(f"{rel}: missing")
-        elif current != text:
-            diff = difflib.unified_diff(
-                current.splitlines(keepends=True), text.splitlines(keepends=True),
-                f"{rel} (checked in)", f"{rel} (generated)", n=1)
-            problems.append("".join(list(diff)[:40]))
-    return problems
+    return generated.drift(render(root), root)
 
 
 def write(root: Path) -> list[str]:
     """Write every generated file under ``root``; return the relative paths changed."""
-    changed = []
-    for rel, text in sorted(render(root).items()):
-        path = root / rel
-        if not path.is_file() or path.read_text() != text:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
-            changed.append(rel)
-    return changed
+    return generated.write(render(root), root)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="fail when files are stale")
-    parser.add_argument("--root", type=Path, default=None, help="repository root")
-    args = parser.parse_args(argv)
-    root: Path = args.root or default_root()
-    if args.check:
-        problems = drift(root)
-        for p in problems:
-            print(p, file=sys.stderr)
-        if problems:
-            print(f"chart files are stale: run `{COMMAND}`", file=sys.stderr)
-            return 1
-        print("chart files up to date")
-        return 0
-    for rel in write(root):
-        print(f"wrote {rel}")
-    return 0
+    return generated.main(argv, command=COMMAND, description=__doc__.splitlines()[0],
+                          what="chart files", check=drift, generate=write)
 
 
 if __name__ == "__main__":

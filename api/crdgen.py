@@ -12,9 +12,7 @@ keyword without a Kubernetes meaning is an error rather than silently passed thr
 
 from __future__ import annotations
 
-import argparse
 import copy
-import difflib
 import re
 import sys
 from collections.abc import Mapping, Sequence
@@ -25,6 +23,7 @@ import yaml
 from pydantic import BaseModel
 
 from vmupdate_api import crd_models as m
+from vmupdate_api import generated
 
 COMMAND = "python -m vmupdate_api.crdgen"
 HEADER = (
@@ -323,30 +322,11 @@ def render() -> dict[str, str]:
     return out
 
 
-def default_root() -> Path:
-    """The repository root when run from a checkout, else the current directory."""
-    here = Path(__file__).resolve().parent.parent
-    return here if (here / "pyproject.toml").is_file() else Path.cwd()
-
-
 def drift(root: Path) -> list[str]:
-    """Differences between the generated files and those under ``root`` (empty: none)."""
-    problems: list[str] = []
+    """Differences between the generated files and those under ``root`` (empty: none),
+    including CRD files that nothing generates any more."""
     files = render()
-    for rel, text in sorted(files.items()):
-        path = root / rel
-        current = path.read_text() if path.is_file() else None
-        if current is None:
-            problems.append(f"{rel}: missing")
-        elif current != text:
-            diff = difflib.unified_diff(
-                current.splitlines(keepends=True),
-                text.splitlines(keepends=True),
-                f"{rel} (checked in)",
-                f"{rel} (generated)",
-                n=1,
-            )
-            problems.append("".join(list(diff)[:40]))
+    problems = generated.drift(files, root)
     for folder in CRD_DIRS:
         for path in sorted((root / folder).glob(f"{m.GROUP}_*.yaml")):
             rel = f"{folder}/{path.name}"
@@ -357,34 +337,12 @@ def drift(root: Path) -> list[str]:
 
 def write(root: Path) -> list[str]:
     """Write every generated file under ``root``; return the relative paths changed."""
-    changed = []
-    for rel, text in sorted(render().items()):
-        path = root / rel
-        if not path.is_file() or path.read_text() != text:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
-            changed.append(rel)
-    return changed
+    return generated.write(render(), root)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="fail when files are stale")
-    parser.add_argument("--root", type=Path, default=None, help="repository root")
-    args = parser.parse_args(argv)
-    root: Path = args.root or default_root()
-    if args.check:
-        problems = drift(root)
-        for p in problems:
-            print(p, file=sys.stderr)
-        if problems:
-            print(f"CRDs are stale: run `{COMMAND}`", file=sys.stderr)
-            return 1
-        print("CRDs up to date")
-        return 0
-    for rel in write(root):
-        print(f"wrote {rel}")
-    return 0
+    return generated.main(argv, command=COMMAND, description=__doc__.splitlines()[0],
+                          what="CRDs", check=drift, generate=write)
 
 
 if __name__ == "__main__":
