@@ -171,9 +171,11 @@ class CertificateAuthority:
         *,
         server_names: Sequence[str] = (),
         server_ips: Sequence[str] = (),
+        uris: Sequence[str] = (),
         days: int = 30,
     ) -> tuple[bytes, bytes]:
-        """A (cert PEM, key PEM) pair: a client cert, or a serving cert if names are given."""
+        """A (cert PEM, key PEM) pair: a client cert, or a serving cert if names are given.
+        ``uris``: URI SANs (a workload identity such as SPIFFE), on either kind."""
         key = _key()
         attrs = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, o) for o in organizations]
         attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, common_name))
@@ -215,9 +217,10 @@ class CertificateAuthority:
                 critical=False,
             )
         )
-        if serving:
-            sans: list[x509.GeneralName] = [x509.DNSName(n) for n in server_names]
-            sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in server_ips]
+        sans: list[x509.GeneralName] = [x509.DNSName(n) for n in server_names]
+        sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in server_ips]
+        sans += [x509.UniformResourceIdentifier(u) for u in uris]
+        if sans:
             builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
         cert = builder.sign(self.key, hashes.SHA256())
         return _cert_pem(cert), _key_pem(key)

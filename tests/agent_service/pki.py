@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-Key = ec.EllipticCurvePrivateKey
+from e2e.cluster.sandbox import CertificateAuthority
 
 
 @dataclass(frozen=True)
@@ -25,13 +18,8 @@ class Issued:
 @dataclass(frozen=True)
 class Authority:
     name: str
-    cert: x509.Certificate
-    key: Key
+    ca: CertificateAuthority
     path: Path
-
-
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -42,50 +30,24 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def make_ca(directory: Path, name: str) -> Authority:
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(_name(name)).issuer_name(_name(name))
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=2))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True,
-                                         crl_sign=True, content_commitment=False,
-                                         key_encipherment=False, data_encipherment=False,
-                                         key_agreement=False, encipher_only=False,
-                                         decipher_only=False), critical=True)
-            .sign(key, hashes.SHA256()))
+    ca = CertificateAuthority.create(name)
     path = directory / f"{name}.crt"
     directory.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, cert.public_bytes(serialization.Encoding.PEM))
-    return Authority(name, cert, key, path)
+    _write_atomic(path, ca.cert_pem)
+    return Authority(name, ca, path)
 
 
 def issue(ca: Authority, directory: Path, stem: str, cn: str, *,
-          dns: tuple[str, ...] = (), ips: tuple[str, ...] = (), uris: tuple[str, ...] = (),
-          server: bool = False) -> Issued:
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
-    sans += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
-    sans += [x509.UniformResourceIdentifier(u) for u in uris]
-    usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
-    builder = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(ca.cert.subject)
-               .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(hours=1))
-               .not_valid_after(now + datetime.timedelta(days=1))
-               .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-               .add_extension(x509.ExtendedKeyUsage([usage]), critical=False))
-    if sans:
-        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-    cert = builder.sign(ca.key, hashes.SHA256())
+          dns: tuple[str, ...] = (), ips: tuple[str, ...] = (), uris: tuple[str, ...] = ()
+          ) -> Issued:
+    """A certificate (a serving one when it names hosts) and its key, written under
+    ``directory`` as <stem>.crt and <stem>.key."""
+    cert, key = ca.ca.issue(cn, server_names=dns, server_ips=ips, uris=uris, days=1)
     directory.mkdir(parents=True, exist_ok=True)
     issued = Issued(directory / f"{stem}.crt", directory / f"{stem}.key")
     # Key first: for a moment the pair does not match, which the agent must ride out.
-    _write_atomic(issued.key, key.private_bytes(serialization.Encoding.PEM,
-                                                serialization.PrivateFormat.PKCS8,
-                                                serialization.NoEncryption()))
-    _write_atomic(issued.cert, cert.public_bytes(serialization.Encoding.PEM))
+    _write_atomic(issued.key, key)
+    _write_atomic(issued.cert, cert)
     return issued
 
 
@@ -108,7 +70,7 @@ def make_pki(directory: Path) -> Pki:
     return Pki(
         ca=ca,
         server=issue(ca, directory, "agent", "vmupdate-agent", dns=("localhost",),
-                     ips=("127.0.0.1",), server=True),
+                     ips=("127.0.0.1",)),
         operator=issue(ca, directory, "operator", "vmupdate-operator"),
         spiffe=issue(ca, directory, "spiffe", "some-workload",
                      uris=("spiffe://cluster.local/ns/vmupdate/sa/operator",)),

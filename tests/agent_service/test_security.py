@@ -162,7 +162,7 @@ async def test_certificate_files_are_reloaded(agents: AgentFactory, empty_globs:
     # Rotate the serving certificate and key in place (same CA).
     folder = pki.server.cert.parent
     issue(pki.ca, folder, "agent", "vmupdate-agent-rotated", dns=("localhost",),
-          ips=("127.0.0.1",), server=True)
+          ips=("127.0.0.1",))
     await eventually_presents(agent, "vmupdate-agent-rotated")
     fresh = await agent.client()
     assert (await fresh.get_info()).node_name == "test-node"
@@ -170,7 +170,7 @@ async def test_certificate_files_are_reloaded(agents: AgentFactory, empty_globs:
     # Rotate to a certificate from another CA: new connections present it, so clients that
     # trust only the old CA are refused and clients that trust the new one are served.
     issue(pki.stranger_ca, folder, "agent", "vmupdate-agent-new-ca", dns=("localhost",),
-          ips=("127.0.0.1",), server=True)
+          ips=("127.0.0.1",))
     await eventually_presents(agent, "vmupdate-agent-new-ca")
     old_trust = await AgentClient.connect(agent.target, agent.tls(), retry=ONE_TRY)
     async with old_trust:
