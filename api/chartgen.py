@@ -136,6 +136,13 @@ def _service_account() -> dict[str, Any]:
                  "annotations": _STRING_MAP}, required=["create"])
 
 
+def _pod_placement() -> dict[str, Any]:
+    """What both workloads take for their pods: resources, metadata, scheduling."""
+    return {"resources": _ANY_OBJECT, "podAnnotations": _STRING_MAP, "podLabels": _STRING_MAP,
+            "priorityClassName": _str(), "nodeSelector": _STRING_MAP,
+            "tolerations": _ANY_LIST, "affinity": _ANY_OBJECT}
+
+
 def values_schema() -> dict[str, Any]:
     operator = _obj({
         "replicas": _int(0),
@@ -157,13 +164,7 @@ def values_schema() -> dict[str, Any]:
         "metrics": _obj({"port": _PORT, "service": _obj({"enabled": {"type": "boolean"},
                                                          "port": _int(1, 65535)})}),
         "healthPort": _PORT,
-        "resources": _ANY_OBJECT,
-        "podAnnotations": _STRING_MAP,
-        "podLabels": _STRING_MAP,
-        "priorityClassName": _str(),
-        "nodeSelector": _STRING_MAP,
-        "tolerations": _ANY_LIST,
-        "affinity": _ANY_OBJECT,
+        **_pod_placement(),
         "podSecurityContext": _ANY_OBJECT,
         "securityContext": _ANY_OBJECT,
     }, required=["replicas", "tlsSecret", "peering"])
@@ -177,13 +178,7 @@ def values_schema() -> dict[str, Any]:
         "hostNetwork": {"type": "boolean"},
         "terminationGracePeriodSeconds": _int(0),
         "updateStrategy": _ANY_OBJECT,
-        "resources": _ANY_OBJECT,
-        "podAnnotations": _STRING_MAP,
-        "podLabels": _STRING_MAP,
-        "priorityClassName": _str(),
-        "nodeSelector": _STRING_MAP,
-        "tolerations": _ANY_LIST,
-        "affinity": _ANY_OBJECT,
+        **_pod_placement(),
     }, required=["tlsSecret", "config"])
     registrar = _obj({
         "enabled": {"type": "boolean"},
