@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from vmupdate_agent import workdirs
 from vmupdate_agent.hostexec import DEFAULT_DETACH, DEFAULT_PREFIX
 
 
@@ -80,6 +81,11 @@ class AgentConfig(BaseModel):
     @classmethod
     def _abs(cls, v: str, info: Any) -> str:
         return _absolute(v, info.field_name)
+
+    @field_validator("runtime_dir")
+    @classmethod
+    def _fits(cls, v: str) -> str:
+        return workdirs.check_runtime_dir(v)
 
     @field_validator("socket_globs")
     @classmethod

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from vmupdate_agent import argv as qargv
-from vmupdate_agent import discovery, hostexec, preflight, procfs, target
+from vmupdate_agent import discovery, hostexec, preflight, procfs, target, workdirs
 from vmupdate_agent import guard as cpr_guard
 from vmupdate_agent.models import (
     CprMode,
@@ -189,7 +189,7 @@ class Engine:
             await session.close()
             raise UpdateAborted(f"preflight could not complete: {exc}") from exc
 
-        workdir = os.path.join(s.runtime_dir, "ops", op_id)
+        workdir = workdirs.workdir(s.runtime_dir, op_id)
         os.makedirs(workdir, exist_ok=True)
         guard = s.guard_path if (use_guard and mode == CprMode.CPR_EXEC) else None
         op = Operation(op_id=op_id, vm=vm, target=tgt, mode=mode, session=session,
@@ -301,7 +301,7 @@ async def find_vm(globs: list[str], ref: str, *, timeout: float = 10.0) -> VMInf
 
 
 def cleanup_workdirs(runtime_dir: str, keep_seconds: float = 7 * 86400) -> None:
-    root = Path(runtime_dir) / "ops"
+    root = Path(workdirs.ops_root(runtime_dir))
     if not root.is_dir():
         return
     now = time.time()

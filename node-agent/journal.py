@@ -25,6 +25,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from vmupdate_agent import workdirs
 from vmupdate_agent.convert import OPERATION_ID, UpdateSpec
 from vmupdate_agent.models import ProgressEvent, UpdateResult, VMInfo
 
@@ -54,7 +55,8 @@ class OperationRecord(BaseModel):
     request: UpdateSpec
     # The VM as found when the operation was accepted (identity, pid, argv, version).
     vm: VMInfo
-    # The engine's work folder is <runtime_dir>/ops/<operation_id> (guard status and FIFO).
+    # The engine's work folder is workdirs.workdir(runtime_dir, operation_id) (guard status
+    # and FIFO).
     runtime_dir: str
     state: OperationState
     created_ns: int
@@ -66,7 +68,7 @@ class OperationRecord(BaseModel):
 
     @property
     def workdir(self) -> str:
-        return os.path.join(self.runtime_dir, "ops", self.operation_id)
+        return workdirs.workdir(self.runtime_dir, self.operation_id)
 
 
 class Journal:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from vmupdate_agent import workdirs
 from vmupdate_agent.convert import TargetSpec, UpdateSpec
 from vmupdate_agent.journal import Journal, JournalError, OperationRecord, OperationState
 from vmupdate_agent.models import (
@@ -59,7 +60,7 @@ def test_round_trip_and_reopen(tmp_path: Path) -> None:
     assert again.load("op-1") == finished
     assert again.records() == ([finished], [])
     assert again.load("op-2") is None
-    assert rec.workdir == "/run/vmupdate/ops/op-1"
+    assert rec.workdir == workdirs.workdir("/run/vmupdate", "op-1")
     assert oct((tmp_path / "operations" / "op-1.json").stat().st_mode & 0o777) == "0o600"
 
 

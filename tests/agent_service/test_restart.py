@@ -19,7 +19,7 @@ from e2e.rig.vm import launch_detached, qmp_peer_pid, wait_gone
 from tests.agent_service.conftest import QemuEnv
 from tests.agent_service.harness import AgentProcess
 from tests.agent_service.test_update import check_stream, phases, update_request
-from vmupdate_agent import guard, procfs
+from vmupdate_agent import guard, procfs, workdirs
 from vmupdate_agent.modes.common import pids_with_arg
 from vmupdate_agent.qmp import QmpError, QmpSession
 from vmupdate_api.gen import agent_v1_pb2 as pb
@@ -68,7 +68,7 @@ async def freeze_then_kill(env: QemuEnv, agent: AgentProcess, op_id: str, vm_nam
     QEMU and the guard carry on without it."""
     waiting, seen = await frozen_at(env, agent, op_id, vm_name, pb.PHASE_STOPPING,
                                     **request_fields)
-    await guard_phase(agent.runtime_dir / "ops" / op_id / "guard.status",
+    await guard_phase(Path(workdirs.workdir(str(agent.runtime_dir), op_id)) / "guard.status",
                       {guard.PHASE_WATCHING}, 30)
     os.kill(agent.pid, signal.SIGKILL)
     await agent.kill()
@@ -97,7 +97,8 @@ async def test_killed_agent_commits_the_update_after_restart(qemu_env: QemuEnv) 
     op = await client.get_operation("op-crash")
     assert op.state == pb.OPERATION_STATE_DONE and op.resolved_after_restart
     assert op.result == result
-    status = guard.read_status(agent.runtime_dir / "ops" / "op-crash" / "guard.status")
+    status = guard.read_status(
+        Path(workdirs.workdir(str(agent.runtime_dir), "op-crash")) / "guard.status")
     assert status is not None and status["phase"] == guard.PHASE_COMMITTED
 
     assert await vm.query_status() == "running" and vm.pid == pid
@@ -117,7 +118,8 @@ async def test_killed_agent_records_the_guards_rollback(qemu_env: QemuEnv) -> No
     waiting, seen = await freeze_then_kill(qemu_env, agent, "op-rb", "rollback",
                                            timeouts=timeouts)
     # No commit comes: the guard rolls back to the old QEMU on the preserved state.
-    status = await guard_phase(agent.runtime_dir / "ops" / "op-rb" / "guard.status",
+    rb_dir = Path(workdirs.workdir(str(agent.runtime_dir), "op-rb"))
+    status = await guard_phase(rb_dir / "guard.status",
                                {guard.PHASE_ROLLED_BACK, guard.PHASE_ROLLBACK_FAILED}, 60)
     assert status["phase"] == guard.PHASE_ROLLED_BACK, status
 
@@ -158,7 +160,7 @@ async def cut_a_reboot_after_the_quit(env: QemuEnv, vm: TestVM, *, start_new: bo
     agent = await env.agent()
     waiting, seen = await frozen_at(env, agent, "op-reboot", vm.name, pb.PHASE_SAVED,
                                     mode=pb.MODE_CPR_REBOOT)
-    workdir = agent.runtime_dir / "ops" / "op-reboot"
+    workdir = Path(workdirs.workdir(str(agent.runtime_dir), "op-reboot"))
     temp_qmp = workdir / "qmp.sock"
     await asyncio.sleep(1.0)  # a new QEMU the agent launched as it froze shows up by now
     os.kill(agent.pid, signal.SIGKILL)
@@ -273,7 +275,7 @@ async def test_killed_agent_resumes_the_old_qemu_when_the_transfer_target_never_
     mark = time.monotonic_ns()
     agent, waiting, seen = await killed_at(qemu_env, vm, "op-tr", pb.PHASE_TRANSFERRED,
                                            mode=pb.MODE_CPR_TRANSFER)
-    target_qmp = agent.runtime_dir / "ops" / "op-tr" / "qmp.sock"
+    target_qmp = Path(workdirs.workdir(str(agent.runtime_dir), "op-tr")) / "qmp.sock"
     targets = pids_with_arg(str(target_qmp))
     assert len(targets) == 1, targets
 

@@ -12,6 +12,7 @@ from google.protobuf.message import Message
 
 from tests.agent_service.conftest import QemuEnv
 from tests.agent_service.harness import CuttableProxy, journal_files, op_workdirs
+from vmupdate_agent import workdirs
 from vmupdate_api.gen import agent_v1_pb2 as pb
 from vmupdate_operator.agent_client import AgentError
 
@@ -114,7 +115,7 @@ async def test_same_operation_id_updates_once(qemu_env: QemuEnv) -> None:
     assert results[0].outcome == pb.OUTCOME_UPDATED
     assert results[0] == results[1] == results[2]
     assert first == second == third  # the same events, the same timestamps: one operation
-    assert op_workdirs(agent) == ["op-idem"]  # the engine ran once
+    assert op_workdirs(agent) == [workdirs.folder_name("op-idem")]  # the engine ran once
     assert journal_files(agent) == ["op-idem.json"]
     # The same id for another request is refused, not run.
     other = update_request(qemu_env, "op-idem", "idem", pause_budget_ms=5)
@@ -194,7 +195,7 @@ async def test_client_update_survives_broken_connections(qemu_env: QemuEnv) -> N
     check_stream(seen, "op-cut")  # every event exactly once, in order
     assert phases(seen) == EXPECTED_PHASES
     assert result.pid_after == vm.pid
-    assert op_workdirs(agent) == ["op-cut"]
+    assert op_workdirs(agent) == [workdirs.folder_name("op-cut")]
 
 
 async def test_busy_vm_refuses_a_second_operation(qemu_env: QemuEnv) -> None:
@@ -228,7 +229,7 @@ async def test_busy_vm_refuses_a_second_operation(qemu_env: QemuEnv) -> None:
 
     await asyncio.wait_for(running, 300)
     assert events[-1].result.outcome == pb.OUTCOME_UPDATED
-    assert op_workdirs(agent) == ["op-a"]  # op-b left nothing
+    assert op_workdirs(agent) == [workdirs.folder_name("op-a")]  # op-b left nothing
     # Once it is done, the next operation runs: a second update in a row.
     second = await client.update(update_request(qemu_env, "op-b", vm.uuid), timeout=300)
     assert second.outcome == pb.OUTCOME_UPDATED, second.message
