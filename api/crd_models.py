@@ -650,6 +650,19 @@ class RolloutStrategy(K8sModel):
     max_failures: Annotated[int, Field(ge=0, le=1000)] = 0
     """Failed VMs tolerated before a Halt rollout stops (0: stop at the first)."""
 
+    @staticmethod
+    def format_ms(ms: float) -> str:
+        """A pause as messages show it: ``1000.4``, ``2500`` (to the microsecond)."""
+        return f"{ms:.3f}".rstrip("0").rstrip(".")
+
+    def over_pause_budget(self, pause_ms: float | None) -> bool:
+        """Whether a guest pause of ``pause_ms`` (float ms, as in a row) exceeds the budget.
+
+        The one judgement of the budget: the row's message and the rollout's halt both ask
+        it, about the same stored value (a 1000.4 ms pause is over a 1000 ms budget).
+        """
+        return pause_ms is not None and pause_ms > self.pause_budget_ms
+
 
 class VMUpdateSpec(K8sModel):
     """Desired state: every selected VM runs ``target``."""
@@ -731,8 +744,9 @@ class VMRolloutStatus(K8sModel):
     """QEMU pid after the update (the same for CprExec)."""
     mode: CprMode | None = None
     """CPR mode used."""
-    pause_ms: Annotated[int, Field(ge=0)] | None = None
-    """Guest pause: QEMU's RESUME event time minus its STOP event time."""
+    pause_ms: Annotated[float, Field(ge=0)] | None = None
+    """Guest pause in milliseconds (to the microsecond): QEMU's RESUME event time minus its
+    STOP event time."""
     phase: VMPhase = VMPhase.PENDING
     """Pending, Preflight, Updating, Updated, Failed, RolledBack, Skipped, DryRunPassed or
     DryRunFailed."""
@@ -774,9 +788,9 @@ class VMUpdateStatus(K8sModel):
     """VMs that disappeared or left the selection before their update."""
     dry_run_passed: Annotated[int, Field(ge=0)] = 0
     """VMs that passed a dry-run preflight."""
-    pause_p50_ms: Annotated[int, Field(ge=0)] | None = None
+    pause_p50_ms: Annotated[float, Field(ge=0)] | None = None
     """Median guest pause of the updated VMs (lower median)."""
-    pause_max_ms: Annotated[int, Field(ge=0)] | None = None
+    pause_max_ms: Annotated[float, Field(ge=0)] | None = None
     """Longest guest pause of the updated VMs."""
     vms: Annotated[list[VMRolloutStatus], Field(max_length=MAX_VM_ROWS)] = Field(
         default_factory=list

@@ -214,7 +214,7 @@ VMUPDATE_COLUMNS = (
     _column("Targets", "integer", ".status.targets", "Selected VMs."),
     _column("Updated", "integer", ".status.updated", "VMs running the target."),
     _column("Failed", "integer", ".status.failed", "VMs whose update or preflight failed."),
-    _column("MaxPauseMs", "integer", ".status.pauseMaxMs", "Longest guest pause (ms)."),
+    _column("MaxPauseMs", "number", ".status.pauseMaxMs", "Longest guest pause (ms)."),
     _AGE,
     _column("Version", "string", ".spec.target.version", "Target QEMU version.", 1),
     _column("Mode", "string", ".spec.mode", "Requested CPR mode.", 1),

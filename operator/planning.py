@@ -260,11 +260,11 @@ def _halt(spec: VMUpdateSpec, rows: Sequence[VMRolloutStatus], generation: int) 
                     f"{RETRY_HINT}")
     for row in rows:
         ref = parse_operation_id(row.operation_id)
-        if (row.phase == VMPhase.UPDATED and row.pause_ms is not None
-                and row.pause_ms > strategy.pause_budget_ms
+        if (row.phase == VMPhase.UPDATED and strategy.over_pause_budget(row.pause_ms)
                 and ref is not None and ref.generation == generation):
             return Halt(Reason.PAUSE_BUDGET_EXCEEDED,
-                        f"{_where(row)} was paused {row.pause_ms} ms, over pauseBudgetMs "
+                        f"{_where(row)} was paused {strategy.format_ms(row.pause_ms or 0)} ms, "
+                        f"over pauseBudgetMs "
                         f"{strategy.pause_budget_ms} (the VM itself is updated); to go on, "
                         "raise strategy.pauseBudgetMs or make the guests pause less")
     if strategy.failure_policy == FailurePolicy.HALT and len(failures) > strategy.max_failures:

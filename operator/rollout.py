@@ -394,7 +394,8 @@ class Rollout:
                     return
                 continue
             now = self.deps.clock()
-            self.post(key, functools.partial(translate.with_result, result=result, now=now))
+            self.post(key, functools.partial(translate.with_result, result=result, now=now,
+                                        strategy=spec.strategy))
             self._count_result(result)
             return
 

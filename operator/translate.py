@@ -9,6 +9,7 @@ import grpc
 
 from vmupdate_api.crd_models import (
     CprMode,
+    RolloutStrategy,
     UpdateMode,
     UpdateTarget,
     VMPhase,
@@ -81,13 +82,21 @@ def with_progress(row: VMRolloutStatus, progress: pb.Progress) -> VMRolloutStatu
     return row.model_copy(update={"phase": phase, "message": _clip(message)})
 
 
-def with_result(row: VMRolloutStatus, result: pb.UpdateResult, now: datetime) -> VMRolloutStatus:
+def row_pause_ms(result: pb.UpdateResult) -> float | None:
+    """The pause as a row keeps it: float ms, to the microsecond."""
+    return round(result.pause_ms, 3) if result.HasField("pause_ms") else None
+
+
+def with_result(row: VMRolloutStatus, result: pb.UpdateResult, now: datetime,
+                strategy: RolloutStrategy) -> VMRolloutStatus:
     phase = OUTCOME_PHASES.get(result.outcome, VMPhase.FAILED)
     message = result.message or pb.Outcome.Name(result.outcome)
     if result.outcome == pb.OUTCOME_LOST:
         message = f"VM LOST (the agent could not bring it back): {message}"
-    if result.pause_budget_exceeded:
-        message += " (paused longer than strategy.pauseBudgetMs)"
+    pause_ms = row_pause_ms(result)
+    if pause_ms is not None and strategy.over_pause_budget(pause_ms):
+        message += f" (paused {strategy.format_ms(pause_ms)} ms, over strategy.pauseBudgetMs " \
+                   f"{strategy.pause_budget_ms})"
     return row.model_copy(update={
         "phase": phase,
         "mode": PB_TO_CPR_MODE.get(result.mode),
@@ -96,7 +105,7 @@ def with_result(row: VMRolloutStatus, result: pb.UpdateResult, now: datetime) ->
         else None,
         "from_version": result.version_before or row.from_version,
         "to_version": result.version_after if result.HasField("version_after") else None,
-        "pause_ms": round(result.pause_ms) if result.HasField("pause_ms") else None,
+        "pause_ms": pause_ms,
         "finished_at": now,
         "message": _clip(message),
     })

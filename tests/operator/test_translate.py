@@ -5,11 +5,30 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from tests.operator.builders import NEW, NEW_VERSION, T0, row, spec, uuid_for
-from vmupdate_api.crd_models import CprMode, VMPhase
+from tests.operator.builders import (
+    NEW,
+    NEW_VERSION,
+    T0,
+    UID,
+    host,
+    make_plan,
+    on_target,
+    row,
+    spec,
+    uuid_for,
+    vm,
+)
+from vmupdate_api.crd_models import CprMode, Reason, RolloutStrategy, VMPhase
 from vmupdate_api.gen import agent_v1_pb2 as pb
 from vmupdate_operator import translate
+from vmupdate_operator.operation_ids import operation_id, vm_identity
 from vmupdate_operator.translate import OnError
+
+STRATEGY = RolloutStrategy()
+
+
+def op(name: str) -> str:
+    return operation_id(UID, 1, vm_identity("a", name, uuid_for(name)))
 
 NIL = "00000000-0000-0000-0000-000000000000"
 
@@ -72,10 +91,10 @@ def result(**fields: object) -> pb.UpdateResult:
 
 
 def test_updated_result() -> None:
-    r = translate.with_result(row("a", "x", VMPhase.UPDATING), result(), T0)
+    r = translate.with_result(row("a", "x", VMPhase.UPDATING), result(), T0, STRATEGY)
     assert (r.phase, r.mode, r.pid_before, r.pid_after, r.from_version, r.to_version,
             r.pause_ms, r.finished_at, r.message) == (
-        VMPhase.UPDATED, CprMode.CPR_EXEC, 10, 10, "10.0.2", NEW_VERSION, 42, T0,
+        VMPhase.UPDATED, CprMode.CPR_EXEC, 10, 10, "10.0.2", NEW_VERSION, 41.6, T0,
         "updated in place")
 
 
@@ -87,24 +106,38 @@ def test_updated_result() -> None:
 ])
 def test_failed_results(outcome: int, phase: VMPhase, prefix: str) -> None:
     r = translate.with_result(row("a", "x", VMPhase.UPDATING),
-                              result(outcome=outcome, message="boom"), T0)
+                              result(outcome=outcome, message="boom"), T0, STRATEGY)
     assert r.phase == phase and r.message is not None and r.message.startswith(prefix)
 
 
 def test_result_without_optional_fields() -> None:
     bare = pb.UpdateResult(vm="x", outcome=pb.OUTCOME_FAILED, pid_before=10,
                            version_before="10.0.2", message="refused")
-    r = translate.with_result(row("a", "x", VMPhase.PREFLIGHT, pid_before=10), bare, T0)
+    r = translate.with_result(row("a", "x", VMPhase.PREFLIGHT, pid_before=10), bare, T0,
+                              STRATEGY)
     assert (r.pid_after, r.to_version, r.pause_ms, r.mode) == (None, None, None, None)
 
 
-def test_pause_budget_flag_is_in_the_message() -> None:
-    r = translate.with_result(row("a", "x"), result(pause_budget_exceeded=True), T0)
-    assert r.message is not None and "pauseBudgetMs" in r.message
+@pytest.mark.parametrize(("pause", "over"), [
+    (1000.4, True), (1000.001, True), (1000.0, False), (1000.0004, False), (999.9, False),
+])
+def test_the_row_message_and_the_halt_judge_the_pause_alike(pause: float, over: bool) -> None:
+    """One judgement (RolloutStrategy.over_pause_budget) of one stored value, in float ms."""
+    strategy = RolloutStrategy.model_validate({"pauseBudgetMs": 1000})
+    # The agent's own flag is not what decides (it may judge differently or not at all).
+    r = translate.with_result(row("a", "x", VMPhase.UPDATING, operation_id=op("x")),
+                              result(pause_ms=pause, pause_budget_exceeded=not over),
+                              T0, strategy)
+    assert r.pause_ms is not None and abs(r.pause_ms - pause) < 0.001
+    assert ("over strategy.pauseBudgetMs 1000" in (r.message or "")) is over
+    plan = make_plan(spec(strategy={"pauseBudgetMs": 1000}),
+                     [host("a", on_target("x"), vm("y"))], [r])
+    halted = plan.halt is not None and plan.halt.reason == Reason.PAUSE_BUDGET_EXCEEDED
+    assert halted is over
 
 
 def test_long_messages_are_clipped() -> None:
-    r = translate.with_result(row("a", "x"), result(message="x" * 5000), T0)
+    r = translate.with_result(row("a", "x"), result(message="x" * 5000), T0, STRATEGY)
     assert r.message is not None and len(r.message) == translate.MAX_ROW_MESSAGE
 
 

@@ -149,7 +149,8 @@ def test_printer_columns(plural: str, names: list[str]) -> None:
             continue
         node = lookup(SCHEMAS[plural], col["jsonPath"])
         assert node is not None, col["jsonPath"]
-        expected = {"date": "string", "integer": "integer", "string": "string"}[col["type"]]
+        expected = {"date": "string", "integer": "integer", "number": "number",
+                    "string": "string"}[col["type"]]
         assert node["type"] == expected, col
         if col["type"] == "date":
             assert node["format"] == "date-time"
