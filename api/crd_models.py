@@ -450,6 +450,7 @@ class Reason(StrEnum):
     CANARY_FAILED = "CanaryFailed"
     FAILURE_LIMIT_EXCEEDED = "FailureLimitExceeded"
     PAUSE_BUDGET_EXCEEDED = "PauseBudgetExceeded"
+    OVERLAPPING_VMUPDATE = "OverlappingVMUpdate"
     # VMHost Ready
     AGENT_READY = "AgentReady"
     AGENT_NOT_READY = "AgentNotReady"
@@ -707,7 +708,9 @@ class VMPhase(StrEnum):
     preflight or update failed (the VM keeps running its old QEMU, or its state is unknown;
     see message). RolledBack: the update failed and the agent resumed the VM on its old QEMU.
     Skipped: left the selection or disappeared (host gone, VM shut down) before it was
-    updated; not a failure. DryRunPassed / DryRunFailed: preflight result of a dry run.
+    updated; not a failure. Blocked: another VMUpdate owns the VM (the message names it; see
+    the operator's one-owner rule); not a failure. DryRunPassed / DryRunFailed: preflight
+    result of a dry run.
     """
 
     PENDING = "Pending"
@@ -717,6 +720,7 @@ class VMPhase(StrEnum):
     FAILED = "Failed"
     ROLLED_BACK = "RolledBack"
     SKIPPED = "Skipped"
+    BLOCKED = "Blocked"
     DRY_RUN_PASSED = "DryRunPassed"
     DRY_RUN_FAILED = "DryRunFailed"
 
@@ -748,8 +752,8 @@ class VMRolloutStatus(K8sModel):
     """Guest pause in milliseconds (to the microsecond): QEMU's RESUME event time minus its
     STOP event time."""
     phase: VMPhase = VMPhase.PENDING
-    """Pending, Preflight, Updating, Updated, Failed, RolledBack, Skipped, DryRunPassed or
-    DryRunFailed."""
+    """Pending, Preflight, Updating, Updated, Failed, RolledBack, Skipped, Blocked,
+    DryRunPassed or DryRunFailed."""
     message: Message | None = None
     """Human-readable detail, e.g. the failed preflight check and its reason."""
     operation_id: Annotated[str, StringConstraints(max_length=128)] | None = None
@@ -786,6 +790,8 @@ class VMUpdateStatus(K8sModel):
     """VMs that failed, rolled back, or failed a dry-run preflight."""
     skipped: Annotated[int, Field(ge=0)] = 0
     """VMs that disappeared or left the selection before their update."""
+    blocked: Annotated[int, Field(ge=0)] = 0
+    """VMs another VMUpdate owns (rows Blocked)."""
     dry_run_passed: Annotated[int, Field(ge=0)] = 0
     """VMs that passed a dry-run preflight."""
     pause_p50_ms: Annotated[float, Field(ge=0)] | None = None
@@ -813,6 +819,7 @@ class VMUpdateStatus(K8sModel):
                 "in_progress": sum(p in IN_PROGRESS_VM_PHASES for p in phases),
                 "failed": sum(p in FAILED_VM_PHASES for p in phases),
                 "skipped": phases.count(VMPhase.SKIPPED),
+                "blocked": phases.count(VMPhase.BLOCKED),
                 "dry_run_passed": phases.count(VMPhase.DRY_RUN_PASSED),
                 "pause_p50_ms": statistics.median_low(pauses) if pauses else None,
                 "pause_max_ms": max(pauses) if pauses else None,

@@ -11,6 +11,7 @@ from vmupdate_operator.config import OperatorConfig
 from vmupdate_operator.inventory import HostInventory
 from vmupdate_operator.kube import VMUpdateStatusWriter
 from vmupdate_operator.metrics import Metrics
+from vmupdate_operator.ownership import Claim
 from vmupdate_operator.rollout import EventSink, Rollout, RolloutDeps
 
 
@@ -32,9 +33,11 @@ class OperatorContext:
     rollouts: dict[str, Rollout] = field(default_factory=dict)  # by VMUpdate uid
 
     def new_rollout(self, body: Any, hosts: Callable[[], Sequence[HostInventory]],
-                    events: EventSink) -> Rollout:
+                    events: EventSink, claims: Callable[[], Sequence[Claim]] = tuple
+                    ) -> Rollout:
         c = self.config
         deps = RolloutDeps(writer=self.writer, agents=self.agents, hosts=hosts, events=events,
+                           claims=claims,
                            metrics=self.metrics, stale_after=c.host_stale_after,
                            resync_s=c.resync_s, update_timeout_s=c.update_timeout_s,
                            deletion_wait_s=c.deletion_wait_s)

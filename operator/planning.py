@@ -21,6 +21,8 @@ Rules, in the order they are applied:
    back (Pending) when an inventory taken after the skip lists it again. Nothing
    is concluded from an unavailable host (stale heartbeat, no endpoint): its rows stay.
    Rows in Preflight or Updating belong to their agent operation and are never changed here.
+   One owner per VM (real rollouts, see ``ownership``): a Pending VM another VMUpdate owns
+   is Blocked (its row names the owner); a Blocked VM whose owner let go is Pending again.
 4. Halts (real rollouts only): a failure while fewer than ``canary`` VMs have been updated
    (CanaryFailed); an updated VM paused longer than ``pauseBudgetMs`` in this generation
    (PauseBudgetExceeded); with failurePolicy Halt, more than ``maxFailures`` failed VMs
@@ -58,11 +60,13 @@ from vmupdate_operator.inventory import (
     unavailable_reason,
 )
 from vmupdate_operator.operation_ids import next_operation_id, parse_operation_id, vm_identity
+from vmupdate_operator.ownership import Claim, blocked_message, owner
 from vmupdate_operator.selection import host_matches, name_matches, runs_target, version_matches
 
 Key = tuple[str, str]  # (host, VM name): a VM's name is unique on its host
 
 UPDATE_FAILURES = frozenset({VMPhase.FAILED, VMPhase.ROLLED_BACK})
+WAITING = frozenset({VMPhase.PENDING, VMPhase.BLOCKED})  # not started, may start
 RETRIED_ON_NEW_GENERATION = FAILED_VM_PHASES | {VMPhase.DRY_RUN_PASSED}
 
 # Messages of rows this module writes (tests and the status builder compare against them).
@@ -102,10 +106,13 @@ def key_of(row: VMRolloutStatus) -> Key:
 
 def plan(*, uid: str, generation: int, observed_generation: int | None, spec: VMUpdateSpec,
          hosts: Sequence[HostInventory], rows: Sequence[VMRolloutStatus], now: datetime,
-         stale_after: timedelta = DEFAULT_STALE_AFTER, hold: str | None = None) -> Plan:
+         stale_after: timedelta = DEFAULT_STALE_AFTER, hold: str | None = None,
+         me: Claim | None = None, others: Sequence[Claim] = ()) -> Plan:
     """One reconcile step; see the module documentation for the rules.
 
     ``hold``: start nothing, for this reason (e.g. the VMUpdate is being deleted).
+    ``me``, ``others``: this VMUpdate and every other one, for the one-owner rule (without
+    ``me``, no VM is Blocked).
     """
     current: dict[Key, VMRolloutStatus] = {}
     for row in rows:
@@ -118,6 +125,11 @@ def plan(*, uid: str, generation: int, observed_generation: int | None, spec: VM
     current, dropped, listed = _observe(spec, sorted(hosts, key=lambda h: h.name), current,
                                         now, unavailable)
     current = _account_for_missing(current, listed, hosts_by_name, unavailable, now)
+    if me is not None and not spec.dry_run:
+        current = _assign_owners(current, me.with_rows(current.values()), others,
+                                 hosts_by_name)
+    else:
+        current = {k: _unblocked(r) for k, r in current.items()}
 
     ordered = [current[k] for k in sorted(current)]
     halt = None if spec.dry_run else _halt(spec, ordered, generation)
@@ -164,7 +176,7 @@ def _observe(spec: VMUpdateSpec, hosts: Iterable[HostInventory],
                 version_matches(spec.selector, vm.qemu_version)
                 or runs_target(vm, spec.target) or acted_on)
             if not selected:
-                if row is not None and row.phase == VMPhase.PENDING:
+                if row is not None and row.phase in WAITING:
                     out[key] = _skipped(row, "no longer matches spec.selector", now)
                 continue
             if row is None:
@@ -185,15 +197,15 @@ def _observed(row: VMRolloutStatus, vm: HostVM, host: HostInventory, spec: VMUpd
     on_target = runs_target(vm, spec.target)
     if row.phase == VMPhase.SKIPPED and not seen_after(host, row.finished_at):
         return row  # listed by an inventory older than the skip: not back yet
-    if row.phase in (VMPhase.PENDING, VMPhase.SKIPPED):
+    if row.phase in (VMPhase.PENDING, VMPhase.SKIPPED, VMPhase.BLOCKED):
         if on_target:
             return row.model_copy(update={
                 "phase": VMPhase.UPDATED, "uuid": vm.uuid or row.uuid,
                 "to_version": vm.qemu_version, "pid_after": vm.pid, "finished_at": now,
                 "message": ALREADY_ON_TARGET})
         return row.model_copy(update={
-            "phase": VMPhase.PENDING, "uuid": vm.uuid or row.uuid,
-            "from_version": vm.qemu_version,
+            "phase": VMPhase.BLOCKED if row.phase == VMPhase.BLOCKED else VMPhase.PENDING,
+            "uuid": vm.uuid or row.uuid, "from_version": vm.qemu_version,
             "message": None if row.phase == VMPhase.SKIPPED else row.message})
     if (row.phase == VMPhase.UPDATED and not on_target and host_available
             and seen_after(host, row.finished_at)):
@@ -214,13 +226,39 @@ def _account_for_missing(current: dict[Key, VMRolloutStatus], listed: set[Key],
                          now: datetime) -> dict[Key, VMRolloutStatus]:
     out = dict(current)
     for key, row in current.items():
-        if key in listed or row.phase != VMPhase.PENDING:
+        if key in listed or row.phase not in WAITING:
             continue
         if row.host not in hosts:
             out[key] = _skipped(row, f"host {row.host} has no VMHost any more", now)
         elif unavailable.get(row.host) is None:
             out[key] = _skipped(row, f"VM no longer found on host {row.host}", now)
     return out
+
+
+def _assign_owners(current: dict[Key, VMRolloutStatus], me: Claim, others: Sequence[Claim],
+                   hosts: dict[str, HostInventory]) -> dict[Key, VMRolloutStatus]:
+    out = dict(current)
+    for key, row in current.items():
+        if row.phase not in WAITING:
+            continue
+        host = hosts.get(row.host)
+        vm = host.vm(row.name) if host is not None else None
+        if host is None or vm is None:
+            continue  # nothing known now: it stays as it is
+        who = owner(me, others, host.name, host.labels, vm)
+        if who.uid == me.uid:
+            out[key] = _unblocked(row)
+        else:
+            message = blocked_message(who, key)
+            if row.phase != VMPhase.BLOCKED or row.message != message:
+                out[key] = row.model_copy(update={"phase": VMPhase.BLOCKED, "message": message})
+    return out
+
+
+def _unblocked(row: VMRolloutStatus) -> VMRolloutStatus:
+    if row.phase != VMPhase.BLOCKED:
+        return row
+    return row.model_copy(update={"phase": VMPhase.PENDING, "message": None})
 
 
 def _skipped(row: VMRolloutStatus, why: str, now: datetime) -> VMRolloutStatus:

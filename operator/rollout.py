@@ -42,6 +42,7 @@ from vmupdate_operator.agent_client import AgentError
 from vmupdate_operator.inventory import DEFAULT_STALE_AFTER, HostInventory
 from vmupdate_operator.kube import StatusWriteError
 from vmupdate_operator.metrics import Metrics
+from vmupdate_operator.ownership import Claim, claim_from_body
 from vmupdate_operator.planning import Key, key_of
 from vmupdate_operator.status import build_status, with_start_time
 
@@ -99,6 +100,8 @@ class RolloutDeps:
     metrics: Metrics = field(default_factory=Metrics)
     clock: Callable[[], datetime] = utcnow
     stale_after: Any = DEFAULT_STALE_AFTER
+    claims: Callable[[], Sequence[Claim]] = tuple
+    """Every VMUpdate (as the one-owner rule sees it), this one included or not."""
     resync_s: float = 10.0
     update_timeout_s: float = 900.0
     deletion_wait_s: float = 900.0
@@ -176,6 +179,12 @@ class Rollout:
         self._spec_error = None
         return spec
 
+    def _claim(self) -> Claim | None:
+        """This VMUpdate for the one-owner rule (its rows are the planner's to add)."""
+        claim = claim_from_body({"metadata": self.body.get("metadata") or {},
+                                 "spec": self.body.get("spec") or {}})
+        return claim if claim is not None and claim.uid else None
+
     @property
     def generation(self) -> int:
         return int((self.body.get("metadata") or {}).get("generation") or 0)
@@ -201,7 +210,8 @@ class Rollout:
         plan = planning.plan(uid=self.uid, generation=generation, observed_generation=observed,
                              spec=spec, hosts=self.deps.hosts(), rows=self.rows, now=now,
                              stale_after=self.deps.stale_after,
-                             hold=hold or (DELETING if self._deleting else None))
+                             hold=hold or (DELETING if self._deleting else None),
+                             me=self._claim(), others=self.deps.claims())
         status = build_status(previous=self.status, spec=spec, generation=generation,
                               plan=plan, now=now)
         if plan.started and not spec.dry_run:

@@ -69,7 +69,8 @@ def decide_phase(spec: VMUpdateSpec, rows: Sequence[VMRolloutStatus], plan: Plan
         return UpdatePhase.PAUSED
     if pending or in_flight:
         return UpdatePhase.PROGRESSING
-    return UpdatePhase.DEGRADED if failed else UpdatePhase.SUCCEEDED
+    blocked = any(r.phase == VMPhase.BLOCKED for r in rows)
+    return UpdatePhase.DEGRADED if failed or blocked else UpdatePhase.SUCCEEDED
 
 
 def build_status(*, previous: VMUpdateStatus | None, spec: VMUpdateSpec, generation: int,
@@ -95,7 +96,10 @@ def _conditions(spec: VMUpdateSpec, status: VMUpdateStatus, plan: Plan, generati
     in_flight = [r for r in rows if r.phase in IN_PROGRESS_VM_PHASES]
     failed = [r for r in rows if r.phase in FAILED_VM_PHASES]
     pending = [r for r in rows if r.phase == VMPhase.PENDING]
+    blocked = [r for r in rows if r.phase == VMPhase.BLOCKED]
     done = f"{status.updated} of {status.targets} selected VM(s) run {target}"
+    overlap = (f"{len(blocked)} selected VM(s) belong to other VMUpdates: "
+               f"{_names(blocked, detail=True)}")
 
     def make(type_: str, ok: bool | None, reason: str, message: str) -> ConditionUpdate:
         value = (ConditionStatus.UNKNOWN if ok is None
@@ -120,9 +124,11 @@ def _conditions(spec: VMUpdateSpec, status: VMUpdateStatus, plan: Plan, generati
                       f"{_names(failed, detail=True)}"))
     elif phase == UpdatePhase.FAILED and plan.halt is not None:
         ready = make(COND_READY, False, Reason.ROLLOUT_HALTED, f"{done}; halted")
-    elif phase == UpdatePhase.DEGRADED:
+    elif phase == UpdatePhase.DEGRADED and failed:
         ready = make(COND_READY, False, Reason.VM_UPDATE_FAILED,
                      f"{done}; {len(failed)} failed: {_names(failed, detail=True)}")
+    elif phase == UpdatePhase.DEGRADED:
+        ready = make(COND_READY, False, Reason.OVERLAPPING_VMUPDATE, f"{done}; {overlap}")
     else:
         ready = make(COND_READY, False, Reason.ROLLOUT_IN_PROGRESS, done)
 
@@ -151,6 +157,9 @@ def _conditions(spec: VMUpdateSpec, status: VMUpdateStatus, plan: Plan, generati
         progressing = make(COND_PROGRESSING, False, DRY_RUN_COMPLETE,
                            "dry run complete: nothing was changed; set spec.dryRun to false to "
                            "update the VMs")
+    elif blocked:
+        progressing = make(COND_PROGRESSING, False, Reason.OVERLAPPING_VMUPDATE,
+                           f"nothing this VMUpdate may do: {overlap}")
     else:
         progressing = make(COND_PROGRESSING, False, Reason.ROLLOUT_COMPLETE,
                            "nothing left to do until a selected VM appears or leaves the target")
@@ -162,6 +171,8 @@ def _conditions(spec: VMUpdateSpec, status: VMUpdateStatus, plan: Plan, generati
         reason = Reason.DRY_RUN_FAILED if spec.dry_run else Reason.VM_UPDATE_FAILED
         degraded = make(COND_DEGRADED, True, reason,
                         f"{len(failed)} VM(s) failed: {_names(failed, detail=True)}")
+    elif blocked and not spec.dry_run:
+        degraded = make(COND_DEGRADED, True, Reason.OVERLAPPING_VMUPDATE, overlap)
     elif plan.dropped:
         degraded = make(COND_DEGRADED, True, SELECTION_TOO_LARGE,
                         f"{plan.dropped} selected VM(s) are not tracked: status holds at most "

@@ -13,6 +13,7 @@ from vmupdate_api.crd_models import GROUP, PLURAL_VMUPDATES, VERSION, VMUpdateSt
 from vmupdate_operator.context import OperatorContext
 from vmupdate_operator.finalizer import still_running
 from vmupdate_operator.inventory import HostInventory
+from vmupdate_operator.ownership import Claim, claim_from_body
 
 DELETE_RECHECK_S = 5.0
 
@@ -20,6 +21,17 @@ DELETE_RECHECK_S = 5.0
 def _hosts(index: kopf.Index[str, HostInventory]) -> Callable[[], Sequence[HostInventory]]:
     """A live view of the VMHost index (kopf updates it in place)."""
     return lambda: [inventory for store in index.values() for inventory in store]
+
+
+@kopf.index(GROUP, VERSION, PLURAL_VMUPDATES)
+def vmupdate_claims(*, uid: str, body: kopf.Body, **_: Any) -> dict[str, Claim]:
+    """Every VMUpdate as the one-owner rule sees it (selector, target, rows it acted on)."""
+    claim = claim_from_body(body)
+    return {uid: claim} if claim is not None else {}
+
+
+def _claims(index: kopf.Index[str, Claim]) -> Callable[[], Sequence[Claim]]:
+    return lambda: [claim for store in index.values() for claim in store]
 
 
 # cancellation_timeout=None: a deleted VMUpdate's daemon is never cancelled, it finishes recording
@@ -31,6 +43,7 @@ async def converge(*, body: kopf.Body, memo: Any, stopped: kopf.DaemonStopped,
     """Runs while the VMUpdate exists and this replica is the active one."""
     ctx: OperatorContext = memo["ctx"]
     vmhost_inventories: kopf.Index[str, HostInventory] = kwargs["vmhost_inventories"]
+    claims: kopf.Index[str, Claim] = kwargs["vmupdate_claims"]
 
     logger = kwargs["logger"]
 
@@ -38,7 +51,7 @@ async def converge(*, body: kopf.Body, memo: Any, stopped: kopf.DaemonStopped,
         kopf.event(body, type=type_, reason=reason, message=message)
         logger.info("%s: %s", reason, message)  # below kopf's posting level: not posted twice
 
-    rollout = ctx.new_rollout(body, _hosts(vmhost_inventories), event)
+    rollout = ctx.new_rollout(body, _hosts(vmhost_inventories), event, _claims(claims))
     ctx.rollouts[rollout.uid] = rollout
 
     async def relay_stop() -> None:
@@ -58,12 +71,12 @@ async def converge(*, body: kopf.Body, memo: Any, stopped: kopf.DaemonStopped,
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL_VMUPDATES)
-def vmupdate_changed(*, uid: str, memo: Any, **_: Any) -> None:
-    """A spec change is planned now rather than at the next resync."""
+def vmupdate_changed(*, memo: Any, **_: Any) -> None:
+    """A spec change is planned now rather than at the next resync; and since one VMUpdate's
+    selector, rows or deletion can change who owns a VM, every rollout looks again."""
     ctx: OperatorContext | None = memo.get("ctx")
-    rollout = ctx.rollouts.get(uid) if ctx is not None else None
-    if rollout is not None:
-        rollout.wake()
+    if ctx is not None:
+        ctx.wake_all()
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL_VMUPDATES, timeout=3600)
