@@ -13,8 +13,8 @@ the operator and the tests reject exactly what the API server rejects, with the 
 Resources (group ``vmupdate.dev``, version ``v1alpha1``, both cluster-scoped):
 
 * **VMUpdate** -- the QEMU a set of VMs must run. Desired state, converged continuously: VMs
-  that appear later are updated too. ``spec.target`` is immutable once the rollout has started
-  (``status.startTime`` is set); see :data:`TARGET_IMMUTABLE_RULE`.
+  that appear later are updated too. Editing the spec starts a new rollout for the new
+  generation (as with a Deployment); earlier rollouts are kept in ``status.history``.
 * **VMHost** -- one per node, named after the node and written by that node's agent: the
   agent's endpoint, the QEMU binaries on the host and one row per VM.
 
@@ -29,6 +29,7 @@ Progressing     VM updates running or queued                            False Tr
 Paused          ``spec.paused``: no new VM is started                   False False       any
 Succeeded       every selected VM runs ``spec.target`` (or none match)  True  False       False
 Degraded        nothing left to do, but some VMs failed (within policy) False False       True
+                or belong to another VMUpdate (Blocked)
 Failed          halted: failures over policy, canary failed, or a VM    False False       True
                 paused longer than ``pauseBudgetMs``
 DryRunComplete  ``spec.dryRun``: preflight done on every selected VM    *     False       **
@@ -96,6 +97,7 @@ CONDITION_TYPES: tuple[str, ...] = VMUPDATE_CONDITION_TYPES
 # Size limits. The API server needs a bound on every string and list a CEL rule may touch
 # (for its cost estimate); every other one is bounded too, to keep objects within etcd's size.
 MAX_VM_ROWS = 2000  # VMUpdate.status.vms; the operator must keep status under this
+MAX_HISTORY = 10  # VMUpdate.status.history: earlier rollouts kept
 MAX_HOST_VMS = 512  # VMHost.status.vms
 MAX_MESSAGE = 1024
 MAX_PATH = 1024
@@ -671,7 +673,9 @@ class VMUpdateSpec(K8sModel):
     selector: VMSelector
     """Which VMs to update."""
     target: UpdateTarget
-    """The QEMU to run; immutable once the rollout has started (status.startTime set)."""
+    """The QEMU to run. Changing it (any spec change) starts a new rollout: running
+    operations finish, every VM not on the new target is updated again; changing it back is
+    the rollback."""
     mode: UpdateMode = UpdateMode.AUTO
     """Auto, CprExec, CprTransfer or CprReboot."""
     strategy: RolloutStrategy = Field(
@@ -764,6 +768,34 @@ class VMRolloutStatus(K8sModel):
     """When the agent finished with this VM."""
 
 
+class RolloutTarget(K8sModel):
+    """Binary and version of a rollout's target."""
+
+    binary: Annotated[str, StringConstraints(max_length=MAX_PATH)]
+    version: VersionString
+
+
+class RolloutRecord(K8sModel):
+    """One earlier rollout: what it was for and how it went, when it was superseded."""
+
+    generation: Annotated[int, Field(ge=0)]
+    """metadata.generation of the rollout."""
+    target: RolloutTarget | None = None
+    phase: UpdatePhase | None = None
+    """Its phase when it was superseded."""
+    start_time: Time | None = None
+    """Its first real VM update."""
+    finish_time: Time | None = None
+    """When it completed, or else when it was superseded."""
+    targets: Annotated[int, Field(ge=0)] = 0
+    updated: Annotated[int, Field(ge=0)] = 0
+    failed: Annotated[int, Field(ge=0)] = 0
+    skipped: Annotated[int, Field(ge=0)] = 0
+    blocked: Annotated[int, Field(ge=0)] = 0
+    pause_max_ms: Annotated[float, Field(ge=0)] | None = None
+    """Its longest guest pause."""
+
+
 class VMUpdateStatus(K8sModel):
     """Observed state, written by the operator only."""
 
@@ -772,8 +804,16 @@ class VMUpdateStatus(K8sModel):
     observed_generation: Annotated[int, Field(ge=0)] | None = None
     """metadata.generation the status reflects."""
     start_time: Time | None = None
-    """Set once, before the first real (not dry-run) VM update is requested from an agent;
-    from then on spec.target is immutable."""
+    """When the current rollout (observedGeneration) requested its first real (not dry-run)
+    VM update from an agent."""
+    completion_time: Time | None = None
+    """When the current rollout last reached Succeeded, Degraded, Failed or DryRunComplete."""
+    target: RolloutTarget | None = None
+    """The target of the current rollout (spec.target of observedGeneration)."""
+    history: Annotated[list[RolloutRecord], Field(max_length=MAX_HISTORY)] = Field(
+        default_factory=list)
+    """Earlier rollouts of this object (one per superseded generation), oldest first, the last
+    MAX_HISTORY of them."""
     conditions: Annotated[
         list[Condition], Field(max_length=16, json_schema_extra=CONDITIONS_LIST)
     ] = Field(default_factory=list)
@@ -827,25 +867,8 @@ class VMUpdateStatus(K8sModel):
         )
 
 
-TARGET_IMMUTABLE_RULE = Rule(
-    cel="!has(oldSelf.status) || !has(oldSelf.status.startTime) || "
-    "self.spec.target == oldSelf.spec.target",
-    message="spec.target is immutable once the rollout has started (status.startTime is set): "
-    "create a new VMUpdate to roll out another target",
-    field_path=".spec.target",
-)
-"""Why a root rule: a transition rule on spec cannot see status, but one on the object root
-sees both, and on a spec update the API server keeps the stored status, so ``oldSelf.status``
-is what the operator last wrote. The operator sets ``status.startTime`` before it asks any
-agent for a real update, so no VM is ever updated under a target that can still change: before
-that (queued, planning, dry runs) the target may be corrected; after it, a different target
-is a new VMUpdate (new uid, new operation ids)."""
-
-
 class VMUpdate(K8sModel):
     """Update the QEMU under running VMs in place (QEMU CPR)."""
-
-    __k8s_rules__ = (TARGET_IMMUTABLE_RULE,)
 
     api_version: Literal["vmupdate.dev/v1alpha1"] = API_VERSION
     kind: Literal["VMUpdate"] = KIND_VMUPDATE

@@ -1,6 +1,6 @@
 """Admission: the API server rejects every invalid example with the message its file expects
-(`# expect: ...`), and enforces the update rules of examples/transitions/ (spec.target is
-immutable once status.startTime is set)."""
+(`# expect: ...`), and applies the updates of examples/transitions/ as they expect (a spec,
+spec.target included, may change after the rollout started: that is a new rollout)."""
 
 from __future__ import annotations
 

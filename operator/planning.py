@@ -7,8 +7,12 @@ operation it may have started in status.
 
 Rules, in the order they are applied:
 
-1. A new generation (``observed_generation != generation``) retries what failed: Failed,
-   RolledBack and dry-run rows go back to Pending (and get new operation ids when started).
+1. A new generation (``observed_generation != generation``: any spec edit) is a new rollout,
+   as with a Deployment: every row not in flight goes back to Pending, without its operation
+   id (a new one, of the new generation, is made when it starts); a VM already on the
+   (new) target is then Updated without an operation. Rows in flight keep their operation,
+   which finishes; once it has, its row too goes back to Pending (its operation id is of an
+   older generation). Editing the target back is the rollback, and works the same way.
 2. Selection: a VM is selected when its host matches ``hostNames`` and ``hostSelector``
    (VMHost labels), its name matches a ``vmNames`` glob, and its QEMU version matches
    ``qemuVersions`` -- or it runs the target already, or this rollout already acted on it
@@ -43,7 +47,6 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from vmupdate_api.crd_models import (
-    FAILED_VM_PHASES,
     IN_PROGRESS_VM_PHASES,
     MAX_VM_ROWS,
     FailurePolicy,
@@ -66,8 +69,9 @@ from vmupdate_operator.selection import host_matches, name_matches, runs_target,
 Key = tuple[str, str]  # (host, VM name): a VM's name is unique on its host
 
 UPDATE_FAILURES = frozenset({VMPhase.FAILED, VMPhase.ROLLED_BACK})
+FINISHED = frozenset({VMPhase.UPDATED, VMPhase.FAILED, VMPhase.ROLLED_BACK,
+                      VMPhase.DRY_RUN_PASSED, VMPhase.DRY_RUN_FAILED})
 WAITING = frozenset({VMPhase.PENDING, VMPhase.BLOCKED})  # not started, may start
-RETRIED_ON_NEW_GENERATION = FAILED_VM_PHASES | {VMPhase.DRY_RUN_PASSED}
 
 # Messages of rows this module writes (tests and the status builder compare against them).
 ALREADY_ON_TARGET = "already runs the target"
@@ -117,8 +121,9 @@ def plan(*, uid: str, generation: int, observed_generation: int | None, spec: VM
     current: dict[Key, VMRolloutStatus] = {}
     for row in rows:
         current.setdefault(key_of(row), row)
-    if observed_generation != generation:
-        current = {k: _reset_for_new_generation(r, generation) for k, r in current.items()}
+    new_rollout = observed_generation != generation
+    current = {k: _reset_for_new_generation(r, generation, new_rollout)
+               for k, r in current.items()}
 
     hosts_by_name = {h.name: h for h in hosts}
     unavailable = {h.name: unavailable_reason(h, now, stale_after) for h in hosts}
@@ -144,12 +149,25 @@ def plan(*, uid: str, generation: int, observed_generation: int | None, spec: VM
 # --- step 1: a new generation ---------------------------------------------------------------
 
 
-def _reset_for_new_generation(row: VMRolloutStatus, generation: int) -> VMRolloutStatus:
-    if row.phase not in RETRIED_ON_NEW_GENERATION:
+def superseded(row: VMRolloutStatus, generation: int, new_rollout: bool) -> bool:
+    """The row belongs to an earlier rollout (see rule 1)."""
+    if row.phase in IN_PROGRESS_VM_PHASES:
+        return False  # its operation finishes first
+    if new_rollout:
+        return row.phase != VMPhase.PENDING or row.operation_id is not None
+    ref = parse_operation_id(row.operation_id)
+    return row.phase in FINISHED and ref is not None and ref.generation != generation
+
+
+def _reset_for_new_generation(row: VMRolloutStatus, generation: int, new_rollout: bool
+                              ) -> VMRolloutStatus:
+    if not superseded(row, generation, new_rollout):
         return row
     return row.model_copy(update={
-        "phase": VMPhase.PENDING, "started_at": None, "finished_at": None,
-        "message": f"to be tried again under generation {generation}"})
+        "phase": VMPhase.PENDING, "operation_id": None, "started_at": None,
+        "finished_at": None, "pid_before": None, "pid_after": None, "to_version": None,
+        "mode": None, "pause_ms": None,
+        "message": f"generation {generation}: a new rollout"})
 
 
 # --- steps 2 and 3: selection and observation -----------------------------------------------

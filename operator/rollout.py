@@ -42,6 +42,7 @@ from vmupdate_operator.agent_client import AgentError
 from vmupdate_operator.inventory import DEFAULT_STALE_AFTER, HostInventory
 from vmupdate_operator.kube import StatusWriteError
 from vmupdate_operator.metrics import Metrics
+from vmupdate_operator.operation_ids import parse_operation_id
 from vmupdate_operator.ownership import Claim, claim_from_body
 from vmupdate_operator.planning import Key, key_of
 from vmupdate_operator.status import build_status, with_start_time
@@ -76,6 +77,14 @@ class AgentSource(Protocol):
 
 
 EventSink = Callable[[str, str, str], None]  # (type Normal|Warning, reason, message)
+
+
+def _not_started(row: VMRolloutStatus, generation: int) -> VMRolloutStatus:
+    """A row whose operation never reached its agent before the spec changed."""
+    return row.model_copy(update={
+        "phase": VMPhase.PENDING, "operation_id": None, "started_at": None,
+        "message": f"generation {generation}: a new rollout (the earlier one had not started "
+                   "this VM)"})
 
 
 def utcnow() -> datetime:
@@ -215,7 +224,7 @@ class Rollout:
         status = build_status(previous=self.status, spec=spec, generation=generation,
                               plan=plan, now=now)
         if plan.started and not spec.dry_run:
-            # Before the first real Update: from now on spec.target is immutable.
+            # Before the first real Update of this rollout.
             status = with_start_time(status, now)
         if self.status is None or status.to_wire() != self.status.to_wire():
             try:
@@ -394,6 +403,10 @@ class Rollout:
                 continue
             try:
                 request = await self._request_for(client, row, spec)
+                if request is None:
+                    self.post(key, functools.partial(_not_started, generation=self.generation))
+                    self.wake()
+                    return
                 result = await client.update(
                     request, on_event=lambda e: self._on_progress(key, e),
                     timeout=self.deps.update_timeout_s)
@@ -410,16 +423,20 @@ class Rollout:
             return
 
     async def _request_for(self, client: Any, row: VMRolloutStatus, spec: VMUpdateSpec
-                           ) -> pb.UpdateRequest:
+                           ) -> pb.UpdateRequest | None:
         """The request to send for the row's operation: the journaled one when the agent
         has it (so a resend is the same request and the agent follows its operation), else a
-        new one under the row's id (the first send never arrived)."""
+        new one under the row's id (the first send never arrived) -- or None when the spec
+        changed since the row's id was made: nothing starts for an earlier rollout."""
         assert row.operation_id
         try:
             operation = await client.get_operation(row.operation_id)
         except AgentError as exc:
             if exc.code != grpc.StatusCode.NOT_FOUND:
                 raise
+            ref = parse_operation_id(row.operation_id)
+            if ref is not None and ref.generation != self.generation:
+                return None
             return translate.update_request(row, spec)
         request: pb.UpdateRequest = operation.request
         return request

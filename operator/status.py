@@ -18,10 +18,13 @@ from vmupdate_api.crd_models import (
     COND_READY,
     FAILED_VM_PHASES,
     IN_PROGRESS_VM_PHASES,
+    MAX_HISTORY,
     MAX_MESSAGE,
     ConditionStatus,
     ConditionUpdate,
     Reason,
+    RolloutRecord,
+    RolloutTarget,
     UpdatePhase,
     VMPhase,
     VMRolloutStatus,
@@ -37,6 +40,8 @@ DRY_RUN_COMPLETE = "DryRunComplete"
 SELECTION_TOO_LARGE = "SelectionTooLarge"
 
 _LISTED = 3  # VMs named in a message before "and N more"
+COMPLETE_PHASES = frozenset({UpdatePhase.SUCCEEDED, UpdatePhase.DEGRADED, UpdatePhase.FAILED,
+                             UpdatePhase.DRY_RUN_COMPLETE})
 
 
 def _names(rows: Sequence[VMRolloutStatus], *, detail: bool = False) -> str:
@@ -79,8 +84,18 @@ def build_status(*, previous: VMUpdateStatus | None, spec: VMUpdateSpec, generat
     rows = list(plan.rows)
     phase = decide_phase(spec, rows, plan)
     base = previous or VMUpdateStatus()
-    status = VMUpdateStatus(phase=phase, observed_generation=generation,
-                            start_time=base.start_time, conditions=list(base.conditions),
+    history, start, completion = list(base.history), base.start_time, base.completion_time
+    if base.observed_generation is not None and base.observed_generation != generation:
+        # The spec changed: a new rollout; the one it supersedes goes into the history.
+        history = [*history, rollout_record(base, now)][-MAX_HISTORY:]
+        start, completion = None, None
+    done = phase in COMPLETE_PHASES
+    completion = (completion or now.replace(microsecond=0)) if done else None
+    status = VMUpdateStatus(phase=phase, observed_generation=generation, start_time=start,
+                            completion_time=completion,
+                            target=RolloutTarget(binary=spec.target.binary,
+                                                 version=spec.target.version),
+                            history=history, conditions=list(base.conditions),
                             vms=rows).recount()
     conditions = status.conditions
     for update in _conditions(spec, status, plan, generation):
@@ -182,8 +197,18 @@ def _conditions(spec: VMUpdateSpec, status: VMUpdateStatus, plan: Plan, generati
     return [ready, progressing, degraded]
 
 
+def rollout_record(status: VMUpdateStatus, now: datetime) -> RolloutRecord:
+    """The history entry of the rollout ``status`` describes, as it is superseded ``now``."""
+    return RolloutRecord(generation=status.observed_generation or 0, target=status.target,
+                         phase=status.phase, start_time=status.start_time,
+                         finish_time=status.completion_time or now.replace(microsecond=0),
+                         targets=status.targets, updated=status.updated, failed=status.failed,
+                         skipped=status.skipped, blocked=status.blocked,
+                         pause_max_ms=status.pause_max_ms)
+
+
 def with_start_time(status: VMUpdateStatus, now: datetime) -> VMUpdateStatus:
-    """``status`` with ``startTime`` set if it was not (see the CRD's immutability rule)."""
+    """``status`` with ``startTime`` set if this rollout had none yet."""
     if status.start_time is not None:
         return status
     return status.model_copy(update={"start_time": now.replace(microsecond=0)})

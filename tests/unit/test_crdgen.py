@@ -215,7 +215,6 @@ def test_rules_are_where_the_contract_says() -> None:
     assert where == [
         "vmhosts:",
         "vmhosts:.spec.nodeName",
-        "vmupdates:",
         "vmupdates:.spec.selector",
         "vmupdates:.spec.selector.hostNames[]",
         "vmupdates:.spec.selector.hostSelector.matchExpressions[]",
@@ -227,7 +226,7 @@ def test_rules_are_where_the_contract_says() -> None:
         "vmupdates:.spec.target.sha256",
         "vmupdates:.spec.target.version",
     ]
-    assert len(rules()) == 16
+    assert len(rules()) == 15  # no transition rule: a spec edit is a new rollout
 
 
 def test_rule_text() -> None:
@@ -238,13 +237,10 @@ def test_rule_text() -> None:
         text = rule["rule"]
         assert text.count("(") == text.count(")"), text
         assert '"' not in text  # string literals are single-quoted
-        if "oldSelf" in text:
-            assert (plural, path) == ("vmupdates", "")  # the only transition rule
+        # No transition rule: editing a spec (spec.target too) starts a new rollout.
+        assert "oldSelf" not in text, (plural, path, text)
         for literal in re.findall(r"matches\('((?:[^'\\]|\\.)*)'\)", text):
             re.compile(literal.replace("\\\\", "\\"))
-    immutable = [r for _, _, r in rules() if "oldSelf" in r["rule"]]
-    assert immutable == [m.TARGET_IMMUTABLE_RULE.to_k8s()]
-    assert immutable[0]["fieldPath"] == ".spec.target"
 
 
 def test_strategy_default_is_whole_and_valid() -> None:
