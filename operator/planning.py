@@ -21,6 +21,8 @@ Rules, in the order they are applied:
 3. Observation against the inventory: a Pending VM found on the target is Updated ("already
    runs the target"); an Updated VM found on another binary again (by an inventory taken
    after its update finished) is Pending again and gets the next attempt's operation id.
+   A waiting row whose VM had an operation (finishedAt) is judged, and started, only on an
+   inventory taken after that operation ended.
    A Pending VM missing from a fresh inventory, or whose VMHost is gone, is Skipped; it comes
    back (Pending) when an inventory taken after the skip lists it again. Nothing
    is concluded from an unavailable host (stale heartbeat, no endpoint): its rows stay.
@@ -163,9 +165,10 @@ def _reset_for_new_generation(row: VMRolloutStatus, generation: int, new_rollout
                               ) -> VMRolloutStatus:
     if not superseded(row, generation, new_rollout):
         return row
+    # finished_at stays: until an inventory taken after it, the VM's QEMU is not known.
     return row.model_copy(update={
         "phase": VMPhase.PENDING, "operation_id": None, "started_at": None,
-        "finished_at": None, "pid_before": None, "pid_after": None, "to_version": None,
+        "pid_before": None, "pid_after": None, "to_version": None,
         "mode": None, "pause_ms": None,
         "message": f"generation {generation}: a new rollout"})
 
@@ -215,6 +218,8 @@ def _observed(row: VMRolloutStatus, vm: HostVM, host: HostInventory, spec: VMUpd
     on_target = runs_target(vm, spec.target)
     if row.phase == VMPhase.SKIPPED and not seen_after(host, row.finished_at):
         return row  # listed by an inventory older than the skip: not back yet
+    if row.phase in WAITING and not seen_after(host, row.finished_at):
+        return row  # its last operation ended after this inventory: wait for a newer one
     if row.phase in (VMPhase.PENDING, VMPhase.SKIPPED, VMPhase.BLOCKED):
         if on_target:
             return row.model_copy(update={
@@ -366,6 +371,9 @@ def _start(*, uid: str, generation: int, spec: VMUpdateSpec, rows: list[VMRollou
             wait(row, PAUSED)
         elif unavailable.get(row.host) is not None or vm is None:
             wait(row, unavailable.get(row.host) or f"host {row.host} does not list the VM")
+        elif host is not None and not seen_after(host, row.finished_at):
+            wait(row, f"waiting for an inventory of {row.host} taken after the VM's last "
+                      "operation")
         elif not vm.ready and not spec.dry_run:
             # Its agent would refuse it; starting it would only count a failure (and may
             # halt the rollout). It starts once its host reports it ready. A dry run still

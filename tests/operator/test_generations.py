@@ -49,9 +49,10 @@ def by_name(plan: planning.Plan) -> dict[str, object]:
 
 def test_an_edit_sends_every_vm_not_on_the_new_target_back_to_pending() -> None:
     # Generation 1 moved x and y to NEW; generation 2 wants OLD back (the rollback).
+    before = T0 - timedelta(seconds=30)  # the inventory (T0) is newer than both operations
     rows = [row("a", "x", VMPhase.UPDATED, operation_id=op("x", 1), pause_ms=30.5,
-                pid_before=1, pid_after=1, finished_at=T0),
-            row("a", "y", VMPhase.FAILED, operation_id=op("y", 1), finished_at=T0),
+                pid_before=1, pid_after=1, finished_at=before),
+            row("a", "y", VMPhase.FAILED, operation_id=op("y", 1), finished_at=before),
             row("a", "z", VMPhase.UPDATED, message="already runs the target")]
     hosts = [host("a", on_target("x"), vm("y"), on_target("z"))]
     back = spec(target=OLD_TARGET, strategy={"maxParallel": 1, "maxParallelPerHost": 1})
@@ -74,10 +75,34 @@ def test_an_operation_running_at_the_edit_finishes_then_its_vm_starts_again() ->
     assert plan.rows[0] == running and plan.started == ()  # never touched while in flight
     # It finishes (the agent's result for the old target), after the edit was observed.
     done = running.model_copy(update={"phase": VMPhase.UPDATED, "finished_at": NOW})
-    later = make_plan(new_spec, [host("a", on_target("x"))], [done], generation=2, observed=2)
+    # An inventory older than the end of that operation decides nothing (it may show the VM
+    # on any QEMU): the row waits.
+    stale = make_plan(new_spec, [host("a", on_target("x"))], [done], generation=2, observed=2)
+    assert stale.rows[0].phase == VMPhase.PENDING and stale.started == ()
+    assert "inventory of a taken after" in (stale.rows[0].message or "")
+    fresh = host("a", on_target("x"), heartbeat=NOW + timedelta(seconds=2))
+    later = make_plan(new_spec, [fresh], stale.rows, generation=2, observed=2,
+                      now=NOW + timedelta(seconds=3))
     assert later.rows[0].phase == VMPhase.PREFLIGHT
     ref = parse_operation_id(later.rows[0].operation_id)
     assert ref is not None and ref.generation == 2
+
+
+def test_the_rollback_is_not_judged_on_an_inventory_older_than_the_last_update() -> None:
+    """Found in e2e: right after generation 2 moved x off OLD, the VMHost still listed it on
+    OLD; editing the target back to OLD must not call x "already on the target"."""
+    updated_at = T0 + timedelta(seconds=5)
+    rows = [row("a", "x", VMPhase.UPDATED, operation_id=op("x", 2), finished_at=updated_at)]
+    listed_before = host("a", vm("x"), heartbeat=T0)  # x on OLD, as before generation 2
+    back = spec(target=OLD_TARGET)
+    plan = make_plan(back, [listed_before], rows, generation=3, observed=2,
+                     now=updated_at + timedelta(seconds=1))
+    assert plan.rows[0].phase == VMPhase.PENDING and plan.started == ()
+    listed_after = host("a", on_target("x"), heartbeat=updated_at + timedelta(seconds=1))
+    plan = make_plan(back, [listed_after], plan.rows, generation=3, observed=3,
+                     now=updated_at + timedelta(seconds=2))
+    assert plan.rows[0].phase == VMPhase.PREFLIGHT
+    assert plan.rows[0].operation_id == op("x", 3)
 
 
 def test_a_rollout_of_this_generation_is_left_alone() -> None:
