@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-Flavour = Literal["backports", "sid"]
+Flavour = Literal["backports", "sid", "trixie", "trixie-backports"]
+ROOTED: tuple[Flavour, ...] = ("sid", "trixie", "trixie-backports")  # run in the sid root
 
 DEFAULT_SHARE = "/var/lib/vmupdate-rig"
 PROVISION_HINT = (
@@ -36,7 +37,10 @@ class QemuInfo:
     """sid only: a second path to the same binary (a hard link inside the root)."""
     alt_binary: str | None = None
     root: Path | None = None
-    """sid only: the private debootstrap root the QEMU runs in (through chroot)."""
+    """The private debootstrap root the QEMU runs in (through chroot): the sid root for sid,
+    trixie and trixie-backports; None for backports (the host's root)."""
+    sha256: str = ""
+    """Of the binary: genuinely different builds have different ones."""
 
     @property
     def version_tuple(self) -> tuple[int, ...]:
@@ -52,15 +56,22 @@ class Rig:
     kernel_append: str
     kernel_package: str
     backports: QemuInfo
+    """bookworm-backports' QEMU 10.0.x, on the host."""
     sid: QemuInfo
+    """sid's QEMU 11.1.x, in the sid root."""
+    trixie: QemuInfo
+    """trixie's own build of QEMU 10.0.x, in the sid root."""
+    trixie_backports: QemuInfo
+    """trixie-backports' own build of QEMU 11.1.x, in the sid root."""
     raw: dict[str, Any]
 
     def qemu(self, flavour: Flavour) -> QemuInfo:
-        if flavour == "backports":
-            return self.backports
-        if flavour == "sid":
-            return self.sid
-        raise ValueError(f"unknown QEMU flavour {flavour!r} (want 'backports' or 'sid')")
+        by_flavour = {"backports": self.backports, "sid": self.sid, "trixie": self.trixie,
+                      "trixie-backports": self.trixie_backports}
+        if flavour not in by_flavour:
+            raise ValueError(f"unknown QEMU flavour {flavour!r} (want one of "
+                             f"{', '.join(by_flavour)})")
+        return by_flavour[flavour]
 
 
 def rig_json_path() -> Path:
@@ -84,7 +95,8 @@ def _qemu(d: dict[str, Any], flavour: Flavour, src: Path) -> QemuInfo:
         package_version=str(_need(d, "package_version", where)),
         alt_wrapper=Path(_need(d, "alt_wrapper", where)) if flavour == "sid" else None,
         alt_binary=str(_need(d, "alt_binary", where)) if flavour == "sid" else None,
-        root=Path(_need(d, "root", where)) if flavour == "sid" else None,
+        root=Path(_need(d, "root", where)) if flavour in ROOTED else None,
+        sha256=str(_need(d, "sha256", where)),
     )
     for w in (info.wrapper, info.alt_wrapper):
         if w is not None and not os.access(w, os.X_OK):
@@ -129,8 +141,9 @@ def load_rig(path: str | os.PathLike[str] | None = None) -> Rig:
     if not isinstance(qemu, dict):
         raise RigNotProvisioned(f"{src}: 'qemu' is not an object; {PROVISION_HINT}")
     bpo = dict(_need(qemu, "backports", f"{src} qemu"))
-    sid = dict(_need(qemu, "sid", f"{src} qemu"))
-    sid["_share"] = str(share)
+    rooted = {f: dict(_need(qemu, f.replace("-", "_"), f"{src} qemu")) for f in ROOTED}
+    for d in rooted.values():
+        d["_share"] = str(share)
     rig = Rig(
         share=share,
         vms_dir=Path(raw.get("vms_dir") or share / "vms"),
@@ -139,7 +152,9 @@ def load_rig(path: str | os.PathLike[str] | None = None) -> Rig:
         kernel_append=str(raw.get("kernel_append") or "console=ttyS0 quiet panic=-1"),
         kernel_package=str(raw.get("kernel_package") or ""),
         backports=_qemu(bpo, "backports", src),
-        sid=_qemu(sid, "sid", src),
+        sid=_qemu(rooted["sid"], "sid", src),
+        trixie=_qemu(rooted["trixie"], "trixie", src),
+        trixie_backports=_qemu(rooted["trixie-backports"], "trixie-backports", src),
         raw=raw,
     )
     for f in (rig.kernel, rig.initrd):

@@ -3,6 +3,8 @@
 #
 #   * QEMU 10.0.x from <codename>-backports on the host (narrow apt pin).
 #   * QEMU 11.x from sid in a private debootstrap root (never installed into the host root).
+#   * Debian 13's own builds of QEMU: trixie (10.0.x) and trixie-backports (11.1.x), unpacked
+#     into the share and run in the sid root.
 #   * A runtime SHARE folder, bind-mounted into the sid root at the same path, with wrapper
 #     executables (SHARE/bin), the guest kernel + initramfs (SHARE/guest) and SHARE/rig.json.
 #
@@ -22,6 +24,9 @@
 #                             inside ROOT: exec /usr/bin/qemu-system-x86_64
 #   SHARE/bin/qemu-sid-alt    the same sid binary through a hard link at
 #                             /usr/lib/vmupdate-rig/qemu-system-x86_64-alt (inside ROOT)
+#   SHARE/bin/qemu-trixie, qemu-trixie-backports
+#                             trixie's and trixie-backports' own builds, unpacked at
+#                             SHARE/qemu/<suite>/usr/bin/qemu-system-x86_64, run in ROOT
 set -Eeuo pipefail
 umask 022
 export LC_ALL=C DEBIAN_FRONTEND=noninteractive
@@ -312,6 +317,86 @@ fi
 step "mounts"
 
 # ---------------------------------------------------------------------------------------
+# (c2) genuinely different builds: Debian 13 (trixie)'s QEMU 10.0.x and trixie-backports'
+# own build of 11.1.x.  Their qemu-system-x86 packages are unpacked (dpkg -x) into the share,
+# so they are at the same path on the host and in the sid root, and run in the sid root with
+# its libraries and firmware (trixie's libc is newer than the host's: they cannot run on the
+# host; see e2e/rig/README.md).  Cached by package version; apt runs inside the sid root
+# with private sources and lists (nothing is installed there).
+BUILDS=$CACHE/builds
+mkdir -p "$BUILDS" "$SHARE/qemu"
+TRIXIE_APT=/var/lib/vmupdate-rig-apt    # inside the sid root
+trixie_apt() {  # trixie_apt DIR CMD ARGS...: apt-get/apt-cache in the sid root, in DIR
+    local dir=$1 cmd=$2; shift 2
+    chroot "$SID_ROOT" /bin/sh -c 'cd "$1" && shift && exec "$@"' sh "$dir" "$cmd" \
+        -o Dir::Etc::SourceList=$TRIXIE_APT/sources.list -o Dir::Etc::SourceParts=$TRIXIE_APT/none \
+        -o Dir::State::Lists=$TRIXIE_APT/lists -o Dir::Cache::Archives=$TRIXIE_APT/archives \
+        -o Dir::Cache::pkgcache= -o Dir::Cache::srcpkgcache= -o Dir::Etc::Preferences=/dev/null \
+        -o Dir::Etc::PreferencesParts=$TRIXIE_APT/none -o APT::Sandbox::User=root \
+        $SID_APT_OPTS "$@"
+}
+TRIXIE_LISTS=0
+trixie_lists() {
+    [ "$TRIXIE_LISTS" = 1 ] && return 0
+    mkdir -p "$SID_ROOT$TRIXIE_APT"/lists/partial "$SID_ROOT$TRIXIE_APT"/archives/partial \
+             "$SID_ROOT$TRIXIE_APT"/none "$SID_ROOT$TRIXIE_APT"/debs
+    printf 'deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] %s %s main\n' \
+        "$MIRROR" trixie "$MIRROR" trixie-backports >"$SID_ROOT$TRIXIE_APT/sources.list"
+    cp -L /etc/resolv.conf "$SID_ROOT/etc/resolv.conf" 2>/dev/null || true
+    if ! trixie_apt / apt-get update -q >"$BUILDS/apt-update.log" 2>&1; then
+        tail -n 20 "$BUILDS/apt-update.log" >&2
+        die "apt-get update (trixie sources) in the sid root failed"
+    fi
+    TRIXIE_LISTS=1
+}
+fetch_build() {  # fetch_build SUITE: SUITE's qemu-system-x86 unpacked in the cache; prints its key
+    local suite=$1 key="" ver tmp
+    if [ -L "$BUILDS/$suite.current" ] && [ "$REFRESH" != 1 ]; then
+        key=$(readlink "$BUILDS/$suite.current")
+        [ -e "$BUILDS/$key/complete" ] || key=""
+    fi
+    if [ -z "$key" ]; then
+        trixie_lists
+        ver=$(trixie_apt / apt-cache madison qemu-system-x86 | awk -F'|' -v s=" $suite/main " '
+            index($3, s) { gsub(/ /, "", $2); print $2; exit }')
+        [ -n "$ver" ] || die "no qemu-system-x86 in $suite"
+        key=$(vkey "qemu-system-x86_$ver")
+        if [ ! -e "$BUILDS/$key/complete" ]; then
+            echo "provision.sh: fetching qemu-system-x86 $ver ($suite)" >&2
+            tmp=$TRIXIE_APT/debs/$key
+            rm -rf "$SID_ROOT$tmp"; mkdir -p "$SID_ROOT$tmp"
+            trixie_apt "$tmp" apt-get download -q "qemu-system-x86=$ver" >/dev/null \
+                || die "apt-get download qemu-system-x86=$ver ($suite) failed"
+            rm -rf "$BUILDS/$key"; mkdir -p "$BUILDS/$key"
+            dpkg -x "$SID_ROOT$tmp"/*.deb "$BUILDS/$key/tree"
+            rm -rf "$SID_ROOT$tmp"
+            [ -x "$BUILDS/$key/tree/usr/bin/qemu-system-x86_64" ] || die "$key has no qemu-system-x86_64"
+            echo "$ver" >"$BUILDS/$key/complete"
+        fi
+        ln -sfn "$key" "$BUILDS/$suite.current"
+    fi
+    echo "$key"
+}
+install_build() {  # install_build SUITE KEY: the unpacked build at SHARE/qemu/SUITE
+    local dst=$SHARE/qemu/$1
+    if [ "$(cat "$dst/.key" 2>/dev/null)" != "$2" ]; then
+        rm -rf "$dst.tmp.$$"
+        cp -a "$BUILDS/$2/tree" "$dst.tmp.$$"
+        echo "$2" >"$dst.tmp.$$/.key"
+        rm -rf "$dst"; mv "$dst.tmp.$$" "$dst"
+    fi
+}
+TRIXIE_KEY=$(fetch_build trixie)
+TBPO_KEY=$(fetch_build trixie-backports)
+install_build trixie "$TRIXIE_KEY"
+install_build trixie-backports "$TBPO_KEY"
+TRIXIE_PKG_VERSION=$(cat "$BUILDS/$TRIXIE_KEY/complete")
+TBPO_PKG_VERSION=$(cat "$BUILDS/$TBPO_KEY/complete")
+TRIXIE_BIN=$SHARE/qemu/trixie/usr/bin/qemu-system-x86_64
+TBPO_BIN=$SHARE/qemu/trixie-backports/usr/bin/qemu-system-x86_64
+step "trixie builds"
+
+# ---------------------------------------------------------------------------------------
 # (d) wrappers.  They exec (never fork), so the QEMU pid is the pid that was started.
 write_exec() {  # write_exec FILE (content on stdin), executable, atomically
     local tmp; tmp=$(mktemp "$1.XXXXXX")
@@ -327,11 +412,14 @@ if [ -e $ROOT_MARKER ]; then
 fi
 exec /usr/bin/qemu-system-x86_64 "\$@"
 EOF
-for w in qemu-sid:/usr/bin/qemu-system-x86_64 qemu-sid-alt:$ALT_BIN; do
-    name=${w%%:*} bin=${w#*:}
+for w in "qemu-sid|/usr/bin/qemu-system-x86_64|$SID_PKG_VERSION|sid" \
+         "qemu-sid-alt|$ALT_BIN|$SID_PKG_VERSION|sid" \
+         "qemu-trixie|$TRIXIE_BIN|$TRIXIE_PKG_VERSION|trixie" \
+         "qemu-trixie-backports|$TBPO_BIN|$TBPO_PKG_VERSION|trixie-backports"; do
+    IFS='|' read -r name bin pkgver suite <<<"$w"
     write_exec "$SHARE/bin/$name" <<EOF
 #!/bin/sh
-# vmupdate rig: QEMU $SID_PKG_VERSION from sid, in the private root $SID_ROOT.
+# vmupdate rig: QEMU $pkgver from $suite, run in the private sid root $SID_ROOT.
 # Works from the host (enters the root) and from inside the root (a chrooted QEMU doing
 # cpr-exec runs this same path).  chroot(1) changes the working directory to /.
 if [ -e $ROOT_MARKER ]; then
@@ -466,6 +554,15 @@ BPO_VERSION=$(printf '%s\n' "$BPO_LINE" | qver)
 SID_VERSION=$(printf '%s\n' "$SID_LINE" | qver)
 [ -n "$BPO_VERSION" ] && [ -n "$SID_VERSION" ] || die "cannot read QEMU versions"
 [ "$SID_LINE" = "$SID_ALT_LINE" ] || die "qemu-sid-alt is not the same QEMU as qemu-sid"
+TRIXIE_LINE=$("$SHARE/bin/qemu-trixie" -version | head -1)
+TBPO_LINE=$("$SHARE/bin/qemu-trixie-backports" -version | head -1)
+TRIXIE_VERSION=$(printf '%s\n' "$TRIXIE_LINE" | qver)
+TBPO_VERSION=$(printf '%s\n' "$TBPO_LINE" | qver)
+[ -n "$TRIXIE_VERSION" ] && [ -n "$TBPO_VERSION" ] || die "cannot read the trixie QEMU versions"
+sha() { sha256sum "$1" | cut -c1-64; }
+SID_SHA=$(sha "$SID_ROOT/usr/bin/qemu-system-x86_64")
+TBPO_SHA=$(sha "$TBPO_BIN")
+[ "$SID_SHA" != "$TBPO_SHA" ] || die "the sid and trixie-backports QEMUs are the same file"
 ver_ge() { [ "$(printf '%s\n%s\n' "$2" "$1" | sort -V | head -1)" = "$2" ]; }
 ver_ge "$BPO_VERSION" 10.0 || die "backports QEMU $BPO_VERSION < 10.0"
 ver_ge "$SID_VERSION" 10.2 || die "sid QEMU $SID_VERSION < 10.2"
@@ -483,7 +580,8 @@ cat >"$tmp" <<EOF
       "binary": "/usr/bin/qemu-system-x86_64",
       "version": $(js "$BPO_VERSION"),
       "version_line": $(js "$BPO_LINE"),
-      "package_version": $(js "$BPO_PKG_VERSION")
+      "package_version": $(js "$BPO_PKG_VERSION"),
+      "sha256": $(js "$(sha /usr/bin/qemu-system-x86_64)")
     },
     "sid": {
       "wrapper": $(js "$SHARE/bin/qemu-sid"),
@@ -493,7 +591,26 @@ cat >"$tmp" <<EOF
       "root": $(js "$SID_ROOT"),
       "version": $(js "$SID_VERSION"),
       "version_line": $(js "$SID_LINE"),
-      "package_version": $(js "$SID_PKG_VERSION")
+      "package_version": $(js "$SID_PKG_VERSION"),
+      "sha256": $(js "$SID_SHA")
+    },
+    "trixie": {
+      "wrapper": $(js "$SHARE/bin/qemu-trixie"),
+      "binary": $(js "$TRIXIE_BIN"),
+      "root": $(js "$SID_ROOT"),
+      "version": $(js "$TRIXIE_VERSION"),
+      "version_line": $(js "$TRIXIE_LINE"),
+      "package_version": $(js "$TRIXIE_PKG_VERSION"),
+      "sha256": $(js "$(sha "$TRIXIE_BIN")")
+    },
+    "trixie_backports": {
+      "wrapper": $(js "$SHARE/bin/qemu-trixie-backports"),
+      "binary": $(js "$TBPO_BIN"),
+      "root": $(js "$SID_ROOT"),
+      "version": $(js "$TBPO_VERSION"),
+      "version_line": $(js "$TBPO_LINE"),
+      "package_version": $(js "$TBPO_PKG_VERSION"),
+      "sha256": $(js "$TBPO_SHA")
     }
   },
   "kernel": $(js "$SHARE/guest/vmlinuz"),
@@ -505,4 +622,4 @@ EOF
 chmod 644 "$tmp"
 mv -f "$tmp" "$SHARE/rig.json"
 step "rig.json"
-echo "provision.sh: ok: backports QEMU $BPO_VERSION, sid QEMU $SID_VERSION, share $SHARE"
+echo "provision.sh: ok: backports QEMU $BPO_VERSION, sid QEMU $SID_VERSION, trixie QEMU $TRIXIE_VERSION, trixie-backports QEMU $TBPO_VERSION, share $SHARE"

@@ -1,11 +1,13 @@
-"""The rig itself: both QEMUs boot the guest, it ticks, and stop leaves nothing behind."""
+"""The rig itself: every QEMU build boots the guest, it ticks, and stop leaves nothing behind."""
 
 from __future__ import annotations
 
 import asyncio
 import ctypes
+import hashlib
 import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -19,10 +21,25 @@ pytestmark = pytest.mark.qemu
 def test_rig_json_is_complete(rig: Rig) -> None:
     assert rig.backports.version_tuple[:2] >= (10, 0)
     assert rig.sid.version_tuple[:2] >= (10, 2)
+    assert rig.trixie.version_tuple[:2] == (10, 0)
+    assert rig.trixie_backports.version == rig.sid.version
     assert load_rig() == rig
 
 
-@pytest.mark.parametrize("flavour", ["backports", "sid"])
+def test_the_builds_are_genuinely_different(rig: Rig) -> None:
+    """Four builds, four files: not links to one binary (the sid alt path is the exception,
+    and is not one of them)."""
+    builds = [rig.backports, rig.sid, rig.trixie, rig.trixie_backports]
+    assert len({q.sha256 for q in builds}) == 4
+    assert len({q.package_version for q in builds}) == 4
+    assert rig.trixie.version != rig.backports.version  # 10.0.13 vs 10.0.2
+    for q in builds:
+        path = q.root / q.binary.lstrip("/") if q.root and not q.binary.startswith(
+            str(rig.share)) else Path(q.binary)
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == q.sha256, q
+
+
+@pytest.mark.parametrize("flavour", ["backports", "sid", "trixie", "trixie-backports"])
 @pytest.mark.parametrize("backend", ["memfd", "file"])
 async def test_vm_ticks_and_stops_clean(
     vm_factory: VMFactory, flavour: Flavour, backend: Backend
@@ -40,8 +57,10 @@ async def test_vm_ticks_and_stops_clean(
     exe = os.readlink(f"/proc/{pid}/exe")
     if flavour == "sid":
         assert rig_root(vm.rig) in exe
-    else:
+    elif flavour == "backports":
         assert exe == "/usr/bin/qemu-system-x86_64"
+    else:  # unpacked in the share, which the sid root mounts at the same path
+        assert exe == rig_root(vm.rig) + vm.rig.qemu(flavour).binary
 
     token = await vm.wait_ticking(timeout=90)
     boot_s = time.monotonic() - t0
