@@ -42,6 +42,7 @@ from vmupdate_agent.modes.common import (
     ensure_running,
 )
 from vmupdate_agent.qmp import QmpError, QmpSession
+from vmupdate_api import extra_args
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,9 @@ class Engine:
         mode, _ = preflight.choose_mode(requested, vm.features,
                                         probe.features if probe else None)
         dry = None
-        if dry_run and probe is not None and probe.ok and mode is not None:
+        # Extra arguments outside the allowlist never reach a process, not even a dry run.
+        if (dry_run and probe is not None and probe.ok and mode is not None
+                and extra_args.is_allowed(tgt.extra_args)):
             new_argv = qargv.appended(
                 qargv.with_binary(qargv.canonical(qargv.parse(vm.argv), vm.qmp_path),
                                   tgt.binary),
