@@ -7,8 +7,16 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from vmupdate_agent.authz import Role, role_table
 from vmupdate_agent.hostexec import DEFAULT_DETACH, DEFAULT_PREFIX
 
 
@@ -62,7 +70,12 @@ class AgentConfig(BaseModel):
     tls: TlsConfig | None = None
     client_allowlist: list[str] = Field(
         default_factory=list, description="client certificate identities (CN or DNS/URI SAN) "
-                                          "allowed to call the agent")
+                                          "with the operator role (may call everything); the "
+                                          "same as client_roles.operator")
+    client_roles: dict[Role, list[str]] = Field(
+        default_factory=dict,
+        description="role -> client certificate identities: operator (everything), "
+                    "registrar (GetInfo, ListVMs and health only)")
     host_exec_prefix: list[str] = Field(default_factory=lambda: list(DEFAULT_PREFIX))
     detach_prefix: list[str] = Field(default_factory=lambda: list(DEFAULT_DETACH))
     guard_binary: str | None = Field(
@@ -70,6 +83,21 @@ class AgentConfig(BaseModel):
         description="a prebuilt guard to install; built from source when absent "
                     "(default: $VMUPDATE_GUARD_BINARY, which the image sets)")
     timeouts: TimeoutsConfig = Field(default_factory=lambda: TimeoutsConfig())
+
+    def roles(self) -> dict[str, Role]:
+        """identity -> role, client_allowlist included as operators."""
+        merged = {r: list(v) for r, v in self.client_roles.items()}
+        merged.setdefault(Role.OPERATOR, [])
+        merged[Role.OPERATOR] = [*self.client_allowlist, *merged[Role.OPERATOR]]
+        return role_table(merged)
+
+    @model_validator(mode="after")
+    def _one_role_each(self) -> AgentConfig:
+        try:
+            self.roles()
+        except ValueError as exc:
+            raise ValueError(f"client_roles: {exc}") from None
+        return self
 
     @field_validator("allowed_binary_dirs")
     @classmethod
