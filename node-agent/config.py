@@ -13,11 +13,11 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
-    model_validator,
 )
 
 from vmupdate_agent.authz import Role, role_table
 from vmupdate_agent.hostexec import DEFAULT_DETACH, DEFAULT_PREFIX
+from vmupdate_agent.pathpolicy import allowed_dir_problem
 
 
 class ConfigError(ValueError):
@@ -91,18 +91,23 @@ class AgentConfig(BaseModel):
         merged[Role.OPERATOR] = [*self.client_allowlist, *merged[Role.OPERATOR]]
         return role_table(merged)
 
-    @model_validator(mode="after")
-    def _one_role_each(self) -> AgentConfig:
-        try:
-            self.roles()
-        except ValueError as exc:
-            raise ValueError(f"client_roles: {exc}") from None
-        return self
+    @field_validator("client_roles")
+    @classmethod
+    def _one_role_each(cls, v: dict[Role, list[str]], info: Any) -> dict[Role, list[str]]:
+        merged = {r: list(names) for r, names in v.items()}
+        merged[Role.OPERATOR] = [*info.data.get("client_allowlist", []),
+                                 *merged.get(Role.OPERATOR, [])]
+        role_table(merged)  # ValueError names the identity
+        return v
 
     @field_validator("allowed_binary_dirs")
     @classmethod
     def _dirs(cls, v: list[str]) -> list[str]:
-        return [_absolute(d, "allowed_binary_dirs[]") for d in v]
+        for d in v:
+            problem = allowed_dir_problem(d)
+            if problem is not None:
+                raise ValueError(f"allowed_binary_dirs[] {problem}")
+        return [os.path.normpath(d) for d in v]
 
     @field_validator("state_dir", "runtime_dir")
     @classmethod

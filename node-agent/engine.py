@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from vmupdate_agent import argv as qargv
-from vmupdate_agent import discovery, hostexec, preflight, procfs, target
+from vmupdate_agent import discovery, hostexec, pathpolicy, preflight, procfs, target
 from vmupdate_agent import guard as cpr_guard
 from vmupdate_agent.models import (
     CprMode,
@@ -83,8 +83,9 @@ class Engine:
         binary = await target.binary_facts(vm, tgt.binary, want_sha256=tgt.sha256 is not None,
                                            ctx=ctx, allowed_dirs=s.allowed_dirs)
         probe = None
-        # Nothing outside the allowed directories is ever run, not even to probe it.
-        if binary.executable and self._allowed(tgt.binary, binary.real_path):
+        # Nothing the host's path rule refuses is ever run, not even to probe it.
+        if (binary.executable and self._allowed(tgt.binary, binary.real_path)
+                and not binary.policy_error):
             probe = await target.probe(vm, tgt.binary, runtime_dir=s.runtime_dir, ctx=ctx)
         host = self._host_facts(vm, raw)
         inputs = preflight.PreflightInputs(vm=vm, target=tgt, requested=requested, host=host,
@@ -159,11 +160,11 @@ class Engine:
         try:
             if skip_preflight:
                 # Skipping the checks never skips the host's rule on where binaries come from.
-                real = target.resolve_in_root(vm.root, tgt.binary)
-                if not self._allowed(tgt.binary, real):
+                refused = pathpolicy.check(pathpolicy.root_of(vm.pid), tgt.binary,
+                                           s.allowed_dirs)
+                if refused is not None:
                     await session.close()
-                    msg = (f"target {tgt.binary} is outside the directories this host allows "
-                           f"({', '.join(s.allowed_dirs) or 'none'}); nothing was changed")
+                    msg = f"{refused}; nothing was changed"
                     await emit(Phase.FAILED, msg)
                     return UpdateResult(**base, outcome=Outcome.FAILED, mode=None,
                                         message=msg, pid_after=vm.pid,

@@ -332,7 +332,7 @@ def check_target_allowed(p: PreflightInputs, mode: CprMode) -> str | None:
             return (f"target {candidate} is outside the directories this host allows "
                     f"({', '.join(p.host.allowed_dirs)}); install it there or extend "
                     "allowed_binary_dirs in the agent's configuration")
-    return None
+    return p.binary.policy_error or None
 
 
 def check_target_sha256(p: PreflightInputs, mode: CprMode) -> str | None:

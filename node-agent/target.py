@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from vmupdate_agent import argv as qargv
-from vmupdate_agent import hostexec, procfs
+from vmupdate_agent import hostexec, pathpolicy, procfs
 from vmupdate_agent.discovery import (
     cpr_modes_from_schema,
     legacy_dialect_from_schema,
@@ -45,6 +45,9 @@ class BinaryFacts:
     version_output: str = ""
     version: QemuVersion | None = None
     version_error: str = ""
+    # Why the host's path rule (pathpolicy) refuses it: outside the allowed directories,
+    # or a group/world-writable file or directory on its way. Empty when it is fine.
+    policy_error: str = ""
 
 
 @dataclass(frozen=True)
@@ -66,23 +69,13 @@ class DryRunFacts:
 
 
 def is_allowed(path: str, dirs: tuple[str, ...]) -> bool:
-    """Whether `path` (absolute, without '..') lies in one of `dirs`."""
-    if not path.startswith("/") or ".." in path.split("/"):
-        return False
-    norm = os.path.normpath(path)
-    for d in dirs:
-        base = os.path.normpath(d)
-        if norm == base or norm.startswith(base.rstrip("/") + "/"):
-            return True
-    return False
+    """Whether `path` (absolute, without '..') lies in one of `dirs` (pathpolicy's rule)."""
+    return pathpolicy.lexically_under(path, dirs)
 
 
 def resolve_in_root(root: str, path: str) -> str:
     """Resolve symlinks of `path` as the VM would (its root is `root` as the agent sees it)."""
-    seen = os.path.realpath(os.path.join(root, path.lstrip("/")))
-    if root != "/" and seen.startswith(root.rstrip("/") + "/"):
-        return seen[len(root.rstrip("/")):]
-    return seen
+    return pathpolicy.resolve_in_root(Path(root), path)
 
 
 async def binary_facts(vm: VMInfo, path: str, *, want_sha256: bool, ctx: hostexec.HostContext,
@@ -96,13 +89,18 @@ async def binary_facts(vm: VMInfo, path: str, *, want_sha256: bool, ctx: hostexe
         return BinaryFacts(path=path, exists=False)
     is_file = stat.S_ISREG(st.st_mode)
     executable = is_file and bool(st.st_mode & (stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH))
-    real = resolve_in_root(vm.root, path)
+    root = pathpolicy.root_of(vm.pid)
+    try:
+        real = pathpolicy.resolve_in_root(root, path)
+    except OSError:
+        real = ""
+    policy = pathpolicy.check(root, path, allowed_dirs) or ""
     digest = None
     if want_sha256 and is_file:
         digest = await asyncio.to_thread(_sha256, seen)
     version_out, version, err = "", None, ""
-    if executable and not (is_allowed(path, allowed_dirs) and is_allowed(real, allowed_dirs)):
-        err = "not run: the target is outside the allowed directories"
+    if executable and policy:
+        err = "not run: the target is refused by the host's path rule"
         executable_here = False
     else:
         executable_here = executable
@@ -119,7 +117,7 @@ async def binary_facts(vm: VMInfo, path: str, *, want_sha256: bool, ctx: hostexe
             err = f"`{path} -version` could not run: {exc}"
     return BinaryFacts(path=path, exists=True, is_file=is_file, executable=executable,
                        real_path=real, sha256=digest, version_output=version_out,
-                       version=version, version_error=err)
+                       version=version, version_error=err, policy_error=policy)
 
 
 def _sha256(path: Path) -> str:

@@ -529,9 +529,17 @@ def test_a_blocker_of_one_mode_does_not_refuse_another(load_vm: VmLoader) -> Non
     assert REBOOT in preflight.readiness(vm).modes
 
 
-def test_allowing_the_root_directory_allows_every_absolute_target(load_vm: VmLoader) -> None:
+def test_allowing_the_root_directory_allows_nothing(load_vm: VmLoader) -> None:
+    """'/' is refused as an allowed directory (pathpolicy): it would allow every binary."""
     p = host_(allowed_dirs=("/",))(good_inputs(load_vm(BASE)))
-    assert preflight.check_target_allowed(p, EXEC) is None
+    assert "outside the directories this host allows" in (
+        preflight.check_target_allowed(p, EXEC) or "")
+
+
+def test_the_path_rule_refusal_fails_the_check(load_vm: VmLoader) -> None:
+    why = "target.binary: the directory /usr/lib/qemu-new is writable by others"
+    p = bin_(policy_error=why)(good_inputs(load_vm(BASE)))
+    assert preflight.check_target_allowed(p, EXEC) == why
 
 
 # --- device classification per mode and version, on recorded answers ------------------------
