@@ -76,17 +76,20 @@ class Engine:
     # --- looking -------------------------------------------------------------------------
 
     async def assess(self, session: QmpSession, raw: discovery.RawFacts, vm: VMInfo,
-                     tgt: Target, requested: RequestedMode, *, dry_run: bool = True
-                     ) -> PreflightReport:
+                     tgt: Target, requested: RequestedMode, *, dry_run: bool = True,
+                     run_path: str | None = None) -> PreflightReport:
+        """`run_path`: the target's pinned copy, which the probes run instead of its path."""
         s = self.settings
         ctx = s.host
+        runs = run_path or tgt.binary
         binary = await target.binary_facts(vm, tgt.binary, want_sha256=tgt.sha256 is not None,
-                                           ctx=ctx, allowed_dirs=s.allowed_dirs)
+                                           ctx=ctx, allowed_dirs=s.allowed_dirs,
+                                           run_path=run_path)
         probe = None
         # Nothing the host's path rule refuses is ever run, not even to probe it.
         if (binary.executable and self._allowed(tgt.binary, binary.real_path)
                 and not binary.policy_error):
-            probe = await target.probe(vm, tgt.binary, runtime_dir=s.runtime_dir, ctx=ctx)
+            probe = await target.probe(vm, runs, runtime_dir=s.runtime_dir, ctx=ctx)
         host = self._host_facts(vm, raw)
         inputs = preflight.PreflightInputs(vm=vm, target=tgt, requested=requested, host=host,
                                            binary=binary, probe=probe,
@@ -98,8 +101,7 @@ class Engine:
         if (dry_run and probe is not None and probe.ok and mode is not None
                 and extra_args.is_allowed(tgt.extra_args)):
             new_argv = qargv.appended(
-                qargv.with_binary(qargv.canonical(qargv.parse(vm.argv), vm.qmp_path),
-                                  tgt.binary),
+                qargv.with_binary(qargv.canonical(qargv.parse(vm.argv), vm.qmp_path), runs),
                 tgt.extra_args)
             dry = await target.dry_run(vm, new_argv, runtime_dir=s.runtime_dir, ctx=ctx)
         inputs = preflight.PreflightInputs(**{**inputs.__dict__, "dry_run": dry})
@@ -157,6 +159,17 @@ class Engine:
         await emit(Phase.ACCEPTED, f"operation {op_id} on {vm.name} (pid {vm.pid}, QEMU "
                    f"{vm.features.version})")
         report: PreflightReport | None = None
+        # The pin: from here on only the verified private copy of the target runs.
+        try:
+            pinned = await target.pin(vm, tgt.binary, sha256=tgt.sha256,
+                                      allowed_dirs=s.allowed_dirs, runtime_dir=s.runtime_dir)
+        except (target.PinRefused, OSError) as exc:
+            await session.close()
+            msg = f"{exc}; nothing was changed"
+            await emit(Phase.FAILED, msg)
+            return UpdateResult(**base, outcome=Outcome.FAILED, mode=None, message=msg,
+                                pid_after=vm.pid, version_after=str(vm.features.version))
+        run = tgt.model_copy(update={"binary": pinned.path})
         try:
             if skip_preflight:
                 # Skipping the checks never skips the host's rule on where binaries come from.
@@ -169,10 +182,11 @@ class Engine:
                     return UpdateResult(**base, outcome=Outcome.FAILED, mode=None,
                                         message=msg, pid_after=vm.pid,
                                         version_after=str(vm.features.version))
-                mode, why = await self._mode_without_preflight(vm, tgt, requested)
+                mode, why = await self._mode_without_preflight(vm, run, requested)
                 await emit(Phase.PREFLIGHT, f"preflight skipped on request; {why}")
             else:
-                report = await self.assess(session, raw, vm, tgt, requested)
+                report = await self.assess(session, raw, vm, tgt, requested,
+                                           run_path=pinned.path)
                 mode, why = report.mode, report.mode_reason
                 if not report.passed:
                     failed = "; ".join(f"{c.name}: {c.message}" for c in report.failures())
@@ -196,7 +210,7 @@ class Engine:
         workdir = os.path.join(s.runtime_dir, "ops", op_id)
         os.makedirs(workdir, exist_ok=True)
         guard = s.guard_path if (use_guard and mode == CprMode.CPR_EXEC) else None
-        op = Operation(op_id=op_id, vm=vm, target=tgt, mode=mode, session=session,
+        op = Operation(op_id=op_id, vm=vm, target=run, mode=mode, session=session,
                        workdir=workdir, host=s.host, timeouts=s.timeouts, guard_path=guard,
                        progress=progress)
         started = time.monotonic()

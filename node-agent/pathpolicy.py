@@ -17,11 +17,23 @@ and an allowed directory may not be ``/`` itself (that allows every absolute pat
 from __future__ import annotations
 
 import os
+import re
 import stat
 from collections.abc import Sequence
 from pathlib import Path
 
 MAX_LINKS = 40
+# Private copies of verified targets (vmupdate_agent.target.pin) live in
+# <runtime_dir>/vmupdate-pinned/<sha256>/<the target's path>.
+PIN_DIR = "vmupdate-pinned"
+_PINNED = re.compile(r"/" + PIN_DIR + r"/[0-9a-f]{64}(/.+)$")
+
+
+def origin(path: str) -> str:
+    """The target path a pinned private copy was made from (any other path unchanged): a VM
+    running a pinned copy is reported as running the target it was asked for."""
+    m = _PINNED.search(path)
+    return m.group(1) if m else path
 
 
 def allowed_dir_problem(directory: str) -> str | None:
