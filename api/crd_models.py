@@ -68,6 +68,8 @@ from pydantic.alias_generators import to_camel
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, core_schema
 
+from vmupdate_api import extra_args as allowlist
+
 # --------------------------------------------------------------------------------------------
 # Names
 # --------------------------------------------------------------------------------------------
@@ -202,9 +204,6 @@ CONDITION_TYPE_RE = (
 CONDITION_REASON_RE = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
 LABEL_VALUE_RE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
 
-# Arguments the agent manages itself on the new QEMU's command line.
-RESERVED_QEMU_ARGS = ("-incoming", "--incoming", "-daemonize", "--daemonize")
-
 BINARY_RULES = (
     Rule(
         cel="self.startsWith('/')",
@@ -234,10 +233,9 @@ SHA256_RULE = regex_rule(
     "target.sha256 must be 64 lowercase hex characters (the first field sha256sum prints)",
 )
 EXTRA_ARGS_RULE = Rule(
-    cel="self.all(a, !(a in [" + ", ".join(cel_string(a) for a in RESERVED_QEMU_ARGS) + "]))",
-    message="target.extraArgs must not contain -incoming or -daemonize: "
-    "the agent sets those on the new QEMU itself",
-    check=lambda v: not any(a in RESERVED_QEMU_ARGS for a in v),
+    cel=allowlist.cel_rule(),
+    message=allowlist.CEL_MESSAGE,
+    check=allowlist.is_allowed,
 )
 HOST_NAME_RULE = regex_rule(
     NODE_NAME_RE,
@@ -613,12 +611,14 @@ class UpdateTarget(K8sModel):
     extra_args: (
         Annotated[
             list[Annotated[str, StringConstraints(min_length=1, max_length=MAX_MESSAGE)]],
-            Field(max_length=64),
+            Field(max_length=allowlist.MAX_EXTRA_ARGS),
             Validations((EXTRA_ARGS_RULE,)),
         ]
         | None
     ) = None
-    """Arguments appended to the new QEMU's command line (after the VM's own arguments)."""
+    """Arguments appended to the new QEMU's command line (after the VM's own arguments): only
+    the options of the allowlist in vmupdate_api.extra_args, each followed by its value
+    (today -msg timestamp=on|off,guest-name=on|off)."""
 
 
 class RolloutStrategy(K8sModel):

@@ -308,7 +308,8 @@ async def test_chart_installs_and_its_service_accounts_are_sufficient_and_minima
             "state_dir": "/var/lib/vmupdate", "runtime_dir": "/run/vmupdate",
             # The registrar dials 127.0.0.1:<port>: node-a's agent's.
             "listen_address": f"0.0.0.0:{node.port}",
-            "client_allowlist": ["vmupdate-operator", "vmupdate-registrar"]}},
+            "client_roles": {"operator": ["vmupdate-operator"],
+                             "registrar": ["vmupdate-registrar"]}}},
         "registrar": {"intervalSeconds": HEARTBEAT_S,
                       "labels": {QEMU_HOST_LABEL: "true", "e2e.vmupdate.dev/node": NODE}},
     }

@@ -7,10 +7,18 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
 from vmupdate_agent import workdirs
+from vmupdate_agent.authz import Role, role_table
 from vmupdate_agent.hostexec import DEFAULT_DETACH, DEFAULT_PREFIX
+from vmupdate_agent.pathpolicy import allowed_dir_problem
 
 
 class ConfigError(ValueError):
@@ -63,7 +71,12 @@ class AgentConfig(BaseModel):
     tls: TlsConfig | None = None
     client_allowlist: list[str] = Field(
         default_factory=list, description="client certificate identities (CN or DNS/URI SAN) "
-                                          "allowed to call the agent")
+                                          "with the operator role (may call everything); the "
+                                          "same as client_roles.operator")
+    client_roles: dict[Role, list[str]] = Field(
+        default_factory=dict,
+        description="role -> client certificate identities: operator (everything), "
+                    "registrar (GetInfo, ListVMs and health only)")
     host_exec_prefix: list[str] = Field(default_factory=lambda: list(DEFAULT_PREFIX))
     detach_prefix: list[str] = Field(default_factory=lambda: list(DEFAULT_DETACH))
     guard_binary: str | None = Field(
@@ -72,10 +85,30 @@ class AgentConfig(BaseModel):
                     "(default: $VMUPDATE_GUARD_BINARY, which the image sets)")
     timeouts: TimeoutsConfig = Field(default_factory=lambda: TimeoutsConfig())
 
+    def roles(self) -> dict[str, Role]:
+        """identity -> role, client_allowlist included as operators."""
+        merged = {r: list(v) for r, v in self.client_roles.items()}
+        merged.setdefault(Role.OPERATOR, [])
+        merged[Role.OPERATOR] = [*self.client_allowlist, *merged[Role.OPERATOR]]
+        return role_table(merged)
+
+    @field_validator("client_roles")
+    @classmethod
+    def _one_role_each(cls, v: dict[Role, list[str]], info: Any) -> dict[Role, list[str]]:
+        merged = {r: list(names) for r, names in v.items()}
+        merged[Role.OPERATOR] = [*info.data.get("client_allowlist", []),
+                                 *merged.get(Role.OPERATOR, [])]
+        role_table(merged)  # ValueError names the identity
+        return v
+
     @field_validator("allowed_binary_dirs")
     @classmethod
     def _dirs(cls, v: list[str]) -> list[str]:
-        return [_absolute(d, "allowed_binary_dirs[]") for d in v]
+        for d in v:
+            problem = allowed_dir_problem(d)
+            if problem is not None:
+                raise ValueError(f"allowed_binary_dirs[] {problem}")
+        return [os.path.normpath(d) for d in v]
 
     @field_validator("state_dir", "runtime_dir")
     @classmethod

@@ -29,6 +29,7 @@ from vmupdate_agent.models import (
     UpdateResult,
     VMInfo,
 )
+from vmupdate_api import extra_args
 from vmupdate_api.gen import agent_v1_pb2 as pb
 
 if TYPE_CHECKING:
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
 # The operation id names a journal file and a runtime folder: no '/', no leading dot.
 OPERATION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 MAX_PATH = 4096
-MAX_EXTRA_ARGS = 64
+MAX_EXTRA_ARGS = extra_args.MAX_EXTRA_ARGS
 MAX_ARG = 4096
 MAX_TEXT = 256
 # Upper bounds of per-update timeouts: the same as the agent's configuration accepts
@@ -108,6 +109,9 @@ class TargetSpec(_Spec):
                 raise ValueError(f"[{i}] is empty")
             if len(arg) > MAX_ARG or "\x00" in arg:
                 raise ValueError(f"[{i}] is longer than {MAX_ARG} characters or holds NUL")
+        problems = extra_args.problems(v, "")
+        if problems:
+            raise ValueError("; ".join(problems))
         return v
 
     def to_target(self) -> Target:

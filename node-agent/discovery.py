@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from vmupdate_agent import argv as qargv
-from vmupdate_agent import procfs
+from vmupdate_agent import pathpolicy, procfs
 from vmupdate_agent.models import (
     CprMode,
     MemoryBackend,
@@ -205,7 +205,7 @@ async def gather_raw(session: QmpSession) -> RawFacts:
     raw: RawFacts = {"qmp_path": session.path, "pid": pid}
     raw["argv"] = list(procfs.cmdline(pid))
     raw["root"] = procfs.root(pid)
-    raw["binary"] = procfs.exe(pid)
+    raw["binary"] = pathpolicy.origin(procfs.exe(pid))  # a pinned copy: its target's path
     raw["query-version"] = await session.cmd("query-version")
     raw["query-status"] = await session.cmd("query-status")
     raw["query-name"] = await _try(session, "query-name") or {}

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from vmupdate_agent import argv as qargv
-from vmupdate_agent import discovery, hostexec, preflight, procfs, target, workdirs
+from vmupdate_agent import discovery, hostexec, pathpolicy, preflight, procfs, target, workdirs
 from vmupdate_agent import guard as cpr_guard
 from vmupdate_agent.models import (
     CprMode,
@@ -42,6 +42,7 @@ from vmupdate_agent.modes.common import (
     ensure_running,
 )
 from vmupdate_agent.qmp import QmpError, QmpSession
+from vmupdate_api import extra_args
 
 log = logging.getLogger(__name__)
 
@@ -75,16 +76,20 @@ class Engine:
     # --- looking -------------------------------------------------------------------------
 
     async def assess(self, session: QmpSession, raw: discovery.RawFacts, vm: VMInfo,
-                     tgt: Target, requested: RequestedMode, *, dry_run: bool = True
-                     ) -> PreflightReport:
+                     tgt: Target, requested: RequestedMode, *, dry_run: bool = True,
+                     run_path: str | None = None) -> PreflightReport:
+        """`run_path`: the target's pinned copy, which the probes run instead of its path."""
         s = self.settings
         ctx = s.host
+        runs = run_path or tgt.binary
         binary = await target.binary_facts(vm, tgt.binary, want_sha256=tgt.sha256 is not None,
-                                           ctx=ctx, allowed_dirs=s.allowed_dirs)
+                                           ctx=ctx, allowed_dirs=s.allowed_dirs,
+                                           run_path=run_path)
         probe = None
-        # Nothing outside the allowed directories is ever run, not even to probe it.
-        if binary.executable and self._allowed(tgt.binary, binary.real_path):
-            probe = await target.probe(vm, tgt.binary, runtime_dir=s.runtime_dir, ctx=ctx)
+        # Nothing the host's path rule refuses is ever run, not even to probe it.
+        if (binary.executable and self._allowed(tgt.binary, binary.real_path)
+                and not binary.policy_error):
+            probe = await target.probe(vm, runs, runtime_dir=s.runtime_dir, ctx=ctx)
         host = self._host_facts(vm, raw)
         inputs = preflight.PreflightInputs(vm=vm, target=tgt, requested=requested, host=host,
                                            binary=binary, probe=probe,
@@ -92,10 +97,11 @@ class Engine:
         mode, _ = preflight.choose_mode(requested, vm.features,
                                         probe.features if probe else None)
         dry = None
-        if dry_run and probe is not None and probe.ok and mode is not None:
+        # Extra arguments outside the allowlist never reach a process, not even a dry run.
+        if (dry_run and probe is not None and probe.ok and mode is not None
+                and extra_args.is_allowed(tgt.extra_args)):
             new_argv = qargv.appended(
-                qargv.with_binary(qargv.canonical(qargv.parse(vm.argv), vm.qmp_path),
-                                  tgt.binary),
+                qargv.with_binary(qargv.canonical(qargv.parse(vm.argv), vm.qmp_path), runs),
                 tgt.extra_args)
             dry = await target.dry_run(vm, new_argv, runtime_dir=s.runtime_dir, ctx=ctx)
         inputs = preflight.PreflightInputs(**{**inputs.__dict__, "dry_run": dry})
@@ -153,22 +159,34 @@ class Engine:
         await emit(Phase.ACCEPTED, f"operation {op_id} on {vm.name} (pid {vm.pid}, QEMU "
                    f"{vm.features.version})")
         report: PreflightReport | None = None
+        # The pin: from here on only the verified private copy of the target runs.
+        try:
+            pinned = await target.pin(vm, tgt.binary, sha256=tgt.sha256,
+                                      allowed_dirs=s.allowed_dirs, runtime_dir=s.runtime_dir)
+        except (target.PinRefused, OSError) as exc:
+            await session.close()
+            msg = f"{exc}; nothing was changed"
+            await emit(Phase.FAILED, msg)
+            return UpdateResult(**base, outcome=Outcome.FAILED, mode=None, message=msg,
+                                pid_after=vm.pid, version_after=str(vm.features.version))
+        run = tgt.model_copy(update={"binary": pinned.path})
         try:
             if skip_preflight:
                 # Skipping the checks never skips the host's rule on where binaries come from.
-                real = target.resolve_in_root(vm.root, tgt.binary)
-                if not self._allowed(tgt.binary, real):
+                refused = pathpolicy.check(pathpolicy.root_of(vm.pid), tgt.binary,
+                                           s.allowed_dirs)
+                if refused is not None:
                     await session.close()
-                    msg = (f"target {tgt.binary} is outside the directories this host allows "
-                           f"({', '.join(s.allowed_dirs) or 'none'}); nothing was changed")
+                    msg = f"{refused}; nothing was changed"
                     await emit(Phase.FAILED, msg)
                     return UpdateResult(**base, outcome=Outcome.FAILED, mode=None,
                                         message=msg, pid_after=vm.pid,
                                         version_after=str(vm.features.version))
-                mode, why = await self._mode_without_preflight(vm, tgt, requested)
+                mode, why = await self._mode_without_preflight(vm, run, requested)
                 await emit(Phase.PREFLIGHT, f"preflight skipped on request; {why}")
             else:
-                report = await self.assess(session, raw, vm, tgt, requested)
+                report = await self.assess(session, raw, vm, tgt, requested,
+                                           run_path=pinned.path)
                 mode, why = report.mode, report.mode_reason
                 if not report.passed:
                     failed = "; ".join(f"{c.name}: {c.message}" for c in report.failures())
@@ -192,7 +210,7 @@ class Engine:
         workdir = workdirs.workdir(s.runtime_dir, op_id)
         os.makedirs(workdir, exist_ok=True)
         guard = s.guard_path if (use_guard and mode == CprMode.CPR_EXEC) else None
-        op = Operation(op_id=op_id, vm=vm, target=tgt, mode=mode, session=session,
+        op = Operation(op_id=op_id, vm=vm, target=run, mode=mode, session=session,
                        workdir=workdir, host=s.host, timeouts=s.timeouts, guard_path=guard,
                        progress=progress)
         started = time.monotonic()

@@ -21,6 +21,7 @@ from vmupdate_agent.models import (
     VMInfo,
 )
 from vmupdate_agent.target import BinaryFacts, DryRunFacts, ProbeFacts, is_allowed
+from vmupdate_api import extra_args
 
 # Versions that first preserved each kind of device across each mode (QEMU's CPR docs).
 VFIO_MIN_VERSION: dict[CprMode, tuple[int, int]] = {
@@ -298,6 +299,13 @@ def check_target_path(p: PreflightInputs, mode: CprMode) -> str | None:
     return None
 
 
+def check_extra_args(p: PreflightInputs, mode: CprMode) -> str | None:
+    problems = extra_args.problems(p.target.extra_args, "target.extra_args")
+    if not problems:
+        return None
+    return "; ".join(problems) + " — nothing was run with them"
+
+
 def check_target_exists(p: PreflightInputs, mode: CprMode) -> str | None:
     if p.binary.exists and p.binary.is_file:
         return None
@@ -324,7 +332,7 @@ def check_target_allowed(p: PreflightInputs, mode: CprMode) -> str | None:
             return (f"target {candidate} is outside the directories this host allows "
                     f"({', '.join(p.host.allowed_dirs)}); install it there or extend "
                     "allowed_binary_dirs in the agent's configuration")
-    return None
+    return p.binary.policy_error or None
 
 
 def check_target_sha256(p: PreflightInputs, mode: CprMode) -> str | None:
@@ -393,6 +401,8 @@ def check_device_drivers(p: PreflightInputs, mode: CprMode) -> str | None:
 
 def check_dry_run(p: PreflightInputs, mode: CprMode) -> str | None:
     d = p.dry_run
+    if d is None and check_extra_args(p, mode) is not None:
+        return "not run: the extra arguments are not allowed (see target-extra-args)"
     if d is None:
         return "the dry run did not run"
     if not d.ok:
@@ -436,6 +446,7 @@ def check_guard(p: PreflightInputs, mode: CprMode) -> str | None:
 
 TARGET_CHECKS: tuple[tuple[str, Check], ...] = (
     ("target-path", check_target_path),
+    ("target-extra-args", check_extra_args),
     ("target-exists", check_target_exists),
     ("target-executable", check_target_executable),
     ("target-allowed-directory", check_target_allowed),

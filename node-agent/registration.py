@@ -24,7 +24,8 @@ Two ways to run it:
           --ca-file ca.crt --cert-file registrar.crt --key-file registrar.key \\
           --endpoint 10.0.0.11:9443 [--label vmupdate.dev/qemu-host=true] [--interval 10]
 
-  (its certificate's identity must be in the agent's ``client_allowlist``).
+  (its certificate's identity needs the ``registrar`` role in the agent's ``client_roles``:
+  GetInfo and ListVMs, nothing else).
 """
 
 from __future__ import annotations

@@ -32,11 +32,12 @@ from grpc_health.v1._async import HealthServicer as AsyncHealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from vmupdate_agent import engine, hostexec, reaper
+from vmupdate_agent.authz import AuthorizationInterceptor, Role
 from vmupdate_agent.config import AgentConfig, ConfigError, load
 from vmupdate_agent.journal import Journal
 from vmupdate_agent.modes.common import Timeouts, kill_quietly, pids_with_arg
 from vmupdate_agent.service import NodeAgentService, Operations
-from vmupdate_agent.tls import CertificateFiles, ClientIdentityInterceptor, TlsError
+from vmupdate_agent.tls import CertificateFiles, TlsError
 from vmupdate_api.gen import agent_v1_pb2 as pb
 from vmupdate_api.gen import agent_v1_pb2_grpc as pb_grpc
 
@@ -70,9 +71,10 @@ def check_serving_config(config: AgentConfig) -> None:
     if config.tls is None:
         raise ConfigError("tls: required; the agent serves mutual TLS only (cert_file, "
                           "key_file, client_ca_file)")
-    if not config.client_allowlist:
-        raise ConfigError("client_allowlist: empty; name the operator's client certificate "
-                          "identity (CN or SAN), or no one may call the agent")
+    if not config.roles():
+        raise ConfigError("client_roles: empty; name the operator's client certificate "
+                          "identity (CN or SAN) under client_roles.operator (or "
+                          "client_allowlist), or no one may call the agent")
 
 
 async def stop_leftover_probes(runtime_dir: str) -> None:
@@ -86,9 +88,9 @@ async def stop_leftover_probes(runtime_dir: str) -> None:
 
 
 def build_server(service: NodeAgentService, health_servicer: AsyncHealthServicer,
-                 allowlist: list[str]) -> grpc.aio.Server:
+                 roles: dict[str, Role]) -> grpc.aio.Server:
     server = grpc.aio.server(
-        interceptors=[ClientIdentityInterceptor(allowlist)],
+        interceptors=[AuthorizationInterceptor(roles)],
         options=[("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
                  ("grpc.max_send_message_length", MAX_SEND_BYTES),
                  # Fail loudly if another process serves this port already.
@@ -135,7 +137,7 @@ async def _serve(config: AgentConfig, stop: asyncio.Event,
 
     health_servicer = AsyncHealthServicer()
     server = build_server(NodeAgentService(operations, config), health_servicer,
-                          config.client_allowlist)
+                          config.roles())
     port = server.add_secure_port(config.listen_address, credentials)
     await server.start()
     for name in ("", SERVICE_NAME):

@@ -30,7 +30,7 @@ from typing import Any
 
 import grpc
 
-from vmupdate_agent import discovery, preflight, procfs
+from vmupdate_agent import discovery, pathpolicy, preflight, procfs
 from vmupdate_agent import guard as cpr_guard
 from vmupdate_agent.config import AgentConfig
 from vmupdate_agent.convert import (
@@ -104,22 +104,13 @@ class Refused(Exception):
 
 
 def under(path: str, dirs: Sequence[str]) -> bool:
-    norm = os.path.normpath(path)
-    return any(norm == os.path.normpath(d) or norm.startswith(os.path.normpath(d).rstrip("/")
-                                                              + "/") for d in dirs)
+    return pathpolicy.lexically_under(path, dirs)
 
 
 def outside_allowed(binary: str, allowed: Sequence[str], *, resolved: str | None = None
                     ) -> str | None:
     """Why `binary` may not be run on this host, or None. `resolved`: its real path."""
-    where = ", ".join(allowed) or "none"
-    if not under(binary, allowed):
-        return (f"target.binary: {binary} is outside the directories this host allows "
-                f"({where})")
-    if resolved is not None and not under(resolved, allowed):
-        return (f"target.binary: {binary} resolves to {resolved}, outside the directories "
-                f"this host allows ({where})")
-    return None
+    return pathpolicy.outside_allowed(binary, allowed, resolved=resolved)
 
 
 def timeouts_for(spec: UpdateSpec, base: Timeouts) -> Timeouts:
@@ -358,29 +349,7 @@ def infer_mode(requested: RequestedMode, workdir_files: frozenset[str]) -> CprMo
 
 def resolve_in_root(root: Path, path: str, *, max_links: int = 40) -> str:
     """`path` with every symlink resolved as a process whose root is `root` would see it."""
-    parts = [p for p in path.split("/") if p]
-    done: list[str] = []
-    links = 0
-    while parts:
-        part = parts.pop(0)
-        if part == ".":
-            continue
-        if part == "..":
-            if done:
-                done.pop()
-            continue
-        seen = root.joinpath(*done, part)
-        if seen.is_symlink():
-            links += 1
-            if links > max_links:
-                raise OSError(f"too many symlinks resolving {path}")
-            link = os.readlink(seen)
-            if link.startswith("/"):
-                done = []
-            parts = [p for p in link.split("/") if p] + parts
-            continue
-        done.append(part)
-    return "/" + "/".join(done)
+    return pathpolicy.resolve_in_root(root, path, max_links=max_links)
 
 
 async def ask_qemu(path: str, *, timeout: float) -> tuple[QemuFacts | None, str]:
@@ -657,19 +626,10 @@ class Operations:
         return answer
 
     def _check_binary(self, binary: str, vm: VMInfo | None) -> None:
-        allowed = self.settings.allowed_dirs
-        resolved = None
-        if vm is not None:
-            try:
-                resolved = resolve_in_root(procfs.PROC / str(vm.pid) / "root", binary)
-            except OSError as exc:
-                raise Refused(grpc.StatusCode.PERMISSION_DENIED,
-                              f"target.binary: cannot resolve {binary} in the VM's root: "
-                              f"{exc}") from exc
-        why = outside_allowed(binary, allowed, resolved=resolved)
+        root = procfs.PROC / str(vm.pid) / "root" if vm is not None else None
+        why = pathpolicy.check(root, binary, self.settings.allowed_dirs)
         if why is not None:
-            raise Refused(grpc.StatusCode.PERMISSION_DENIED,
-                          f"{why}; install it there or extend allowed_binary_dirs")
+            raise Refused(grpc.StatusCode.PERMISSION_DENIED, why)
 
     # --- preflight --------------------------------------------------------------------------
 

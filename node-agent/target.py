@@ -1,4 +1,10 @@
-"""Learning what the target QEMU binary is, without touching the VM.
+"""Learning what the target QEMU binary is, without touching the VM, and pinning it.
+
+The pin: an update opens the target once (after the host's path rule allowed it), hashes
+that open file while copying it to a private, root-only place in the runtime directory, and
+from then on runs only that copy: the target's `-version`, the probe, the dry run and the new
+QEMU. A file swapped at the target's path after the check is never run, and the requested
+sha256 is checked on the very bytes that run, whether preflight runs or not.
 
 Three looks, each turned into plain facts for the pure preflight checks:
 - the file (inside the VM's root): exists, executable, where it really lives, sha256;
@@ -16,13 +22,15 @@ import contextlib
 import hashlib
 import os
 import secrets
+import shutil
 import stat
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vmupdate_agent import argv as qargv
-from vmupdate_agent import hostexec, procfs
+from vmupdate_agent import hostexec, pathpolicy, procfs
 from vmupdate_agent.discovery import (
     cpr_modes_from_schema,
     legacy_dialect_from_schema,
@@ -45,6 +53,9 @@ class BinaryFacts:
     version_output: str = ""
     version: QemuVersion | None = None
     version_error: str = ""
+    # Why the host's path rule (pathpolicy) refuses it: outside the allowed directories,
+    # or a group/world-writable file or directory on its way. Empty when it is fine.
+    policy_error: str = ""
 
 
 @dataclass(frozen=True)
@@ -65,30 +76,112 @@ class DryRunFacts:
     argv: tuple[str, ...] = ()
 
 
+class PinRefused(ValueError):
+    """The target may not be pinned (so it is not run); the message names field and fix."""
+
+
+@dataclass(frozen=True)
+class Pinned:
+    path: str  # the private copy: the same path in the agent's and the VM's root
+    sha256: str
+
+
+PIN_KEEP_S = 600.0  # an unused pinned copy younger than this may be an update's in flight
+
+
+async def pin(vm: VMInfo, path: str, *, sha256: str | None, allowed_dirs: tuple[str, ...],
+              runtime_dir: str) -> Pinned:
+    """Open `path` in the VM's root once, hash that open file while copying it privately,
+    and return the copy: what was verified is what runs. PinRefused when the path rule
+    refuses it, it cannot be opened, or its bytes do not match `sha256`."""
+    root = pathpolicy.root_of(vm.pid)
+    why = pathpolicy.check(root, path, allowed_dirs)
+    if why is not None:
+        raise PinRefused(why)
+    try:
+        resolved = pathpolicy.resolve_in_root(root, path)
+    except OSError as exc:
+        raise PinRefused(f"target.binary: cannot resolve {path} in the VM's root: {exc}"
+                         ) from exc
+    pinned = await asyncio.to_thread(_pin_copy, root, resolved, path, sha256, runtime_dir)
+    await asyncio.to_thread(_prune_pins, Path(runtime_dir) / pathpolicy.PIN_DIR, pinned.sha256)
+    return pinned
+
+
+def _pin_copy(root: Path, resolved: str, path: str, sha256: str | None,
+              runtime_dir: str) -> Pinned:
+    try:
+        fd = os.open(root.joinpath(resolved.lstrip("/")),
+                     os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise PinRefused(f"target.binary: cannot open {path} in the VM's root: "
+                         f"{exc.strerror}") from exc
+    with os.fdopen(fd, "rb") as src:
+        st = os.fstat(src.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise PinRefused(f"target.binary: {path} is not a regular file")
+        if not st.st_mode & (stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH):
+            raise PinRefused(f"target.binary: {path} is not executable (chmod +x)")
+        why = pathpolicy.writable_problem(resolved, st.st_mode)  # the file as opened
+        if why is not None:
+            raise PinRefused(why)
+        base = Path(runtime_dir) / pathpolicy.PIN_DIR
+        base.mkdir(mode=0o755, parents=True, exist_ok=True)
+        tmp = base / f".tmp-{secrets.token_hex(8)}"
+        digest = hashlib.sha256()
+        try:
+            with open(tmp, "xb") as dst:
+                for chunk in iter(lambda: src.read(1 << 20), b""):
+                    digest.update(chunk)
+                    dst.write(chunk)
+            got = digest.hexdigest()
+            if sha256 and got != sha256.lower():
+                raise PinRefused(f"target.sha256: {path} has sha256 {got}, expected "
+                                 f"{sha256.lower()}: the file on this host is not the build "
+                                 "you meant")
+            os.chmod(tmp, 0o555)
+            dest = base / got / path.lstrip("/")
+            dest.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+            os.replace(tmp, dest)
+            os.utime(base / got)  # fresh: not pruned while this update runs
+        finally:
+            tmp.unlink(missing_ok=True)
+    return Pinned(path=str(dest), sha256=got)
+
+
+def _prune_pins(base: Path, keep: str) -> None:
+    """Remove pinned copies no process runs and no update just made."""
+    in_use: set[str] = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                link = os.readlink(entry / "exe")
+                if "/" + pathpolicy.PIN_DIR + "/" in link:
+                    in_use.add(link.split("/" + pathpolicy.PIN_DIR + "/", 1)[1][:64])
+    now = time.time()
+    for d in base.iterdir():
+        if d.name == keep or d.name in in_use or d.name.startswith("."):
+            continue
+        with contextlib.suppress(OSError):
+            if now - d.stat().st_mtime > PIN_KEEP_S:
+                shutil.rmtree(d)
+
+
 def is_allowed(path: str, dirs: tuple[str, ...]) -> bool:
-    """Whether `path` (absolute, without '..') lies in one of `dirs`."""
-    if not path.startswith("/") or ".." in path.split("/"):
-        return False
-    norm = os.path.normpath(path)
-    for d in dirs:
-        base = os.path.normpath(d)
-        if norm == base or norm.startswith(base.rstrip("/") + "/"):
-            return True
-    return False
+    """Whether `path` (absolute, without '..') lies in one of `dirs` (pathpolicy's rule)."""
+    return pathpolicy.lexically_under(path, dirs)
 
 
 def resolve_in_root(root: str, path: str) -> str:
     """Resolve symlinks of `path` as the VM would (its root is `root` as the agent sees it)."""
-    seen = os.path.realpath(os.path.join(root, path.lstrip("/")))
-    if root != "/" and seen.startswith(root.rstrip("/") + "/"):
-        return seen[len(root.rstrip("/")):]
-    return seen
+    return pathpolicy.resolve_in_root(Path(root), path)
 
 
 async def binary_facts(vm: VMInfo, path: str, *, want_sha256: bool, ctx: hostexec.HostContext,
-                       allowed_dirs: tuple[str, ...], timeout: float = 20.0) -> BinaryFacts:
-    """What the file is; it is only run (`-version`) when it lies under `allowed_dirs`, by its
-    given path and by its resolved one (a symlink must not lead out of them)."""
+                       allowed_dirs: tuple[str, ...], timeout: float = 20.0,
+                       run_path: str | None = None) -> BinaryFacts:
+    """What the file is; it is only run (`-version`) when the host's path rule allows it.
+    `run_path`: its pinned copy, which is hashed and run instead of the path."""
     seen = procfs.in_root(vm.pid, path)
     try:
         st = seen.stat()
@@ -96,19 +189,25 @@ async def binary_facts(vm: VMInfo, path: str, *, want_sha256: bool, ctx: hostexe
         return BinaryFacts(path=path, exists=False)
     is_file = stat.S_ISREG(st.st_mode)
     executable = is_file and bool(st.st_mode & (stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH))
-    real = resolve_in_root(vm.root, path)
+    root = pathpolicy.root_of(vm.pid)
+    try:
+        real = pathpolicy.resolve_in_root(root, path)
+    except OSError:
+        real = ""
+    policy = pathpolicy.check(root, path, allowed_dirs) or ""
     digest = None
+    runs = run_path or path
     if want_sha256 and is_file:
-        digest = await asyncio.to_thread(_sha256, seen)
+        digest = await asyncio.to_thread(_sha256, procfs.in_root(vm.pid, runs))
     version_out, version, err = "", None, ""
-    if executable and not (is_allowed(path, allowed_dirs) and is_allowed(real, allowed_dirs)):
-        err = "not run: the target is outside the allowed directories"
+    if executable and policy:
+        err = "not run: the target is refused by the host's path rule"
         executable_here = False
     else:
         executable_here = executable
     if executable_here:
         try:
-            done = await hostexec.run(ctx.wrap(vm.pid, [path, "-version"]), timeout=timeout)
+            done = await hostexec.run(ctx.wrap(vm.pid, [runs, "-version"]), timeout=timeout)
             version_out = (done.stdout + done.stderr).strip()
             version = parse_version_output(done.stdout)
             if done.returncode != 0:
@@ -119,7 +218,7 @@ async def binary_facts(vm: VMInfo, path: str, *, want_sha256: bool, ctx: hostexe
             err = f"`{path} -version` could not run: {exc}"
     return BinaryFacts(path=path, exists=True, is_file=is_file, executable=executable,
                        real_path=real, sha256=digest, version_output=version_out,
-                       version=version, version_error=err)
+                       version=version, version_error=err, policy_error=policy)
 
 
 def _sha256(path: Path) -> str:

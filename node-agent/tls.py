@@ -1,5 +1,4 @@
-"""Mutual TLS for the agent: certificates from files, reloaded when they change, and the
-client identity allowlist.
+"""Mutual TLS for the agent: certificates from files, reloaded when they change.
 
 gRPC asks `CertificateFiles.fetch` before every new TLS handshake (grpc's
 `dynamic_ssl_server_credentials`); it answers with a new configuration only when one of the
@@ -7,20 +6,18 @@ files changed and the new set is usable, so a certificate rotated on disk (cert-
 a projected Secret) is served to new connections without a restart, and a half-written
 rotation keeps the previous certificate rather than breaking the agent.
 
-A valid client certificate is not enough: its identity (subject CN, or a DNS/URI SAN) must
-be in the configured allowlist. `ClientIdentityInterceptor` checks that on every call, for
-every service (the API, health and reflection alike).
+A valid client certificate is not enough: what its identity may call is decided per call
+by `vmupdate_agent.authz`.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import cast
 
 import grpc
 import grpc.aio
@@ -114,82 +111,3 @@ class CertificateFiles:
         fetcher = cast(Callable[[], grpc.ServerCertificateConfiguration], self.fetch)
         return grpc.dynamic_ssl_server_credentials(
             initial, fetcher, require_client_authentication=True)
-
-
-# --- client identity -----------------------------------------------------------------------
-
-
-def peer_identities(auth_context: Mapping[str, Iterable[bytes]]) -> list[str]:
-    """The names a client certificate presents: subject CN and SANs (DNS, URI, ...)."""
-    names: list[str] = []
-    for key in ("x509_common_name", "x509_subject_alternative_name"):
-        for value in auth_context.get(key, ()):
-            text = value.decode(errors="replace")
-            if text not in names:
-                names.append(text)
-    return names
-
-
-def identity_allowed(identities: Sequence[str], allowlist: Sequence[str]) -> bool:
-    return any(name in allowlist for name in identities)
-
-
-# A string: the generic form exists only in the type stubs.
-Continuation = Callable[[grpc.HandlerCallDetails],
-                        Awaitable["grpc.RpcMethodHandler[Any, Any]"]]
-
-
-class ClientIdentityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """Refuses (PERMISSION_DENIED) every call whose client identity is not allowed.
-
-    aio interceptors do not see the call's context, so the handler is wrapped: the check
-    runs first in the call, with `context.auth_context()`.
-    """
-
-    def __init__(self, allowlist: Sequence[str]) -> None:
-        self.allowlist = tuple(allowlist)
-
-    async def _check(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        names = peer_identities(context.auth_context())
-        if not identity_allowed(names, self.allowlist):
-            log.warning("refused a call from client identity %s (peer %s)",
-                        names or "(none)", context.peer())
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                                f"client identity {', '.join(names) or '(none)'} is not "
-                                "allowed to call this agent")
-
-    async def intercept_service(self, continuation: Continuation,
-                                handler_call_details: grpc.HandlerCallDetails
-                                ) -> grpc.RpcMethodHandler[Any, Any]:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
-            behaviour = getattr(handler, kind)
-            if behaviour is not None:
-                make = getattr(grpc, f"{kind}_rpc_method_handler")
-                wrapped: grpc.RpcMethodHandler[Any, Any] = make(
-                    _checked(behaviour, self._check),
-                    request_deserializer=handler.request_deserializer,
-                    response_serializer=handler.response_serializer)
-                return wrapped
-        return handler
-
-
-def _checked(behaviour: Callable[..., Any],
-             check: Callable[[grpc.aio.ServicerContext[Any, Any]], Awaitable[None]]
-             ) -> Callable[..., Any]:
-    """`behaviour` with `check` first; aio handlers are coroutines or async generators."""
-    if inspect.isasyncgenfunction(behaviour):
-        async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
-            await check(context)
-            async for response in behaviour(request, context):
-                yield response
-
-        return stream
-
-    async def call(request: Any, context: Any) -> Any:
-        await check(context)
-        return await behaviour(request, context)
-
-    return call

@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from e2e.cluster.sandbox import ManagedProcess, free_port
-from e2e.k8s.pki import ALLOWLIST, FleetPki
+from e2e.k8s.pki import OPERATOR_IDENTITY, REGISTRAR_IDENTITY, FleetPki
 from e2e.rig import Rig
 
 QEMU_HOST_LABEL = "vmupdate.dev/qemu-host"
@@ -61,7 +61,8 @@ class SimulatedNode:
             "listen_address": self.endpoint,
             "tls": {"cert_file": str(serving.cert), "key_file": str(serving.key),
                     "client_ca_file": str(self.pki.ca_cert)},
-            "client_allowlist": list(ALLOWLIST),
+            "client_roles": {"operator": [OPERATOR_IDENTITY],
+                             "registrar": [REGISTRAR_IDENTITY]},
             "guard_binary": str(guard_binary),
         }
         self.config_path.write_text(yaml.safe_dump(config))

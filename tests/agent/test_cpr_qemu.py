@@ -24,7 +24,7 @@ from e2e.rig.fixtures import VMFactory
 from e2e.rig.vm import Backend
 from tests.agent import raw_cpr
 from tests.agent.conftest import make_engine
-from vmupdate_agent import engine, procfs
+from vmupdate_agent import engine, pathpolicy, procfs
 from vmupdate_agent.models import CprMode, Outcome, RequestedMode, Target, UpdateResult
 
 pytestmark = pytest.mark.qemu
@@ -483,7 +483,7 @@ async def test_rollback_runs_the_old_binary_even_when_its_file_was_replaced(
     onto_copy = await update(agent, vm, str(path), "cpr-exec" if mode == "cpr-exec"
                              else "cpr-transfer")
     assert onto_copy.outcome == Outcome.UPDATED, onto_copy.message
-    assert procfs.exe(vm.pid) == str(path)
+    assert pathpolicy.origin(procfs.exe(vm.pid)) == str(path)  # a pinned copy of it
 
     # The "upgrade": another file under the same path.
     upgraded = bin_dir / "upgraded"

@@ -41,7 +41,7 @@ def full_request() -> pb.UpdateRequest:
     return pb.UpdateRequest(
         operation_id="op-1", vm="a", mode=pb.MODE_CPR_EXEC,
         target=pb.Target(binary="/opt/qemu//bin/./qemu", expected_version="11.1.3",
-                         sha256="AB" * 32, extra_args=["-S"]),
+                         sha256="AB" * 32, extra_args=["-msg", "timestamp=on"]),
         timeouts=pb.Timeouts(handover_seconds=30, guard_commit_seconds=5),
         pause_budget_ms=250)
 
@@ -64,7 +64,7 @@ def test_update_request_round_trip() -> None:
     assert spec.target.sha256 == "ab" * 32
     assert spec.timeouts.handover_seconds == 30 and spec.timeouts.load_seconds is None
     target = spec.target.to_target()
-    assert (target.expected_version, target.extra_args) == ("11.1.3", ("-S",))
+    assert (target.expected_version, target.extra_args) == ("11.1.3", ("-msg", "timestamp=on"))
     back = convert.spec_to_pb(spec)
     assert convert.update_spec(back) == spec
     assert back.timeouts.load_seconds == 0  # "agent default" stays unset
@@ -74,7 +74,7 @@ def test_fingerprint_tells_requests_apart() -> None:
     a = convert.update_spec(full_request())
     assert a.fingerprint() == convert.update_spec(full_request()).fingerprint()
     changed = full_request()
-    changed.target.extra_args.append("-no-reboot")
+    changed.target.extra_args[1] = "timestamp=off"
     assert convert.update_spec(changed).fingerprint() != a.fingerprint()
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from vmupdate_agent import guard
+from vmupdate_agent.authz import identity_allowed, peer_identities
 from vmupdate_agent.models import CprMode, Outcome, RequestedMode
 from vmupdate_agent.service import (
     Action,
@@ -19,7 +20,6 @@ from vmupdate_agent.service import (
     outside_allowed,
     resolve_in_root,
 )
-from vmupdate_agent.tls import identity_allowed, peer_identities
 from vmupdate_operator.agent_client import RetryPolicy, pick_api_version
 
 # --- allowed directories ----------------------------------------------------------------

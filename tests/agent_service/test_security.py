@@ -18,8 +18,9 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
-from tests.agent_service.harness import AgentFactory, AgentProcess
+from tests.agent_service.harness import AgentFactory, AgentProcess, journal_files
 from tests.agent_service.pki import Issued, Pki, issue
+from vmupdate_agent.config import ConfigError, load
 from vmupdate_api.gen import agent_v1_pb2 as pb
 from vmupdate_api.gen import agent_v1_pb2_grpc as pb_grpc
 from vmupdate_operator.agent_client import AgentClient, AgentError, ClientTls, RetryPolicy
@@ -188,3 +189,67 @@ async def test_certificate_files_are_reloaded(agents: AgentFactory, empty_globs:
     await asyncio.sleep(0.2)
     assert common_name(await peer_certificate(agent)) == "vmupdate-agent-new-ca"
     assert "not usable" in agent.log()
+
+
+# --- per-RPC roles -----------------------------------------------------------------------
+
+REGISTRAR_ROLES = {"operator": ["vmupdate-operator"], "registrar": ["vmupdate-registrar"]}
+
+
+async def test_the_registrar_role_reads_the_inventory_only(agents: AgentFactory, pki: Pki,
+                                                           tmp_path: Path,
+                                                           empty_globs: list[str]) -> None:
+    """The registrar's identity (a real certificate of the agent's client CA) may call
+    GetInfo, ListVMs and health; Update, Preflight, WatchOperation, GetOperation and
+    reflection are PERMISSION_DENIED naming its role; the operator still may call them."""
+    registrar_cert = issue(pki.ca, tmp_path / "pki-registrar", "registrar", "vmupdate-registrar")
+    agent = await agents.start(socket_globs=empty_globs, client_allowlist=[],
+                               client_roles=REGISTRAR_ROLES)
+    registrar = await agent.client(registrar_cert, retry=ONE_TRY)
+    assert (await registrar.get_info()).node_name == "test-node"
+    assert list((await registrar.list_vms()).vms) == []
+    await registrar.wait_ready(timeout=10)
+
+    def denied(err: AgentError | grpc.aio.AioRpcError, rpc: str) -> bool:
+        code = err.code if isinstance(err, AgentError) else err.code()
+        details = err.details if isinstance(err, AgentError) else (err.details() or "")
+        return (code == grpc.StatusCode.PERMISSION_DENIED and "role registrar" in details
+                and f"may not call vmupdate.agent.v1.NodeAgent/{rpc}" in details)
+
+    target = pb.Target(binary="/nonexistent/allowed/qemu-system-x86_64")
+    with pytest.raises(grpc.aio.AioRpcError) as update_err:
+        async for _ in registrar.stub.Update(pb.UpdateRequest(
+                operation_id="op-1", vm="vm1", target=target, mode=pb.MODE_AUTO), timeout=10):
+            raise AssertionError("the registrar got an Update event")
+    assert denied(update_err.value, "Update"), update_err.value
+    with pytest.raises(AgentError) as err:
+        await registrar.preflight(pb.PreflightRequest(vm="vm1", target=target,
+                                                      mode=pb.MODE_AUTO))
+    assert denied(err.value, "Preflight"), err.value
+    with pytest.raises(AgentError) as err:
+        async for _ in registrar.watch("op-1", timeout=10):
+            raise AssertionError("the registrar got a WatchOperation event")
+    assert denied(err.value, "WatchOperation"), err.value
+    with pytest.raises(AgentError) as err:
+        await registrar.get_operation("op-1")
+    assert denied(err.value, "GetOperation"), err.value
+    assert await asyncio.to_thread(reflected_services, agent, registrar_cert) is None
+    assert journal_files(agent) == []
+
+    # The operator's identity on the same agent reaches the service (a VM it does not have).
+    operator = await agent.client(retry=ONE_TRY)
+    with pytest.raises(AgentError) as err:
+        await operator.preflight(pb.PreflightRequest(vm="vm1", target=target,
+                                                     mode=pb.MODE_AUTO))
+    assert err.value.code == grpc.StatusCode.NOT_FOUND, err.value
+    with pytest.raises(AgentError) as err:
+        await operator.get_operation("op-1")
+    assert err.value.code == grpc.StatusCode.NOT_FOUND, err.value
+
+
+async def test_an_identity_with_two_roles_is_a_configuration_error(
+        agents: AgentFactory, empty_globs: list[str]) -> None:
+    agent = agents.make(socket_globs=empty_globs, client_allowlist=["vmupdate-operator"],
+                        client_roles={"registrar": ["vmupdate-operator"]})
+    with pytest.raises(ConfigError, match="listed under two roles"):
+        load(agent.config_path)

@@ -284,6 +284,10 @@ FAILS = [
       ("target binary 'qemu-system-x86_64' is not an absolute path",), id="target-relative"),
     C("target-path", EXEC, BASE, target_(binary="/usr/lib/qemu-new/../../bin/qemu"),
       ("contains '..': give the plain absolute path",), id="target-dotdot"),
+    # target-extra-args (every refused option: tests/unit/test_extra_args.py)
+    C("target-extra-args", EXEC, BASE, target_(extra_args=("-qmp", "tcp:0.0.0.0:4444")),
+      ("target.extra_args[0]: '-qmp' is not an allowed option", "-msg <timestamp=on|off",
+       "nothing was run with them"), id="extra-args-qmp"),
     # target-exists
     C("target-exists", EXEC, BASE, bin_(exists=False, is_file=False, executable=False),
       (f"target {NEW} does not exist in the VM's root; install the new QEMU there first",),
@@ -448,6 +452,9 @@ PASSES = [
     C("vhost", TRANSFER, BASE, same, id="no-vhost-transfer"),
     C("hotplugged-devices", EXEC, BASE, same, id="nothing-hotplugged"),
     C("target-path", EXEC, BASE, same, id="target-absolute"),
+    C("target-extra-args", EXEC, BASE, same, id="no-extra-args"),
+    C("target-extra-args", EXEC, BASE, target_(extra_args=("-msg", "timestamp=on")),
+      id="extra-args-msg"),
     C("target-exists", EXEC, BASE, same, id="target-exists"),
     C("target-executable", EXEC, BASE, same, id="target-executable"),
     C("target-allowed-directory", EXEC, BASE, same, id="allowed-inside"),
@@ -522,9 +529,17 @@ def test_a_blocker_of_one_mode_does_not_refuse_another(load_vm: VmLoader) -> Non
     assert REBOOT in preflight.readiness(vm).modes
 
 
-def test_allowing_the_root_directory_allows_every_absolute_target(load_vm: VmLoader) -> None:
+def test_allowing_the_root_directory_allows_nothing(load_vm: VmLoader) -> None:
+    """'/' is refused as an allowed directory (pathpolicy): it would allow every binary."""
     p = host_(allowed_dirs=("/",))(good_inputs(load_vm(BASE)))
-    assert preflight.check_target_allowed(p, EXEC) is None
+    assert "outside the directories this host allows" in (
+        preflight.check_target_allowed(p, EXEC) or "")
+
+
+def test_the_path_rule_refusal_fails_the_check(load_vm: VmLoader) -> None:
+    why = "target.binary: the directory /usr/lib/qemu-new is writable by others"
+    p = bin_(policy_error=why)(good_inputs(load_vm(BASE)))
+    assert preflight.check_target_allowed(p, EXEC) == why
 
 
 # --- device classification per mode and version, on recorded answers ------------------------
