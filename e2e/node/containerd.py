@@ -8,6 +8,7 @@ shims, mounts) is removed by :meth:`Containerd.stop`.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -54,7 +55,9 @@ class Netns:
         return ns
 
     def argv(self, *argv: str) -> list[str]:
-        return ["ip", "netns", "exec", self.name, *argv]
+        # Not `ip netns exec`: that also gives the command a private mount namespace, and the
+        # kubelet's volume mounts must be seen by containerd (and the host's by the pods).
+        return ["nsenter", f"--net=/run/netns/{self.name}", "--", *argv]
 
     def exec(self, *argv: str, check: bool = True, timeout: float = 60
              ) -> subprocess.CompletedProcess[str]:
@@ -165,8 +168,12 @@ class Containerd:
         if self._stopped:
             return
         self._stopped = True
+        pod_netns: set[str] = set()
         if self.proc.exited() is None:
             for ns in self.ctr("namespaces", "ls", "-q", check=False).stdout.split():
+                for c in self.ctr("containers", "ls", "-q", namespace=ns,
+                                  check=False).stdout.split():
+                    pod_netns |= self._netns_of(c, ns)
                 tasks = self.ctr("tasks", "ls", "-q", namespace=ns, check=False).stdout.split()
                 for t in tasks:
                     self.ctr("tasks", "kill", "-s", "SIGKILL", t, namespace=ns, check=False)
@@ -182,7 +189,20 @@ class Containerd:
                 os.kill(pid, signal.SIGKILL)
         umount_below(self.state)
         umount_below(self.workdir)
+        # The pods' network namespaces, which this containerd made (ip netns names).
+        for path in pod_netns:
+            umount_below(Path(path))
+            with contextlib.suppress(OSError):
+                os.unlink(path)
         shutil.rmtree(self.state.parent, ignore_errors=True)
+
+    def _netns_of(self, container: str, namespace: str) -> set[str]:
+        res = self.ctr("containers", "info", container, namespace=namespace, check=False)
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            spaces = json.loads(res.stdout)["Spec"]["linux"]["namespaces"]
+            return {n["path"] for n in spaces
+                    if n.get("type") == "network" and "/netns/cni-" in n.get("path", "")}
+        return set()
 
 
 def umount_below(path: Path) -> None:
