@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Build the binaries of the local Kubernetes test sandbox from the Go module proxy:
-#   kube-apiserver, kube-controller-manager, kubectl (k8s.io/kubernetes), etcd, helm.
+#   kube-apiserver, kube-controller-manager, kubectl (k8s.io/kubernetes), etcd, helm;
+#   then the node's kubelet, kube-scheduler and kube-proxy (same scratch module).
 #
 # Result: ${VMUPDATE_CACHE:-/var/cache/vmupdate}/k8s/<K8S_VERSION>/bin/, with a marker
-# file written last. Idempotent: a complete cache returns at once. Concurrent runs are
+# file written last per set (.complete: control plane, .complete-node: node binaries; two
+# markers so a checkout that knows only the first set still finds its cache complete). Idempotent: a complete cache returns at once. Concurrent runs are
 # serialised with flock. Go's module and build caches live under $VMUPDATE_CACHE/go/, so a
 # rebuild after a version bump only compiles what changed.
 #
@@ -29,17 +31,26 @@ BIN="$OUT/bin"
 MARKER="$OUT/.complete"
 SPEC="k8s=$K8S_VERSION etcd=$ETCD_VERSION helm=$HELM_VERSION go=$(go env GOVERSION) build=3"
 BINARIES=(kube-apiserver kube-controller-manager kubectl etcd helm)
+NODE_MARKER="$OUT/.complete-node"
+NODE_SPEC="k8s=$K8S_VERSION go=$(go env GOVERSION) node=1"
+NODE_BINARIES=(kubelet kube-scheduler kube-proxy)
 
 if [[ "${1:-}" == "--print-bin-dir" ]]; then
   echo "$BIN"
   exit 0
 fi
 
-complete() {
+base_complete() {
   [[ -f "$MARKER" && "$(cat "$MARKER")" == "$SPEC" ]] || return 1
   local b
   for b in "${BINARIES[@]}"; do [[ -x "$BIN/$b" ]] || return 1; done
 }
+node_complete() {
+  [[ -f "$NODE_MARKER" && "$(cat "$NODE_MARKER")" == "$NODE_SPEC" ]] || return 1
+  local b
+  for b in "${NODE_BINARIES[@]}"; do [[ -x "$BIN/$b" ]] || return 1; done
+}
+complete() { base_complete && node_complete; }
 
 if complete; then
   echo "k8s sandbox binaries up to date in $BIN"
@@ -56,7 +67,6 @@ if complete; then # another run finished while we waited
   echo "k8s sandbox binaries up to date in $BIN"
   exit 0
 fi
-rm -f "$MARKER"
 
 export GOMODCACHE="$CACHE/go/mod"
 export GOCACHE="$CACHE/go/build"
@@ -86,7 +96,7 @@ SRC="$OUT/src"
 
 # ---------------------------------------------------------------- kubernetes
 k8s_module() {
-  local dir="$SRC/kubernetes" gomod minor staging_version info date
+  local dir="$SRC/kubernetes" gomod staging_version
   mkdir -p "$dir"
   cd "$dir"
   # The module's go.mod (from the proxy) lists the staging modules to replace.
@@ -94,9 +104,7 @@ k8s_module() {
   go mod download -json "k8s.io/kubernetes@$K8S_VERSION" >download.json ||
     { cat download.json >&2; return 1; }
   gomod=$(sed -n 's/^\t"GoMod": "\(.*\)",$/\1/p' download.json)
-  info="${gomod%.mod}.info"
   [[ -f "$gomod" ]] || { echo "no go.mod for k8s.io/kubernetes@$K8S_VERSION" >&2; return 1; }
-  minor=$(echo "$K8S_VERSION" | cut -d. -f2)
   staging_version="v0.${K8S_VERSION#v1.}"
   {
     echo "module vmupdate.test/k8sbuild"
@@ -113,6 +121,13 @@ k8s_module() {
   go_get "k8s.io/kubernetes/cmd/kube-apiserver@$K8S_VERSION" \
     "k8s.io/kubernetes/cmd/kube-controller-manager@$K8S_VERSION" \
     "k8s.io/kubernetes/cmd/kubectl@$K8S_VERSION"
+}
+
+k8s_ldflags() { # sets K8S_LDFLAGS: the version stamp (needs the module downloaded)
+  local gomod info minor date
+  gomod=$(sed -n 's/^\t"GoMod": "\(.*\)",$/\1/p' "$SRC/kubernetes/download.json")
+  info="${gomod%.mod}.info"
+  minor=$(echo "$K8S_VERSION" | cut -d. -f2)
   date=$(sed -n 's/.*"Time":"\([^"]*\)".*/\1/p' "$info")
   K8S_LDFLAGS="-s -w"
   local pkg
@@ -123,10 +138,10 @@ k8s_module() {
   done
 }
 
-k8s_build() {
+k8s_build() { # k8s_build CMD...
   cd "$SRC/kubernetes"
   local b
-  for b in kube-apiserver kube-controller-manager kubectl; do
+  for b in "$@"; do
     echo "    go build $b ($(date +%T))" >&2
     go build -p "$GOBUILD_P" -trimpath -ldflags "$K8S_LDFLAGS" -o "$BIN/.$b.tmp" "k8s.io/kubernetes/cmd/$b"
     mv -f "$BIN/.$b.tmp" "$BIN/$b"
@@ -166,16 +181,44 @@ helm_build() {
   mv -f "$BIN/.helm.tmp" "$BIN/helm"
 }
 
-echo "building k8s sandbox ($SPEC) into $BIN, go -p $GOBUILD_P" >&2
-step "kubernetes: scratch module + go get" k8s_module
-step "kubernetes: go build kube-apiserver kube-controller-manager kubectl" k8s_build
-step "etcd $ETCD_VERSION" etcd_build
-step "helm $HELM_VERSION" helm_build
+# The node's binaries come from the same scratch module: its go.mod gains their packages.
+k8s_node_module() {
+  cd "$SRC/kubernetes"
+  go_get "k8s.io/kubernetes/cmd/kubelet@$K8S_VERSION" \
+    "k8s.io/kubernetes/cmd/kube-scheduler@$K8S_VERSION" \
+    "k8s.io/kubernetes/cmd/kube-proxy@$K8S_VERSION"
+}
 
-"$BIN/kubectl" version --client >&2
-"$BIN/etcd" --version >&2
-"$BIN/helm" version --short >&2
+if ! base_complete; then
+  rm -f "$MARKER"
+  echo "building k8s sandbox ($SPEC) into $BIN, go -p $GOBUILD_P" >&2
+  step "kubernetes: scratch module + go get" k8s_module
+  k8s_ldflags
+  step "kubernetes: go build kube-apiserver kube-controller-manager kubectl" \
+    k8s_build kube-apiserver kube-controller-manager kubectl
+  step "etcd $ETCD_VERSION" etcd_build
+  step "helm $HELM_VERSION" helm_build
 
-echo "$SPEC" >"$MARKER.tmp"
-mv -f "$MARKER.tmp" "$MARKER"
+  "$BIN/kubectl" version --client >&2
+  "$BIN/etcd" --version >&2
+  "$BIN/helm" version --short >&2
+
+  echo "$SPEC" >"$MARKER.tmp"
+  mv -f "$MARKER.tmp" "$MARKER"
+fi
+
+if ! node_complete; then
+  rm -f "$NODE_MARKER"
+  echo "building k8s node binaries ($NODE_SPEC) into $BIN, go -p $GOBUILD_P" >&2
+  [[ -f "$SRC/kubernetes/download.json" ]] || step "kubernetes: scratch module + go get" k8s_module
+  step "kubernetes: go get kubelet kube-scheduler kube-proxy" k8s_node_module
+  k8s_ldflags
+  step "kubernetes: go build kubelet kube-scheduler kube-proxy" \
+    k8s_build kubelet kube-scheduler kube-proxy
+  "$BIN/kubelet" --version >&2
+  "$BIN/kube-scheduler" --version >&2
+  "$BIN/kube-proxy" --version >&2
+  echo "$NODE_SPEC" >"$NODE_MARKER.tmp"
+  mv -f "$NODE_MARKER.tmp" "$NODE_MARKER"
+fi
 echo "k8s sandbox binaries built in $BIN in $(($(date +%s) - t_all)) s" >&2
