@@ -172,6 +172,9 @@ class ProgressEvent(_Model):
     phase: Phase
     time_ns: int
     message: str
+    # QEMU's STOP timestamp (wall clock, ns), on the events after the guest was stopped:
+    # journaled, so an operation finished by a restarted agent still reports its pause.
+    guest_stopped_ns: int | None = None
 
 
 class UpdateResult(_Model):

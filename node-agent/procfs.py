@@ -47,6 +47,12 @@ def stat_state(pid: int) -> str:
     return text[text.rindex(")") + 2]
 
 
+def start_time(pid: int) -> int:
+    """When the process started (clock ticks since boot): with the pid, who it is."""
+    text = (PROC / str(pid) / "stat").read_text()
+    return int(text[text.rindex(")") + 2:].split()[19])
+
+
 def parent(pid: int) -> int:
     text = (PROC / str(pid) / "stat").read_text()
     return int(text[text.rindex(")") + 2:].split()[1])

@@ -174,6 +174,13 @@ class RecoveryFacts:
     old_alive: bool = True
     # The device state a cpr-reboot saved, when its file exists.
     saved_state: str = ""
+    # The keeper (cpr-transfer, cpr-reboot) is bringing the guest back after the agent died.
+    keeper_acting: bool = False
+    # When the guard's watcher or the keeper resumed the guest (or restarted the old QEMU).
+    resumed_ns: int | None = None
+    # When the guard started (the guest was stopped by then), for an agent that died before
+    # it journaled QEMU's STOP.
+    guard_started_ns: int | None = None
 
 
 @dataclass(frozen=True)
@@ -210,6 +217,8 @@ def decide_recovery(f: RecoveryFacts, e: Expected, *, final: bool = False) -> Re
     `final`: the time to wait is over; decide with what is known (never WAIT).
     """
     phase = f.guard_phase
+    if f.keeper_acting and not final:
+        return RecoveryStep(Action.WAIT, "the keeper is bringing the guest back")
     if phase == cpr_guard.PHASE_ROLLBACK_FAILED:
         return RecoveryStep(Action.DONE, f"the guard could not bring the old QEMU back: "
                             f"{f.guard_error or 'no reason given'}", Outcome.LOST)
@@ -764,6 +773,7 @@ class Operations:
         hard_stop = deadline - budget + give_up_s
         watcher_gone = False
         last = ""
+        resumed: list[int] = []
         while True:
             facts = await self._recovery_facts(rec, watcher_gone, timeouts.command)
             now = time.monotonic()
@@ -772,13 +782,14 @@ class Operations:
                 if step.action != Action.DONE:
                     step = RecoveryStep(Action.DONE, f"gave up after {give_up_s:.0f}s: "
                                         f"{step.message}; last error: {last}", Outcome.LOST)
-                return self._resolved_result(live, facts, step)
+                return self._resolved_result(live, facts, step, resumed)
             if step.action == Action.WAIT:
                 await asyncio.sleep(0.05)
                 continue
             live.note(_ACTION_PHASES[step.action], step.message)
             try:
-                watcher_gone = await self._act(step.action, rec, facts, timeouts) or watcher_gone
+                watcher_gone = await self._act(step.action, rec, facts, timeouts, resumed
+                                               ) or watcher_gone
             except (QmpError, OSError, cpr_guard.GuardError) as exc:
                 last = f"{step.action}: {exc}"
                 log.warning("operation %s: %s", rec.operation_id, last)
@@ -806,7 +817,17 @@ class Operations:
         except OSError:
             files = frozenset()
         state = os.path.join(rec.workdir, cpr_reboot.STATE_FILE)
+        keeper: dict[str, object] = {}
+        with contextlib.suppress(cpr_guard.GuardError, ValueError):
+            keeper = cpr_guard.read_status(os.path.join(rec.workdir, "keeper.status")) or {}
+        keeper_pid = keeper.get("keeper_pid")
+        acting = (keeper.get("phase") == cpr_guard.KEEPER_ACTING and isinstance(keeper_pid, int)
+                  and procfs.alive(keeper_pid))
+        back = [v for v in (keeper.get("t_resumed_ns"), status.get("t_resumed_ns"),
+                            status.get("t_rollback_ns")) if isinstance(v, int)]
         return RecoveryFacts(
+            keeper_acting=acting, resumed_ns=back[0] if back else None,
+            guard_started_ns=t if isinstance(t := status.get("t_guard_ns"), int) else None,
             mode=infer_mode(rec.request.mode, files), old_alive=procfs.alive(rec.vm.pid),
             saved_state=state if cpr_reboot.STATE_FILE in files else "",
             guard_phase=str(status["phase"]) if "phase" in status else None,
@@ -817,7 +838,7 @@ class Operations:
             transfer_target=target)
 
     async def _act(self, action: Action, rec: OperationRecord, facts: RecoveryFacts,
-                   timeouts: Timeouts) -> bool:
+                   timeouts: Timeouts, resumed: list[int]) -> bool:
         """Carry out one step; True when it found the guard's watcher gone."""
         fifo = os.path.join(rec.workdir, "guard.commit")
         if action in (Action.COMMIT, Action.ABORT):
@@ -830,6 +851,7 @@ class Operations:
                                   cpr_guard.FINAL_PHASES, timeout=5.0)
         elif action == Action.CONT:
             await cont_vm(rec.vm.qmp_path, timeout=timeouts.command)
+            resumed.append(time.time_ns())
         elif action == Action.KILL_TRANSFER_TARGET:
             for pid in facts.transfer_target_pids:
                 await kill_quietly(pid, timeout=timeouts.command)
@@ -866,8 +888,8 @@ class Operations:
         if facts.transfer_target is not None:
             write_pidfiles(rec.vm.argv, facts.transfer_target.pid)
 
-    def _resolved_result(self, live: LiveOperation, facts: RecoveryFacts, step: RecoveryStep
-                         ) -> UpdateResult:
+    def _resolved_result(self, live: LiveOperation, facts: RecoveryFacts, step: RecoveryStep,
+                         resumed: list[int]) -> UpdateResult:
         rec = live.record
         assert step.outcome is not None
         phase = {Outcome.UPDATED: Phase.FINISHED, Outcome.ROLLED_BACK: Phase.RECOVERED
@@ -878,11 +900,14 @@ class Operations:
         except OSError:
             files = frozenset()
         vm = facts.vm
+        stopped, back = pause_bounds(live.events, facts, resumed)
         return UpdateResult(
             vm=rec.vm.name, outcome=step.outcome, mode=infer_mode(rec.request.mode, files),
             mode_reason="found after the operation was interrupted", message=step.message,
             pid_before=rec.vm.pid, pid_after=vm.pid if vm else None,
-            version_before=str(rec.vm.features.version), version_after=vm.version if vm else None)
+            version_before=str(rec.vm.features.version), version_after=vm.version if vm else None,
+            paused_at_ns=stopped, resumed_at_ns=back,
+            pause_ms=round((back - stopped) / 1e6, 3) if stopped and back else None)
 
     # --- following --------------------------------------------------------------------------
 
@@ -922,6 +947,22 @@ _ACTION_PHASES = {
     Action.KILL_TRANSFER_TARGET: Phase.RECOVERED, Action.ADOPT_TRANSFER_TARGET:
         Phase.TRANSFERRED, Action.LOAD_SAVED_STATE: Phase.TRANSFERRED,
 }
+
+
+def pause_bounds(events: Sequence[ProgressEvent], facts: RecoveryFacts, resumed: list[int]
+                 ) -> tuple[int | None, int | None]:
+    """When the guest of an interrupted operation stopped and ran again, as far as known:
+    the STOP journaled by the agent that died; the first resume after it that the agent saw
+    (RESUMED), the watcher or keeper recorded, or the recovery did itself."""
+    stopped = next((e.guest_stopped_ns for e in events if e.guest_stopped_ns),
+                   facts.guard_started_ns)
+    if stopped is None:
+        return None, None
+    seen = [e.time_ns for e in events if e.phase == Phase.RESUMED and e.time_ns >= stopped]
+    for candidate in (seen[:1], [facts.resumed_ns] if facts.resumed_ns else [], resumed[:1]):
+        if candidate and candidate[0] >= stopped:
+            return stopped, candidate[0]
+    return stopped, None
 
 
 def _busy_message(live: LiveOperation) -> str:

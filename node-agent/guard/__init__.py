@@ -97,12 +97,16 @@ def guard_command(
     new_argv: Sequence[str],
     commit_timeout: float = 30.0,
     log: str | os.PathLike[str] | None = None,
+    agent: tuple[int, int] | None = None,
+    qmp: str | None = None,
 ) -> list[str]:
     """The ``cpr-exec-command`` list: guard, options, ``--``, old argv, ``--``, new argv.
 
     ``old_argv`` is the full rollback command (old binary, the VM's argv, and its
     ``-incoming``); ``new_argv`` likewise for the new QEMU (add ``-S`` so the guest cannot run
     before commit). ``--old-argc`` makes the split unambiguous even if an argument is ``--``.
+    ``agent``: (pid, start time) of the agent: the watcher rolls back as soon as it is gone
+    before the commit, and resumes the guest at ``qmp`` if it is gone after the commit.
     """
     for name, argv in (("old", old_argv), ("new", new_argv)):
         if not argv or not os.path.isabs(argv[0]):
@@ -113,7 +117,50 @@ def guard_command(
            "--commit-timeout", f"{commit_timeout:g}"]
     if log is not None:
         cmd += ["--log", os.fspath(log)]
+    cmd += _agent_options(agent)
+    if qmp is not None:
+        cmd += ["--qmp", qmp]
     cmd += ["--old-argc", str(len(old_argv)), "--", *old_argv, "--", *new_argv]
+    return cmd
+
+
+def _agent_options(agent: tuple[int, int] | None) -> list[str]:
+    if agent is None:
+        return []
+    return ["--agent-pid", str(agent[0]), "--agent-start", str(agent[1])]
+
+
+#: Phases of the keeper's status file (cpr-transfer, cpr-reboot).
+KEEPER_WATCHING = "watching"
+KEEPER_DONE = "done"  # the agent finished the operation; the keeper exited
+KEEPER_ACTING = "acting"  # the agent died; the keeper is bringing the guest back
+KEEPER_KEPT = "kept"  # the guest runs again (`action` says where)
+KEEPER_FAILED = "failed"
+
+
+def keeper_command(
+    guard: str | os.PathLike[str],
+    *,
+    status: str | os.PathLike[str],
+    fifo: str | os.PathLike[str],
+    agent: tuple[int, int],
+    old: tuple[int, int],
+    vm_qmp: str,
+    new_qmp: str,
+    state: str | None = None,
+    log: str | os.PathLike[str] | None = None,
+) -> list[str]:
+    """The guard as the keeper of a cpr-transfer or cpr-reboot (README.md): started in the
+    VM's host context before the guest stops; if the agent dies before it says ``done``,
+    the keeper brings the guest back on its own. ``old``: the old QEMU's (pid, start time);
+    ``state``: cpr-reboot's saved state file."""
+    cmd = [os.fspath(guard), "--keep", "--status", os.fspath(status), "--commit",
+           os.fspath(fifo), *_agent_options(agent), "--old-pid", str(old[0]),
+           "--old-start", str(old[1]), "--vm-qmp", vm_qmp, "--new-qmp", new_qmp]
+    if state is not None:
+        cmd += ["--state", state]
+    if log is not None:
+        cmd += ["--log", os.fspath(log)]
     return cmd
 
 
@@ -140,7 +187,8 @@ def read_status(path: str | os.PathLike[str]) -> dict[str, Any] | None:
 
 
 def send(fifo: str | os.PathLike[str], message: str) -> None:
-    """Write one message (``commit`` or ``abort``) to the watcher's FIFO.
+    """Write one message (``commit``, ``abort``, ``resumed``; ``done`` to a keeper) to the
+    watcher's FIFO.
 
     Raises WatcherGone if there is no FIFO or no reader (the watcher is not running).
     """

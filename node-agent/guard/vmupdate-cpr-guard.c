@@ -36,7 +36,10 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
+#include <dirent.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -75,6 +78,13 @@ static double opt_timeout = 30.0;
 static char **old_argv;
 static char **new_argv;
 static int state_fd = -1;
+/* The agent driving the update: when it dies, nobody will commit or resume. */
+static pid_t opt_agent_pid;
+static unsigned long long opt_agent_start;
+static int agent_fd = -1;
+/* The VM's QMP socket: after a commit, the watcher resumes the guest if the agent died
+ * before it could. */
+static const char *opt_qmp;
 
 /* ------------------------------------------------------------------ status record */
 
@@ -83,6 +93,7 @@ static struct {
     const char *reason;
     pid_t qemu_pid, guard_pid, watcher_pid;
     int64_t t_guard, t_ready, t_exec_new, t_event, t_kill, t_rollback, t_commit, deadline;
+    int64_t t_agent_gone, t_resumed;
     int new_execed;
     int have_exit;
     int exit_status;
@@ -202,6 +213,8 @@ static void bpid(struct buf *b, const char *key, pid_t p)
         bput(b, ",\"%s\":null", key);
 }
 
+static int write_buf(struct buf *b);
+
 /* Atomic: write "<status>.<pid>.tmp", then rename over the status file. */
 static int write_status(void)
 {
@@ -236,8 +249,14 @@ static int write_status(void)
     bts(&b, "t_commit_ns", st.t_commit);
     bts(&b, "t_rollback_ns", st.t_rollback);
     bstr(&b, "error", st.error);
+    bts(&b, "t_agent_gone_ns", st.t_agent_gone);
+    bts(&b, "t_resumed_ns", st.t_resumed);
     bput(&b, "}\n");
+    return write_buf(&b);
+}
 
+static int write_buf(struct buf *b)
+{
     if (!opt_status)
         return -1;
     char tmp[PATH_MAX];
@@ -248,7 +267,7 @@ static int write_status(void)
         say("cannot write status %s: %s", tmp, strerror(errno));
         return -1;
     }
-    write_all(fd, b.d, b.n);
+    write_all(fd, b->d, b->n);
     close(fd);
     if (rename(tmp, opt_status) < 0) {
         say("cannot rename status to %s: %s", opt_status, strerror(errno));
@@ -342,6 +361,238 @@ static int stat_fields(pid_t pid, char *state, unsigned long long *start, int *e
     return 0;
 }
 
+/* A pidfd on `pid` if it is still the process that started at `start` (clock ticks since
+ * boot, /proc/<pid>/stat field 22; 0: do not check), else -1. */
+static int open_pid(pid_t pid, unsigned long long start)
+{
+    int fd = (int)syscall(SYS_pidfd_open, pid, 0);
+    if (fd < 0)
+        return -1;
+    char state;
+    unsigned long long s;
+    int code;
+    if (stat_fields(pid, &state, &s, &code) == 0 &&
+        ((start && s != start) || state == 'Z' || state == 'X')) {
+        close(fd);
+        errno = ESRCH;
+        return -1;
+    }
+    return fd;
+}
+
+static int pid_gone(int pfd)
+{
+    struct pollfd p = {.fd = pfd, .events = POLLIN};
+    return poll(&p, 1, 0) > 0;
+}
+
+static int wait_pidfd(int pfd, int ms)
+{
+    struct pollfd p = {.fd = pfd, .events = POLLIN};
+    int r;
+    do
+        r = poll(&p, 1, ms);
+    while (r < 0 && errno == EINTR);
+    return r > 0;
+}
+
+/* ------------------------------------------------------------------ a minimal QMP client */
+
+static int64_t mono_ms(void)
+{
+    return now_ns(CLOCK_MONOTONIC) / 1000000;
+}
+
+struct qmp {
+    int fd;
+    pid_t peer;
+    size_t n;
+    char buf[65536];
+};
+static char qline[65536];
+
+/* One line of the peer's output into qline; -1 on EOF, error or timeout. */
+static int qmp_line(struct qmp *q, int64_t deadline)
+{
+    for (;;) {
+        char *nl = memchr(q->buf, '\n', q->n);
+        if (nl) {
+            size_t len = (size_t)(nl - q->buf);
+            memcpy(qline, q->buf, len);
+            qline[len] = 0;
+            memmove(q->buf, nl + 1, q->n - len - 1);
+            q->n -= len + 1;
+            return (int)len;
+        }
+        if (q->n == sizeof(q->buf))
+            q->n = 0; /* a line longer than we care about */
+        int64_t left = deadline - mono_ms();
+        if (left <= 0)
+            return -1;
+        struct pollfd p = {.fd = q->fd, .events = POLLIN};
+        int r = poll(&p, 1, (int)left);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0)
+            return -1;
+        ssize_t k = read(q->fd, q->buf + q->n, sizeof(q->buf) - q->n);
+        if (k < 0 && errno == EINTR)
+            continue;
+        if (k <= 0)
+            return -1;
+        q->n += (size_t)k;
+    }
+}
+
+/* Send one command; 0: {"return"...} (in qline), 1: {"error"...}, -1: no answer. Events
+ * in between are skipped. */
+static int qmp_cmd(struct qmp *q, const char *cmd, int ms)
+{
+    int64_t deadline = mono_ms() + ms;
+    write_all(q->fd, cmd, strlen(cmd));
+    write_all(q->fd, "\n", 1);
+    while (qmp_line(q, deadline) >= 0) {
+        if (!strncmp(qline, "{\"return\"", 9))
+            return 0;
+        if (!strncmp(qline, "{\"error\"", 8)) {
+            say("QMP %s: %.300s", cmd, qline);
+            return 1;
+        }
+    }
+    return -1;
+}
+
+static void qmp_close(struct qmp *q)
+{
+    if (q->fd >= 0)
+        close(q->fd);
+    q->fd = -1;
+}
+
+static int qmp_open(struct qmp *q, const char *path, int ms)
+{
+    q->fd = -1;
+    q->n = 0;
+    q->peer = 0;
+    struct sockaddr_un a = {.sun_family = AF_UNIX};
+    if (strlen(path) >= sizeof(a.sun_path))
+        return -1;
+    strcpy(a.sun_path, path);
+    q->fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (q->fd < 0)
+        return -1;
+    if (connect(q->fd, (struct sockaddr *)&a, sizeof(a)) < 0) {
+        qmp_close(q);
+        return -1;
+    }
+    struct ucred cred;
+    socklen_t len = sizeof(cred);
+    if (getsockopt(q->fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) == 0)
+        q->peer = cred.pid;
+    /* The greeting, then capabilities negotiation. */
+    if (qmp_line(q, mono_ms() + ms) < 0 || strncmp(qline, "{\"QMP\"", 6) ||
+        qmp_cmd(q, "{\"execute\":\"qmp_capabilities\"}", ms) != 0) {
+        qmp_close(q);
+        return -1;
+    }
+    return 0;
+}
+
+/* The string value of the first "key" in qline ("" if none). */
+static void json_str(const char *key, char *out, size_t cap)
+{
+    char pat[64];
+    snprintf(pat, sizeof(pat), "\"%s\"", key);
+    out[0] = 0;
+    const char *p = strstr(qline, pat);
+    if (!p)
+        return;
+    p += strlen(pat);
+    while (*p == ' ')
+        p++;
+    if (*p++ != ':')
+        return;
+    while (*p == ' ')
+        p++;
+    if (*p++ != '"')
+        return;
+    size_t i = 0;
+    while (*p && *p != '"' && i + 1 < cap)
+        out[i++] = *p++;
+    out[i] = 0;
+}
+
+/* query-status and query-migrate of the QEMU behind q. */
+static int qmp_state(struct qmp *q, char *run, char *mig, size_t cap)
+{
+    if (qmp_cmd(q, "{\"execute\":\"query-status\"}", 3000) != 0)
+        return -1;
+    json_str("status", run, cap);
+    if (qmp_cmd(q, "{\"execute\":\"query-migrate\"}", 3000) != 0)
+        return -1;
+    json_str("status", mig, cap);
+    if (!*mig)
+        snprintf(mig, cap, "none");
+    return 0;
+}
+
+static int continuable(const char *run)
+{
+    return !strcmp(run, "paused") || !strcmp(run, "postmigrate") ||
+           !strcmp(run, "prelaunch") || !strcmp(run, "finish-migrate");
+}
+
+/* SIGKILL every process but us whose command line contains `marker` (a path unique to
+ * one operation); wait until they are gone. */
+static void kill_marked(const char *marker)
+{
+    DIR *d = opendir("/proc");
+    if (!d)
+        return;
+    static char cmd[65536];
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        char *end;
+        long pid = strtol(e->d_name, &end, 10);
+        if (*end || pid <= 0 || pid == getpid())
+            continue;
+        char path[64];
+        snprintf(path, sizeof(path), "/proc/%ld/cmdline", pid);
+        int n = read_small(path, cmd, sizeof(cmd));
+        int hit = 0;
+        for (int i = 0; i < n && !hit; i += (int)strlen(cmd + i) + 1)
+            hit = strstr(cmd + i, marker) != NULL;
+        if (!hit)
+            continue;
+        int pfd = open_pid((pid_t)pid, 0);
+        if (pfd < 0)
+            continue;
+        say("killing pid %ld (%s)", pid, marker);
+        syscall(SYS_pidfd_send_signal, pfd, SIGKILL, NULL, 0);
+        wait_pidfd(pfd, 10000);
+        close(pfd);
+    }
+    closedir(d);
+}
+
+/* cont the QEMU at `path` unless it runs already; 0 when the guest runs. */
+static int resume_at(const char *path)
+{
+    struct qmp q;
+    char run[64], mig[64];
+    if (qmp_open(&q, path, 2000) < 0)
+        return -1;
+    int rc = -1;
+    if (qmp_state(&q, run, mig, sizeof(run)) == 0) {
+        if (!strcmp(run, "running"))
+            rc = 0;
+        else if (continuable(run) && qmp_cmd(&q, "{\"execute\":\"cont\"}", 3000) == 0)
+            rc = 0;
+    }
+    qmp_close(&q);
+    return rc;
+}
+
 /* Best effort: the watcher is not the parent, so it cannot wait(). */
 static void collect_exit(void)
 {
@@ -420,7 +671,7 @@ static void kill_and_rollback(const char *reason)
     rollback(reason);
 }
 
-/* Returns 1 on "commit", 2 on "abort", 0 otherwise. */
+/* Returns 1 on "commit", 2 on "abort", 3 on "resumed" or "done", 0 otherwise. */
 static int read_fifo(char *acc, size_t *acc_n, size_t cap)
 {
     for (;;) {
@@ -438,6 +689,8 @@ static int read_fifo(char *acc, size_t *acc_n, size_t cap)
                 return 1;
             if (!strcmp(line, "abort"))
                 return 2;
+            if (!strcmp(line, "resumed") || !strcmp(line, "done"))
+                return 3;
             if (*line)
                 say("ignoring unknown commit message '%.40s'", line);
             line = nl + 1;
@@ -452,6 +705,8 @@ static int read_fifo(char *acc, size_t *acc_n, size_t cap)
         return 1;
     if (!strcmp(acc, "abort"))
         return 2;
+    if (!strcmp(acc, "resumed") || !strcmp(acc, "done"))
+        return 3;
     return 0;
 }
 
@@ -508,6 +763,46 @@ static int setup_fifo(void)
 
 static int64_t mono_deadline;
 
+/* Committed: the agent resumes the new QEMU next and then says "resumed". If it dies
+ * first, the guest would stay paused: resume it here. Gives up after the commit timeout. */
+static void after_commit(char *acc, size_t *acc_n, size_t cap) __attribute__((noreturn));
+static void after_commit(char *acc, size_t *acc_n, size_t cap)
+{
+    if (agent_fd < 0 || !opt_qmp)
+        _exit(0);
+    int64_t end = now_ns(CLOCK_MONOTONIC) + (int64_t)(opt_timeout * 1e9);
+    for (;;) {
+        struct pollfd pf[2] = {{.fd = fifo_rd, .events = POLLIN},
+                               {.fd = agent_fd, .events = POLLIN}};
+        int64_t left = end - now_ns(CLOCK_MONOTONIC);
+        if (left <= 0)
+            break;
+        int r = poll(pf, 2, (int)(left / 1000000 + 1));
+        if (r < 0 && errno != EINTR)
+            break;
+        if (r > 0 && pf[0].revents && read_fifo(acc, acc_n, cap) == 3)
+            break;
+        if (r > 0 && pf[1].revents) {
+            st.t_agent_gone = now_ns(CLOCK_REALTIME);
+            say("the agent is gone after the commit: resuming the guest");
+            for (int i = 0; i < 50; i++) {
+                if (resume_at(opt_qmp) == 0) {
+                    st.t_resumed = now_ns(CLOCK_REALTIME);
+                    st.reason = "resumed-by-watcher";
+                    break;
+                }
+                usleep(20000);
+            }
+            if (!st.t_resumed)
+                set_error("could not resume the guest at %s", opt_qmp);
+            write_status();
+            break;
+        }
+    }
+    finish_fifo();
+    _exit(0);
+}
+
 static void watcher(int ex_rd) __attribute__((noreturn));
 static void watcher(int ex_rd)
 {
@@ -527,16 +822,17 @@ static void watcher(int ex_rd)
     acc[0] = 0;
     int ex_open = 1;
     for (;;) {
-        struct pollfd pf[3] = {
+        struct pollfd pf[4] = {
             {.fd = ex_open ? ex_rd : -1, .events = POLLIN},
             {.fd = pidfd, .events = POLLIN},
             {.fd = fifo_rd, .events = POLLIN},
+            {.fd = agent_fd, .events = POLLIN},
         };
         int64_t left = mono_deadline - now_ns(CLOCK_MONOTONIC);
         int r = 0;
         if (left > 0) {
             int ms = left / 1000000 + 1;
-            r = poll(pf, 3, ms);
+            r = poll(pf, 4, ms);
             if (r < 0) {
                 if (errno == EINTR)
                     continue;
@@ -580,15 +876,23 @@ static void watcher(int ex_rd)
                 st.phase = "committed";
                 st.reason = "commit";
                 st.t_commit = now_ns(CLOCK_REALTIME);
-                finish_fifo();
+                if (agent_fd < 0 || !opt_qmp)
+                    finish_fifo();
                 write_status();
                 say("committed");
-                _exit(0);
+                after_commit(acc, &acc_n, sizeof(acc));
             }
             if (what == 2) {
                 st.t_event = now_ns(CLOCK_REALTIME);
                 kill_and_rollback("abort");
             }
+        }
+        if (pf[3].revents) {
+            /* The agent died before the commit: nobody will resume this QEMU, and the
+             * guest has not run in it (-S): roll back at once. */
+            st.t_event = st.t_agent_gone = now_ns(CLOCK_REALTIME);
+            say("the agent (pid %d) is gone before the commit", (int)opt_agent_pid);
+            kill_and_rollback("agent-gone");
         }
         if (now_ns(CLOCK_MONOTONIC) >= mono_deadline) {
             st.t_event = now_ns(CLOCK_REALTIME);
@@ -596,6 +900,188 @@ static void watcher(int ex_rd)
         }
     }
 
+}
+
+/* ------------------------------------------------------------------ keeper (--keep) */
+
+/* cpr-transfer and cpr-reboot: a process in the VM's host context, started by the agent
+ * before the guest is stopped, that outlives the agent. On "done" it exits; if the agent
+ * dies first it brings the guest back: the new QEMU if the guest runs there already, else
+ * the old QEMU while it exists, else (cpr-reboot after the old one quit) the new QEMU
+ * loaded from the saved state. */
+static pid_t opt_old_pid;
+static unsigned long long opt_old_start;
+static const char *opt_vm_qmp, *opt_new_qmp, *opt_state;
+static double opt_act_timeout = 60.0;
+
+static struct {
+    const char *phase, *action;
+    int64_t t_start, t_agent_gone, t_resumed;
+} kp;
+
+static void keeper_status(void)
+{
+    struct buf b;
+    b.n = 0;
+    bput(&b, "{\"version\":1,\"role\":\"keeper\"");
+    bstr(&b, "phase", kp.phase);
+    bstr(&b, "action", kp.action);
+    bpid(&b, "keeper_pid", getpid());
+    bts(&b, "t_start_ns", kp.t_start);
+    bts(&b, "t_agent_gone_ns", kp.t_agent_gone);
+    bts(&b, "t_resumed_ns", kp.t_resumed);
+    bstr(&b, "error", st.error);
+    bput(&b, "}\n");
+    write_buf(&b);
+}
+
+static void keeper_end(const char *phase, const char *action, int code)
+    __attribute__((noreturn));
+static void keeper_end(const char *phase, const char *action, int code)
+{
+    kp.phase = phase;
+    kp.action = action;
+    if (!strcmp(phase, "kept"))
+        kp.t_resumed = now_ns(CLOCK_REALTIME);
+    keeper_status();
+    finish_fifo();
+    say("keeper: %s (%s)", phase, action ? action : "-");
+    _exit(code);
+}
+
+static void load_state(struct qmp *q)
+{
+    char cmd[PATH_MAX + 128];
+    qmp_cmd(q, "{\"execute\":\"migrate-set-parameters\",\"arguments\":{\"mode\":\"cpr-reboot\"}}",
+            3000);
+    qmp_cmd(q, "{\"execute\":\"migrate-set-capabilities\",\"arguments\":{\"capabilities\":"
+               "[{\"capability\":\"x-ignore-shared\",\"state\":true}]}}", 3000);
+    snprintf(cmd, sizeof(cmd), "{\"execute\":\"migrate-incoming\",\"arguments\":"
+             "{\"uri\":\"file:%s\"}}", opt_state);
+    qmp_cmd(q, cmd, 3000);
+}
+
+static void keeper_act(int old_fd) __attribute__((noreturn));
+static void keeper_act(int old_fd)
+{
+    kp.phase = "acting";
+    kp.t_agent_gone = now_ns(CLOCK_REALTIME);
+    keeper_status();
+    say("keeper: the agent (pid %d) is gone; bringing the guest back", (int)opt_agent_pid);
+    int64_t end = mono_ms() + (int64_t)(opt_act_timeout * 1000);
+    int killed_new = 0;
+    while (mono_ms() < end) {
+        int old_alive = !pid_gone(old_fd);
+        struct qmp q;
+        char run[64] = "", mig[64] = "";
+        int have_new = 0;
+        if (access(opt_new_qmp, F_OK) == 0 && !killed_new)
+            have_new = qmp_open(&q, opt_new_qmp, 300) == 0;
+        else if (!old_alive)
+            have_new = qmp_open(&q, opt_vm_qmp, 300) == 0;
+        if (have_new && qmp_state(&q, run, mig, sizeof(run)) < 0) {
+            qmp_close(&q);
+            have_new = 0;
+        }
+        if (have_new && !strcmp(run, "running")) {
+            /* The guest runs in the new QEMU: finish the handover. */
+            qmp_close(&q);
+            if (old_alive) {
+                syscall(SYS_pidfd_send_signal, old_fd, SIGTERM, NULL, 0);
+                if (!wait_pidfd(old_fd, 5000)) {
+                    syscall(SYS_pidfd_send_signal, old_fd, SIGKILL, NULL, 0);
+                    wait_pidfd(old_fd, 5000);
+                }
+            }
+            if (access(opt_new_qmp, F_OK) == 0 && rename(opt_new_qmp, opt_vm_qmp) < 0)
+                set_error("rename %s: %s", opt_new_qmp, strerror(errno));
+            keeper_end("kept", "kept-new", 0);
+        }
+        if (old_alive) {
+            /* The guest never ran in the new QEMU: stop it, continue the old one. */
+            if (have_new)
+                qmp_close(&q);
+            if (!killed_new) {
+                kill_marked(opt_new_qmp);
+                killed_new = 1;
+            }
+            if (resume_at(opt_vm_qmp) == 0)
+                keeper_end("kept", "resumed-old", 0);
+        } else if (have_new) {
+            /* cpr-reboot after the old QEMU quit: the new one is the only way on. */
+            if (access(opt_new_qmp, F_OK) == 0 && rename(opt_new_qmp, opt_vm_qmp) < 0)
+                set_error("rename %s: %s", opt_new_qmp, strerror(errno));
+            if (!strcmp(mig, "none") && !strcmp(run, "inmigrate") && opt_state)
+                load_state(&q);
+            else if (!strcmp(mig, "completed") && continuable(run)) {
+                qmp_cmd(&q, "{\"execute\":\"migrate-set-capabilities\",\"arguments\":"
+                            "{\"capabilities\":[{\"capability\":\"x-ignore-shared\","
+                            "\"state\":false}]}}", 3000);
+                qmp_cmd(&q, "{\"execute\":\"migrate-set-parameters\",\"arguments\":"
+                            "{\"mode\":\"normal\"}}", 3000);
+                if (qmp_cmd(&q, "{\"execute\":\"cont\"}", 3000) == 0) {
+                    qmp_close(&q);
+                    keeper_end("kept", "loaded-new", 0);
+                }
+            } else if (!strcmp(mig, "failed") || !strcmp(mig, "cancelled")) {
+                set_error("the new QEMU failed to load the saved state");
+                qmp_close(&q);
+                keeper_end("failed", "load-failed", 1);
+            }
+            qmp_close(&q);
+        }
+        usleep(10000);
+    }
+    set_error("%s%sno QEMU could be brought back within %.0fs", st.error,
+              *st.error ? "; " : "", opt_act_timeout);
+    keeper_end("failed", "gave-up", 1);
+}
+
+static int keeper_main(const char *bad)
+{
+    kp.t_start = now_ns(CLOCK_REALTIME);
+    kp.phase = "starting";
+    signal(SIGPIPE, SIG_IGN);
+    signal(SIGHUP, SIG_IGN);
+    if (!*bad && (!opt_status || !opt_commit || !opt_vm_qmp || !opt_new_qmp ||
+                  !opt_agent_pid || !opt_old_pid))
+        bad = "--keep needs --status, --commit, --vm-qmp, --new-qmp, --agent-pid, --old-pid";
+    if (*bad) {
+        set_error("bad arguments: %s", bad);
+        return 2;
+    }
+    if (opt_log)
+        log_fd = open(opt_log, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+    int old_fd = open_pid(opt_old_pid, opt_old_start);
+    if (old_fd < 0) {
+        set_error("the old QEMU (pid %d) is gone", (int)opt_old_pid);
+        keeper_end("failed", "no-old-qemu", 2);
+    }
+    if (setup_fifo() < 0)
+        keeper_end("failed", "no-fifo", 2);
+    agent_fd = open_pid(opt_agent_pid, opt_agent_start);
+    if (agent_fd < 0)
+        keeper_act(old_fd);
+    kp.phase = "watching";
+    keeper_status();
+    char acc[256];
+    size_t acc_n = 0;
+    acc[0] = 0;
+    for (;;) {
+        struct pollfd pf[2] = {{.fd = fifo_rd, .events = POLLIN},
+                               {.fd = agent_fd, .events = POLLIN}};
+        int r = poll(pf, 2, -1);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0) {
+            set_error("poll: %s", strerror(errno));
+            keeper_end("failed", "poll", 1);
+        }
+        if (pf[0].revents && read_fifo(acc, &acc_n, sizeof(acc)) == 3)
+            keeper_end("done", NULL, 0);
+        if (pf[1].revents)
+            keeper_act(old_fd);
+    }
 }
 
 /* ------------------------------------------------------------------ guard (pid P) */
@@ -670,7 +1156,7 @@ int main(int argc, char **argv)
     st.guard_pid = st.qemu_pid = getpid();
     st.phase = "starting";
 
-    int check = 0;
+    int check = 0, keep = 0;
     long old_argc = -1;
     char bad[256] = "";
     int i = 1;
@@ -682,6 +1168,10 @@ int main(int argc, char **argv)
         const char *eq = strchr(a, '=');
         if (!strcmp(a, "--check")) {
             check = 1;
+            continue;
+        }
+        if (!strcmp(a, "--keep")) {
+            keep = 1;
             continue;
         }
         if (!strcmp(a, "--version")) {
@@ -712,6 +1202,40 @@ int main(int argc, char **argv)
             opt_timeout = strtod(val, &end);
             if (*end || !(opt_timeout > 0 && opt_timeout <= 86400))
                 snprintf(bad, sizeof(bad), "bad --commit-timeout '%s'", val);
+        } else if (OPT("--agent-pid") || OPT("--old-pid")) {
+            char *end;
+            long v = strtol(val, &end, 10);
+            if (*end || v < 1 || v > INT_MAX)
+                snprintf(bad, sizeof(bad), "bad %.*s '%s'", (int)klen, a, val);
+            else if (OPT("--agent-pid"))
+                opt_agent_pid = (pid_t)v;
+            else
+                opt_old_pid = (pid_t)v;
+        } else if (OPT("--agent-start") || OPT("--old-start")) {
+            char *end;
+            unsigned long long v = strtoull(val, &end, 10);
+            if (*end)
+                snprintf(bad, sizeof(bad), "bad %.*s '%s'", (int)klen, a, val);
+            else if (OPT("--agent-start"))
+                opt_agent_start = v;
+            else
+                opt_old_start = v;
+        } else if (OPT("--qmp") || OPT("--vm-qmp") || OPT("--new-qmp") || OPT("--state")) {
+            if (val[0] != '/')
+                snprintf(bad, sizeof(bad), "%.*s must be an absolute path", (int)klen, a);
+            else if (OPT("--qmp"))
+                opt_qmp = val;
+            else if (OPT("--vm-qmp"))
+                opt_vm_qmp = val;
+            else if (OPT("--new-qmp"))
+                opt_new_qmp = val;
+            else
+                opt_state = val;
+        } else if (OPT("--act-timeout")) {
+            char *end;
+            opt_act_timeout = strtod(val, &end);
+            if (*end || !(opt_act_timeout > 0 && opt_act_timeout <= 86400))
+                snprintf(bad, sizeof(bad), "bad --act-timeout '%s'", val);
         } else if (OPT("--old-argc")) {
             char *end;
             old_argc = strtol(val, &end, 10);
@@ -721,6 +1245,12 @@ int main(int argc, char **argv)
             snprintf(bad, sizeof(bad), "unknown option '%.*s'", (int)klen, a);
         }
 #undef OPT
+    }
+
+    if (keep) {
+        if (opt_status && opt_status[0] != '/')
+            opt_status = NULL, snprintf(bad, sizeof(bad), "--status must be an absolute path");
+        return keeper_main(bad);
     }
 
     /* Locate the two argvs even if an option was bad: the old one is the way back. */
@@ -811,6 +1341,15 @@ int main(int argc, char **argv)
     }
     if (status_dir_writable() < 0 || setup_fifo() < 0)
         fallback("watcher-failed", -1);
+    if (opt_agent_pid) {
+        /* The agent died before we started: nobody would commit; do not update. */
+        agent_fd = open_pid(opt_agent_pid, opt_agent_start);
+        if (agent_fd < 0) {
+            st.t_agent_gone = now_ns(CLOCK_REALTIME);
+            set_error("the agent (pid %d) is gone", (int)opt_agent_pid);
+            fallback("agent-gone", -1);
+        }
+    }
 
     int ready[2], ex[2];
     if (pipe2(ready, O_CLOEXEC) < 0 || pipe2(ex, O_CLOEXEC) < 0) {

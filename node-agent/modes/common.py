@@ -9,11 +9,12 @@ import os
 import shutil
 import stat
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from vmupdate_agent import argv as qargv
+from vmupdate_agent import guard as cpr_guard
 from vmupdate_agent import hostexec, procfs
 from vmupdate_agent.models import CprMode, Outcome, Phase, ProgressEvent, Target, VMInfo
 from vmupdate_agent.qmp import Event, QmpError, QmpSession
@@ -77,8 +78,9 @@ class Operation:
         self._phase, self._t_phase = phase.value, now
         log.info("%s %s: %s", self.vm.name, phase.value, message)
         if self.progress is not None:
+            stopped = self.stop_event.qemu_time_ns if self.stop_event else None
             res = self.progress(ProgressEvent(phase=phase, time_ns=time.time_ns(),
-                                              message=message))
+                                              message=message, guest_stopped_ns=stopped))
             if res is not None:
                 await res
 
@@ -305,3 +307,50 @@ def stderr_tail(pid: int, lines: int = 5) -> str:
         return " | ".join(own[-lines:])
     except OSError:
         return ""
+
+
+def agent_identity() -> tuple[int, int]:
+    """This agent's (pid, start time): what the guard and the keeper watch."""
+    pid = os.getpid()
+    return pid, procfs.start_time(pid)
+
+
+@contextlib.asynccontextmanager
+async def kept(op: Operation, new_qmp: str, *, state: str | None = None
+               ) -> AsyncIterator[None]:
+    """Run a cpr-transfer or cpr-reboot under a keeper: the guard binary started in the VM's
+    host context (as the new QEMU is), which brings the guest back if this agent dies
+    before the operation is over, and exits when told `done`. Entered before the guest is
+    stopped; a keeper that does not start aborts the update (nothing was touched yet)."""
+    if op.guard_path is None:
+        yield
+        return
+    status, fifo = op.path("keeper.status"), op.path("keeper.fifo")
+    cmd = cpr_guard.keeper_command(
+        op.guard_path, status=status, fifo=fifo, agent=agent_identity(),
+        old=(op.vm.pid, procfs.start_time(op.vm.pid)), vm_qmp=op.vm.qmp_path,
+        new_qmp=new_qmp, state=state, log=op.path("keeper.log"))
+    try:
+        await hostexec.spawn_detached(op.host, op.vm.pid, cmd, log_path=op.path("keeper.log"))
+        await poll_until(lambda: _keeper_phase(status), timeout=op.timeouts.command,
+                         what="starting the keeper", interval=0.001)
+    except (hostexec.HostExecError, TimeoutError, OSError) as exc:
+        raise UpdateAborted(f"the keeper that resumes the guest if the agent dies did not "
+                            f"start ({exc}): {_file_tail(op.path('keeper.log'))}") from exc
+    phase = await _keeper_phase(status)
+    if phase != cpr_guard.KEEPER_WATCHING:
+        raise UpdateAborted(f"the keeper did not start: {phase}: "
+                            f"{_file_tail(op.path('keeper.log'))}")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(cpr_guard.GuardError, OSError):
+            cpr_guard.send(fifo, "done")
+
+
+async def _keeper_phase(status: str) -> str | None:
+    try:
+        data = cpr_guard.read_status(status)
+    except (cpr_guard.GuardError, ValueError):
+        return None
+    return str(data.get("phase")) if data and data.get("phase") != "starting" else None

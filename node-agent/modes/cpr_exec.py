@@ -23,6 +23,7 @@ from vmupdate_agent.modes.common import (
     ModeResult,
     Operation,
     UpdateAborted,
+    agent_identity,
     binary_for_rollback,
     ensure_running,
     pause_ms,
@@ -53,7 +54,7 @@ def build_commands(op: Operation, *, use_guard: bool, old_binary: str
     cmd = cpr_guard.guard_command(
         op.guard_path, status=op.path("guard.status"), commit=op.path("guard.commit"),
         old_argv=rollback, new_argv=new, commit_timeout=op.timeouts.guard_commit,
-        log=op.path("guard.log"))
+        log=op.path("guard.log"), agent=agent_identity(), qmp=op.vm.qmp_path)
     return cmd, state_uri
 
 
@@ -164,6 +165,8 @@ async def _finish_new(op: Operation, session: QmpSession, *, use_guard: bool) ->
             return await _after_exec_abort(op, f"the guard did not take the commit: "
                                                f"{status.get('phase')}")
     resumed = await resume(session, op.timeouts.command)
+    if use_guard:
+        await _guard_send(op, "resumed")  # the watcher may exit now
     await op.emit(Phase.RESUMED, "the guest runs in the new QEMU")
     return ModeResult(outcome=Outcome.UPDATED, message=f"updated in place to QEMU {version}",
                       pid_after=session.peer_pid, version_after=version,

@@ -20,6 +20,7 @@ from vmupdate_agent.modes.common import (
     binary_for_rollback,
     connect_new_qemu,
     ensure_running,
+    kept,
     kill_quietly,
     pause_ms,
     pids_with_arg,
@@ -39,6 +40,11 @@ STATE_FILE = "state"
 
 
 async def run(op: Operation) -> ModeResult:
+    async with kept(op, op.path("qmp.sock"), state=op.path(STATE_FILE)):
+        return await _run(op)
+
+
+async def _run(op: Operation) -> ModeResult:
     s = op.session
     was_running = op.vm.runstate == "running"
     state_uri = f"file:{op.path(STATE_FILE)}"

@@ -25,6 +25,7 @@ from vmupdate_agent.modes.common import (
     UpdateAborted,
     connect_new_qemu,
     ensure_running,
+    kept,
     kill_quietly,
     pause_ms,
     pids_with_arg,
@@ -51,6 +52,11 @@ def new_command(op: Operation) -> tuple[list[str], str, str, str]:
 
 
 async def run(op: Operation) -> ModeResult:
+    async with kept(op, op.path("qmp.sock")):
+        return await _run(op)
+
+
+async def _run(op: Operation) -> ModeResult:
     s = op.session
     was_running = op.vm.runstate == "running"
     argv, main_sock, cpr_sock, new_qmp = new_command(op)
