@@ -13,6 +13,11 @@ socket of cpr-transfer and cpr-reboot must still fit (they did not, issue 8).
 
 Each row must report what really happened: the mode, the pids before and after (as the
 QEMU processes are), the versions, and a pause that QEMU measured.
+
+And bookworm-backports' 10.0.2 (on the host) to trixie's 10.0.13 (in the sid root), asked of
+the agent directly: the target is the rig's wrapper that enters the sid root, and a VMUpdate
+would judge "runs the target" by the binary the VM runs afterwards, which is the build's own
+path, not the wrapper's (see the operator's README, planning rule 3).
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ from e2e.rig import Flavour, Rig, TestVM, start_vm
 from e2e.rig.vm import Backend
 from vmupdate_agent import workdirs
 from vmupdate_agent.procfs import exe as procfs_exe
+from vmupdate_api.gen import agent_v1_pb2 as pb
+from vmupdate_operator.agent_client import AgentClient, ClientTls
 
 pytestmark = [pytest.mark.k8s, pytest.mark.qemu]
 
@@ -166,3 +173,32 @@ async def test_every_mode_between_different_builds(
 
     await kube.wait_for(relisted, 60, "the VMHosts to list the VMs on their new builds")
     assert in_root(rig, sid.binary) != in_root(rig, rig.trixie_backports.binary)
+
+
+async def test_host_qemu_10_0_2_to_trixie_10_0_13(mode_vms: Vms, rig: Rig, fleet: Fleet,
+                                                  vmupdates: Kubectl) -> None:
+    vm = await mode_vms.start("node-a", "host-01", "backports", "memfd")
+    before = vm.pid
+    assert procfs_exe(before) == rig.backports.binary
+    await kube.wait_for(lambda: mode_vms.listed(vmupdates), 60, "the VMHost to list the VM")
+    mark = time.monotonic_ns()
+    node = fleet.node("node-a")
+    tls = ClientTls(ca_file=str(node.pki.ca_cert), cert_file=str(node.pki.operator.cert),
+                    key_file=str(node.pki.operator.key))
+    client = await AgentClient.connect(node.endpoint, tls)
+    try:
+        result = await client.update(pb.UpdateRequest(
+            operation_id=f"vmu-host-to-trixie-{vm.uuid}", vm=vm.uuid, mode=pb.MODE_AUTO,
+            target=pb.Target(binary=str(rig.trixie.wrapper),
+                             expected_version=rig.trixie.version)), timeout=180)
+    finally:
+        await client.close()
+    assert result.outcome == pb.OUTCOME_UPDATED, result.message
+    assert result.mode == pb.MODE_CPR_TRANSFER
+    assert (result.version_before, result.version_after) == (rig.backports.version,
+                                                             rig.trixie.version)
+    assert result.pid_before == before and result.pid_after == vm.pid != before
+    assert 0 < result.pause_ms < 60000
+    assert procfs_exe(vm.pid) == rig.trixie.binary  # now in the sid root, trixie's build
+    vm.serial.assert_continuous(since=mark)
+    assert await vm.query_status() == "running"

@@ -54,10 +54,11 @@ class SimulatedNode:
             "node_name": self.name,
             "socket_globs": [str(self.vm_dir / "*" / "qmp.sock")],
             # The target QEMUs of the tests live here inside the sid root (the VMs' root):
-            # every build's folder, so a test can move a VM to any of them and back.
+            # every build's folder, so a test can move a VM to any of them and back; and the
+            # rig's wrappers, which take a host VM into the sid root.
             "allowed_binary_dirs": sorted({str(Path(q).parent) for q in (
                 rig.sid.alt_binary, rig.sid.binary, rig.trixie.binary,
-                rig.trixie_backports.binary)}),
+                rig.trixie_backports.binary)} | {str(rig.share / "bin")}),
             "state_dir": str(self.state_dir),
             "runtime_dir": str(self.runtime_dir),
             "listen_address": self.endpoint,
