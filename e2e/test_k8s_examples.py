@@ -31,8 +31,11 @@ PLACES = (("node-a", "web-01"), ("node-a", "db-01"), ("node-b", "web-02"))
 
 
 @pytest_asyncio.fixture
-async def vms_on_10_0(rig: Rig, fleet: Fleet, vmupdates: Kubectl
-                      ) -> AsyncIterator[dict[str, TestVM]]:
+async def vms_on_10_0(rig: Rig, fleet: Fleet, kubectl: Kubectl,
+                      operator_process: OperatorProcess) -> AsyncIterator[dict[str, TestVM]]:
+    """Not the `vmupdates` fixture: it starts sid VMs of these names."""
+    vmupdates = kubectl
+    kube.delete_vmupdates(kubectl)
     vms: dict[str, TestVM] = {}
     try:
         for node, name in PLACES:
@@ -72,9 +75,8 @@ async def settled(kubectl: Kubectl, name: str, phase: str, operator: OperatorPro
 
 
 async def test_the_rollout_examples_do_what_their_comments_say(
-        vmupdates: Kubectl, vms_on_10_0: dict[str, TestVM], rig: Rig,
+        kubectl: Kubectl, vms_on_10_0: dict[str, TestVM], rig: Rig,
         operator_process: OperatorProcess) -> None:
-    kubectl = vmupdates
     vms = vms_on_10_0
     pids = {name: vm.pid for name, vm in vms.items()}
 

@@ -68,12 +68,15 @@ class Vms:
 
 
 @pytest_asyncio.fixture
-async def mode_vms(rig: Rig, fleet: Fleet, vmupdates: Kubectl) -> AsyncIterator[Vms]:
+async def mode_vms(rig: Rig, fleet: Fleet, kubectl: Kubectl,
+                   operator_process: OperatorProcess) -> AsyncIterator[Vms]:
+    """Only these VMs (not the `vmupdates` fixture's three)."""
+    kube.delete_vmupdates(kubectl)
     vms = Vms(rig, fleet)
     try:
         yield vms
     finally:
-        kube.delete_vmupdates(vmupdates)  # before the VMs go
+        kube.delete_vmupdates(kubectl)  # before the VMs go
         for vm in vms.vms.values():
             with contextlib.suppress(Exception):
                 await vm.stop()
@@ -103,9 +106,8 @@ async def ready(kubectl: Kubectl, name: str, operator: OperatorProcess) -> Any:
 
 
 async def test_every_mode_between_different_builds(
-        vmupdates: Kubectl, mode_vms: Vms, rig: Rig, fleet: Fleet,
+        kubectl: Kubectl, mode_vms: Vms, rig: Rig, fleet: Fleet,
         operator_process: OperatorProcess) -> None:
-    kubectl = vmupdates
     for node in fleet.nodes.values():
         assert len(str(node.runtime_dir)) == workdirs.MAX_RUNTIME_DIR > len("/run/vmupdate")
     old, ex, rb = await asyncio.gather(
@@ -176,11 +178,11 @@ async def test_every_mode_between_different_builds(
 
 
 async def test_host_qemu_10_0_2_to_trixie_10_0_13(mode_vms: Vms, rig: Rig, fleet: Fleet,
-                                                  vmupdates: Kubectl) -> None:
+                                                  kubectl: Kubectl) -> None:
     vm = await mode_vms.start("node-a", "host-01", "backports", "memfd")
     before = vm.pid
     assert procfs_exe(before) == rig.backports.binary
-    await kube.wait_for(lambda: mode_vms.listed(vmupdates), 60, "the VMHost to list the VM")
+    await kube.wait_for(lambda: mode_vms.listed(kubectl), 60, "the VMHost to list the VM")
     mark = time.monotonic_ns()
     node = fleet.node("node-a")
     tls = ClientTls(ca_file=str(node.pki.ca_cert), cert_file=str(node.pki.operator.cert),
