@@ -20,7 +20,9 @@ Rules, in the order they are applied:
    A Pending VM that stops matching becomes Skipped.
 3. Observation against the inventory: a Pending VM found on the target is Updated ("already
    runs the target"); an Updated VM found on another binary again (by an inventory taken
-   after its update finished) is Pending again and gets the next attempt's operation id.
+   after its update finished) is Pending again and gets the next attempt's operation id --
+   up to ``MAX_ATTEMPTS`` updates per generation; then it is Failed (a target that never
+   sticks, e.g. a wrapper path, must not update a VM again and again).
    A waiting row whose VM had an operation (finishedAt) is judged, and started, only on an
    inventory taken after that operation ended.
    A Pending VM missing from a fresh inventory, or whose VMHost is gone, is Skipped; it comes
@@ -74,6 +76,7 @@ UPDATE_FAILURES = frozenset({VMPhase.FAILED, VMPhase.ROLLED_BACK})
 FINISHED = frozenset({VMPhase.UPDATED, VMPhase.FAILED, VMPhase.ROLLED_BACK,
                       VMPhase.DRY_RUN_PASSED, VMPhase.DRY_RUN_FAILED})
 WAITING = frozenset({VMPhase.PENDING, VMPhase.BLOCKED})  # not started, may start
+MAX_ATTEMPTS = 3  # updates of one VM in one generation, each found off the target after
 
 # Messages of rows this module writes (tests and the status builder compare against them).
 ALREADY_ON_TARGET = "already runs the target"
@@ -232,6 +235,15 @@ def _observed(row: VMRolloutStatus, vm: HostVM, host: HostInventory, spec: VMUpd
             "message": None if row.phase == VMPhase.SKIPPED else row.message})
     if (row.phase == VMPhase.UPDATED and not on_target and host_available
             and seen_after(host, row.finished_at)):
+        ref = parse_operation_id(row.operation_id)
+        if ref is not None and ref.attempt + 1 >= MAX_ATTEMPTS:
+            # Not a person putting it back now and then: every update "fails to stick".
+            return row.model_copy(update={
+                "phase": VMPhase.FAILED, "finished_at": now,
+                "message": f"runs {_describe(vm)} after each of {MAX_ATTEMPTS} updates to "
+                           f"{spec.target.binary}; not updating it again: spec.target.binary "
+                           "must be the path the updated QEMU runs as (not a wrapper that "
+                           "execs another binary)"})
         return row.model_copy(update={
             "phase": VMPhase.PENDING, "from_version": vm.qemu_version, "to_version": None,
             "pid_before": None, "pid_after": None, "pause_ms": None, "mode": None,

@@ -19,6 +19,7 @@ import yaml
 from e2e.cluster.sandbox import ManagedProcess, free_port
 from e2e.k8s.pki import OPERATOR_IDENTITY, REGISTRAR_IDENTITY, FleetPki
 from e2e.rig import Rig
+from vmupdate_agent import workdirs
 
 QEMU_HOST_LABEL = "vmupdate.dev/qemu-host"
 HEARTBEAT_S = 2.0
@@ -52,10 +53,12 @@ class SimulatedNode:
         config = {
             "node_name": self.name,
             "socket_globs": [str(self.vm_dir / "*" / "qmp.sock")],
-            # The target QEMU of the tests lives here inside the sid root (the VMs' root);
-            # the VMs' own binary's folder too, so a test can put a VM back on it.
-            "allowed_binary_dirs": [str(Path(rig.sid.alt_binary).parent),
-                                    str(Path(rig.sid.binary).parent)],
+            # The target QEMUs of the tests live here inside the sid root (the VMs' root):
+            # every build's folder, so a test can move a VM to any of them and back; and the
+            # rig's wrappers, which take a host VM into the sid root.
+            "allowed_binary_dirs": sorted({str(Path(q).parent) for q in (
+                rig.sid.alt_binary, rig.sid.binary, rig.trixie.binary,
+                rig.trixie_backports.binary)} | {str(rig.share / "bin")}),
             "state_dir": str(self.state_dir),
             "runtime_dir": str(self.runtime_dir),
             "listen_address": self.endpoint,
@@ -154,8 +157,10 @@ def make_fleet(names: list[str], *, rig: Rig, pki: FleetPki, workdir: Path,
     vm_root = rig.vms_dir / f"k8s-{token}"
     nodes = {}
     for name in names:
-        # Short: the agent's sockets live below its runtime folder (sun_path is 108 bytes).
-        runtime = rig.share / "at" / f"k8s-{token}-{name[-1]}"
+        # As long as the agent allows (workdirs.MAX_RUNTIME_DIR, far longer than the default
+        # /run/vmupdate): every update's sockets still fit in sun_path with the operator's ids.
+        base = f"{rig.share}/at/k8s-{token}-{name[-1]}-"
+        runtime = Path(base + "r" * (workdirs.MAX_RUNTIME_DIR - len(base)))
         node = SimulatedNode(name=name, vm_dir=vm_root / name, runtime_dir=runtime,
                              state_dir=workdir / name / "state",
                              config_path=workdir / name / "agent.yaml", logs=workdir / "logs",

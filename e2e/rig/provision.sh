@@ -386,6 +386,16 @@ install_build() {  # install_build SUITE KEY: the unpacked build at SHARE/qemu/S
         rm -rf "$dst"; mv "$dst.tmp.$$" "$dst"
     fi
 }
+# Every build in the root finds loadable modules in the root's one module folder, and QEMU
+# aborts on a module of another build ("Only modules from the same build can be loaded"),
+# e.g. when the agent's probe lists the types (qom-list-types loads all modules). The rig's
+# VMs use no module (TCG and their devices are built in): sid's are moved aside, so no build
+# loads any, and every build lists its own types.
+MODDIR=$SID_ROOT/usr/lib/x86_64-linux-gnu/qemu
+if compgen -G "$MODDIR/*.so" >/dev/null; then
+    mkdir -p "$MODDIR.unused"
+    mv -f "$MODDIR"/*.so "$MODDIR.unused/"
+fi
 TRIXIE_KEY=$(fetch_build trixie)
 TBPO_KEY=$(fetch_build trixie-backports)
 install_build trixie "$TRIXIE_KEY"

@@ -146,6 +146,23 @@ def test_updated_vm_found_on_an_old_binary_again_is_updated_again() -> None:
     assert r.pause_ms is None and r.pid_after is None
 
 
+def test_a_target_that_never_sticks_is_not_updated_again_and_again() -> None:
+    """E.g. target.binary a wrapper that execs another binary: after each update the VM runs
+    a binary that is not target.binary. Two more tries, then Failed, saying why."""
+    second = [updated("a", "x", finished_at=T0 - timedelta(seconds=5),
+                      operation_id=op("x", attempt=1))]
+    plan = make_plan(spec(), [host("a", vm("x"), heartbeat=T0)], second)
+    assert by_name(plan)["x"].operation_id == op("x", attempt=2)
+    third = [updated("a", "x", finished_at=T0 - timedelta(seconds=5),
+                     operation_id=op("x", attempt=2))]
+    plan = make_plan(spec(), [host("a", vm("x"), heartbeat=T0)], third)
+    r = by_name(plan)["x"]
+    assert r.phase == F and plan.started == ()
+    assert r.message is not None and "after each of 3 updates" in r.message
+    assert "must be the path the updated QEMU runs as" in r.message
+    assert plan.halt is not None  # a failure: with failurePolicy Halt, the rollout stops
+
+
 def test_an_inventory_from_before_the_update_finished_is_not_a_fallback() -> None:
     rows = [updated("a", "x", finished_at=T0)]  # heartbeat == finished: listed before
     plan = make_plan(spec(), [host("a", vm("x"), heartbeat=T0)], rows)

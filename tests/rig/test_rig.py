@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import hashlib
+import json
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -37,6 +39,21 @@ def test_the_builds_are_genuinely_different(rig: Rig) -> None:
         path = q.root / q.binary.lstrip("/") if q.root and not q.binary.startswith(
             str(rig.share)) else Path(q.binary)
         assert hashlib.sha256(path.read_bytes()).hexdigest() == q.sha256, q
+
+
+@pytest.mark.parametrize("flavour", ["backports", "sid", "trixie", "trixie-backports"])
+def test_every_build_lists_its_types(rig: Rig, flavour: Flavour) -> None:
+    """What the agent's target probe asks (qom-list-types loads every loadable module): a
+    build that finds another build's modules aborts instead of answering."""
+    q = rig.qemu(flavour)
+    script = "".join(json.dumps({"execute": c}) + "\n"
+                     for c in ("qmp_capabilities", "qom-list-types", "quit"))
+    res = subprocess.run([str(q.wrapper), "-machine", "none", "-nodefaults", "-display", "none",
+                          "-qmp", "stdio"], input=script, capture_output=True, text=True,
+                         timeout=60, check=False)
+    replies = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    types = [r["return"] for r in replies if isinstance(r.get("return"), list)]
+    assert res.returncode == 0 and types and len(types[0]) > 100, (res.returncode, res.stderr)
 
 
 @pytest.mark.parametrize("flavour", ["backports", "sid", "trixie", "trixie-backports"])

@@ -81,13 +81,30 @@ def assert_subset(small: Any, big: Any, where: str = "") -> None:
 def test_rollout_example_is_what_the_issue_asks() -> None:
     obj = load(EXAMPLES / "vmupdate.yaml")
     assert isinstance(obj, m.VMUpdate)
-    assert obj.spec.mode is m.UpdateMode.CPR_EXEC
+    # It selects QEMU 10.0 VMs: only Auto (-> cpr-transfer) or CprTransfer can move them.
+    assert obj.spec.mode is m.UpdateMode.AUTO
     assert obj.spec.selector.vm_names is not None and len(obj.spec.selector.vm_names) == 3
     assert obj.spec.strategy.canary == 1
     dry = load(EXAMPLES / "vmupdate-dryrun.yaml")
     paused = load(EXAMPLES / "vmupdate-paused.yaml")
     assert isinstance(dry, m.VMUpdate) and dry.spec.dry_run
     assert isinstance(paused, m.VMUpdate) and paused.spec.paused
+
+
+CPR_EXEC_SINCE = (10, 2)  # cpr-exec exists in QEMU 10.2 and later (on both sides)
+
+
+@pytest.mark.parametrize("path", VALID, ids=lambda p: p.name)
+def test_no_example_asks_a_mode_its_selected_versions_lack(path: Path) -> None:
+    """examples/vmupdate.yaml selected 10.0 VMs with CprExec: it could never work."""
+    obj = load(path)
+    if not isinstance(obj, m.VMUpdate):
+        return
+    versions = obj.spec.selector.qemu_versions or []
+    old = [v for v in versions if tuple(int(p) for p in v.split(".")[:2]) < CPR_EXEC_SINCE]
+    target = tuple(int(p) for p in obj.spec.target.version.split(".")[:2])
+    if obj.spec.mode is m.UpdateMode.CPR_EXEC:
+        assert not old and target >= CPR_EXEC_SINCE, (path.name, versions)
 
 
 def test_vmhost_example_summary_is_consistent() -> None:
