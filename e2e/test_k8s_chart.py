@@ -220,10 +220,27 @@ def secrets_of(kubectl: Kubectl) -> dict[str, dict[str, bytes]]:
 
 
 def token_kubeconfig(kubectl: Kubectl, proxy: RecordingProxy, service_account: str,
-                     folder: Path) -> Path:
-    """A kubeconfig for the service account (a TokenRequest token), through the proxy."""
+                     folder: Path, *, node: str | None = None) -> Path:
+    """A kubeconfig for the service account (a TokenRequest token), through the proxy. With
+    `node`: bound to a pod of that service account on that node, as the kubelet's projected
+    token of a DaemonSet pod is (the chart's VMHost admission policy reads the node from it)."""
+    bound: list[str] = []
+    if node is not None:
+        pod = f"{service_account}-on-{node}"
+        for manifest in (
+                {"apiVersion": "v1", "kind": "Node", "metadata": {"name": node}},
+                {"apiVersion": "v1", "kind": "Pod",
+                 "metadata": {"name": pod, "namespace": NAMESPACE},
+                 "spec": {"nodeName": node, "serviceAccountName": service_account,
+                          "automountServiceAccountToken": False,
+                          # No kubelet: never evicted from the NotReady node.
+                          "tolerations": [{"operator": "Exists"}],
+                          "containers": [{"name": "c", "image": "vmupdate-test-none"}]}}):
+            made = kubectl("create", "-f", "-", input=json.dumps(manifest), timeout=30)
+            assert made.returncode == 0 or "AlreadyExists" in made.stderr, made.stderr
+        bound = ["--bound-object-kind", "Pod", "--bound-object-name", pod]
     res = kubectl("-n", NAMESPACE, "create", "token", service_account, "--duration=2h",
-                  timeout=30)
+                  *bound, timeout=30)
     assert res.returncode == 0, res.stderr
     token = res.stdout.strip()
     proxy.identities[token] = service_account
@@ -362,7 +379,7 @@ async def test_chart_installs_and_its_service_accounts_are_sufficient_and_minima
         secrets = secrets_of(kubectl)
         operator_sa, agent_sa = f"{RELEASE}-operator", f"{RELEASE}-agent"
         operator_kubeconfig = token_kubeconfig(kubectl, api_proxy, operator_sa, tmp_path)
-        agent_kubeconfig = token_kubeconfig(kubectl, api_proxy, agent_sa, tmp_path)
+        agent_kubeconfig = token_kubeconfig(kubectl, api_proxy, agent_sa, tmp_path, node=NODE)
 
         # --- the registrar sidecar of node-a's agent pod, instead of the fleet's registrar
         daemonset = get_json(kubectl, "-n", NAMESPACE, "daemonset", f"{RELEASE}-agent")

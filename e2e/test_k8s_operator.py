@@ -23,9 +23,15 @@ from e2e.k8s.fixtures import ACTIVE_PRIORITY, Placement
 from e2e.k8s.nodes import Fleet
 from e2e.k8s.operator_process import HOST_STALE_AFTER_S, PEERING_LIFETIME_S, OperatorProcess
 from e2e.rig import Rig
-from vmupdate_agent.procfs import exe as procfs_exe
+from vmupdate_agent import pathpolicy, procfs
 from vmupdate_api.gen import agent_v1_pb2 as pb
 from vmupdate_operator.agent_client import AgentClient, ClientTls
+
+
+def procfs_exe(pid: int) -> str:
+    """The binary a VM runs, as its inventory reports it (a pinned copy: its target's path)."""
+    return pathpolicy.origin(procfs.exe(pid))
+
 
 pytestmark = [pytest.mark.k8s, pytest.mark.qemu]
 

@@ -125,8 +125,9 @@ async def _serve(config: AgentConfig, stop: asyncio.Event,
     assert config.tls is not None
     files = CertificateFiles(config.tls)
     credentials = files.server_credentials()  # fails early on unusable certificates
-    for d in (config.state_dir, config.runtime_dir):
-        os.makedirs(d, mode=0o700, exist_ok=True)
+    os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
+    # Traversable (not listable): QEMUs running as a VM's user reach their own work folders.
+    os.makedirs(config.runtime_dir, mode=0o711, exist_ok=True)
     guard_path = await asyncio.to_thread(engine.install_guard, config.runtime_dir,
                                          config.guard_binary)
     await asyncio.to_thread(engine.cleanup_workdirs, config.runtime_dir)

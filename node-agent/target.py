@@ -256,9 +256,20 @@ async def _finish(proc: hostexec.Spawned, session: QmpSession | None) -> None:
     await proc.stop()
 
 
+def _vm_private_dir(runtime_dir: str, kind: str, vm_pid: int) -> str:
+    """A fresh folder for a probe's sockets that the VM's user (who runs the probe) owns."""
+    d = os.path.join(runtime_dir, f"{kind}-{secrets.token_hex(4)}")
+    os.mkdir(d, 0o700)
+    creds = hostexec.credentials_of(vm_pid)
+    if not creds.privileged:
+        os.chown(d, creds.uid, creds.gid)
+    return d
+
+
 async def probe(vm: VMInfo, path: str, *, runtime_dir: str, ctx: hostexec.HostContext,
                 timeout: float = 20.0) -> ProbeFacts:
-    sock = os.path.join(runtime_dir, f"probe-{secrets.token_hex(4)}.sock")
+    folder = _vm_private_dir(runtime_dir, "probe", vm.pid)
+    sock = os.path.join(folder, "qmp.sock")
     argv = [path, "-machine", "none", "-nodefaults", "-display", "none", "-S",
             "-qmp", f"unix:{sock},server=on,wait=off"]
     proc, session, err = await _start_and_connect(vm, argv, sock, ctx, timeout)
@@ -282,13 +293,14 @@ async def probe(vm: VMInfo, path: str, *, runtime_dir: str, ctx: hostexec.HostCo
         return ProbeFacts(ok=False, error=f"probing `{path}` over QMP failed: {exc}")
     finally:
         await _finish(proc, session)
-        Path(sock).unlink(missing_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 async def dry_run(vm: VMInfo, new_argv: qargv.QemuArgv, *, runtime_dir: str,
                   ctx: hostexec.HostContext, timeout: float = 30.0) -> DryRunFacts:
     probe_id = secrets.token_hex(4)
-    sock = os.path.join(runtime_dir, f"dry-run-{probe_id}.sock")
+    folder = _vm_private_dir(runtime_dir, "dry-run", vm.pid)
+    sock = os.path.join(folder, "qmp.sock")
     argv = qargv.dry_run_argv(new_argv, sock, probe_id).render()
     proc, session, err = await _start_and_connect(vm, argv, sock, ctx, timeout)
     try:
@@ -303,4 +315,4 @@ async def dry_run(vm: VMInfo, new_argv: qargv.QemuArgv, *, runtime_dir: str,
         return DryRunFacts(ok=False, error=f"dry run over QMP failed: {exc}", argv=tuple(argv))
     finally:
         await _finish(proc, session)
-        Path(sock).unlink(missing_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)

@@ -133,12 +133,14 @@ def test_defaults_render_every_component(default_objects: list[dict[str, Any]]) 
         ("Role", "vmupdate-operator-events"), ("RoleBinding", "vmupdate-operator-events"),
         ("Service", "vmupdate-operator-metrics"),
         ("ServiceAccount", "vmupdate-agent"), ("ServiceAccount", "vmupdate-operator"),
+        ("ValidatingAdmissionPolicy", "vmupdate-vmhost-node-restriction"),
+        ("ValidatingAdmissionPolicyBinding", "vmupdate-vmhost-node-restriction"),
     ]
     for obj in default_objects:
         namespace = obj["metadata"].get("namespace")
         if obj["kind"] in ("Role", "RoleBinding"):
             assert namespace == "default"  # where kopf posts the VMUpdates' events
-        elif obj["kind"].startswith("Cluster"):
+        elif obj["kind"].startswith(("Cluster", "ValidatingAdmissionPolicy")):
             assert namespace is None
         else:
             assert namespace == NAMESPACE
@@ -291,6 +293,21 @@ def test_registrar_off(workdir: Path) -> None:
     assert [c["name"] for c in spec["containers"]] == ["agent"]
     assert not [o for o in objects if o["kind"] == "ClusterRole"
                 and o["metadata"]["name"].endswith("-agent")]
+    assert not [o for o in objects if o["kind"].startswith("ValidatingAdmissionPolicy")]
+
+
+def test_vmhost_admission_policy_names_the_agents_service_account(
+        default_objects: list[dict[str, Any]]) -> None:
+    """Proven on the real API server by e2e/test_k8s_security.py."""
+    policy = find(default_objects, "ValidatingAdmissionPolicy")
+    [condition] = policy["spec"]["matchConditions"]
+    assert condition["expression"] == (
+        f'request.userInfo.username == "system:serviceaccount:{NAMESPACE}:vmupdate-agent"')
+    assert {tuple(r["resources"]) for r in policy["spec"]["matchConstraints"]["resourceRules"]
+            } == {("vmhosts", "vmhosts/status")}
+    binding = find(default_objects, "ValidatingAdmissionPolicyBinding")
+    assert binding["spec"] == {"policyName": policy["metadata"]["name"],
+                               "validationActions": ["Deny"]}
 
 
 # --- RBAC ------------------------------------------------------------------------------------
