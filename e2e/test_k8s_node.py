@@ -4,22 +4,45 @@ kube-proxy and kube-scheduler, in a network namespace of its own.
 * the node registers and becomes Ready (kubelet on this cgroup v1 machine, failCgroupV1: false);
 * a pod of the project's image is scheduled, gets an address from the pod network, and reaches
   the API server through the ``kubernetes`` Service with in-cluster config, authenticated as
-  its ServiceAccount.
+  its ServiceAccount;
+* ``helm install`` as the README says (TLS Secrets made beforehand) runs the operator
+  Deployment (2 replicas, kopf peering, in-cluster config) and the agent DaemonSet (privileged,
+  hostPID, hostPaths at the same paths) as pods of the built image, all Ready;
+* a VMUpdate applied with kubectl updates a VM on the host in place through those pods
+  (cpr-exec: same pid, now the target binary; guest counter continuous, token unchanged, RAM
+  checksums good).
+
+The node is its own cluster's (a sandbox started here), so its scheduler never runs the other
+tests' Pending pods. The node's host paths are made shared mounts first (see
+``Node.share_host_path``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ipaddress
 import json
+import os
+import secrets
+import shutil
+import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
 from e2e.cluster.sandbox import Sandbox, versions
+from e2e.k8s import kube
+from e2e.k8s.pki import make_fleet_pki
+from e2e.node.containerd import umount_below
 from e2e.node.node import POD_CIDR, Node
+from e2e.rig import Rig, start_vm
+from e2e.test_k8s_node_image import TOP as REPO
 from e2e.test_k8s_node_image import build_image
 
 pytestmark = pytest.mark.k8s
@@ -97,3 +120,164 @@ def test_pod_gets_an_address_and_reaches_the_api_in_cluster(
     service_ip = get(sandbox, "service", "-n", "default", "kubernetes")["spec"]["clusterIP"]
     assert result == {"host": service_ip,
                       "user": "system:serviceaccount:default:default"}
+
+
+# --------------------------------------------------------------------------- the chart
+
+RELEASE, NAMESPACE = "vmupdate", "vmupdate"
+CHART = REPO / "charts" / "vmupdate"
+
+
+def create_tls_secret(sandbox: Sandbox, name: str, cert: Path, key: Path, ca: Path) -> None:
+    sandbox.kubectl("-n", NAMESPACE, "create", "secret", "generic", name,
+                    f"--from-file=tls.crt={cert}", f"--from-file=tls.key={key}",
+                    f"--from-file=ca.crt={ca}", check=True)
+
+
+def helm(sandbox: Sandbox, *args: str, timeout: float = 600) -> str:
+    env = {**os.environ, "KUBECONFIG": str(sandbox.kubeconfig),
+           "HELM_CACHE_HOME": str(sandbox.workdir / "helm" / "cache"),
+           "HELM_CONFIG_HOME": str(sandbox.workdir / "helm" / "config"),
+           "HELM_DATA_HOME": str(sandbox.workdir / "helm" / "data")}
+    res = subprocess.run([str(sandbox.helm_path), *args], capture_output=True, text=True,
+                         timeout=timeout, env=env, check=False)
+    assert res.returncode == 0, f"helm {' '.join(args)}:\n{res.stderr}{res.stdout}"
+    return res.stdout
+
+
+@dataclass
+class Installed:
+    sandbox: Sandbox
+    node: Node
+    vm_dir: Path
+    state_dir: Path
+    runtime_dir: Path
+
+    def kubectl(self, *args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
+        return self.sandbox.kubectl(*args, **kw)
+
+    def wait_pods_ready(self, timeout: float) -> None:
+        """Both operator replicas and the node's agent pod (every container) Ready."""
+        deadline = time.monotonic() + timeout
+        while True:
+            deploy = get(self.sandbox, "deployment", "-n", NAMESPACE, f"{RELEASE}-operator")
+            ds = get(self.sandbox, "daemonset", "-n", NAMESPACE, f"{RELEASE}-agent")
+            if (deploy["status"].get("readyReplicas") == 2
+                    and deploy["status"].get("updatedReplicas") == 2
+                    and ds["status"].get("numberReady") == 1
+                    and ds["status"].get("updatedNumberScheduled") == 1):
+                return
+            if time.monotonic() > deadline:
+                pods = get(self.sandbox, "pods", "-n", NAMESPACE)["items"]
+                states = [(p["metadata"]["name"], p["status"].get("phase"),
+                           [c.get("state") for c in p["status"].get("containerStatuses") or []])
+                          for p in pods]
+                raise AssertionError(f"pods not ready: {json.dumps(states, indent=1)}\n"
+                                     f"{self.logs()}")
+            time.sleep(1)
+
+    def logs(self) -> str:
+        return "\n".join(self.node.pod_logs(NAMESPACE, p) for p in (
+            f"{RELEASE}-operator", f"{RELEASE}-agent"))
+
+
+@pytest.fixture(scope="module")
+def installed(real_node: tuple[Sandbox, Node, str], rig: Rig,
+              tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
+    """The chart installed as the README says, onto the real node, for the host's VMs."""
+    sandbox, node, _ = real_node
+    work = tmp_path_factory.mktemp("chart")
+    token = secrets.token_hex(3)
+    inst = Installed(sandbox, node, vm_dir=rig.vms_dir / f"node-{token}",
+                     state_dir=work / "state",
+                     # Below the rig's share: the chrooted QEMU sees it at the same path.
+                     runtime_dir=rig.share / "at" / f"node-{token}")
+    pki = make_fleet_pki(work / "pki")
+    sandbox.kubectl("create", "namespace", NAMESPACE, check=True)
+    agent = pki.agent("vmupdate-agent")  # the chart's agentServerName
+    for name, pair in (("vmupdate-operator-tls", pki.operator),
+                       ("vmupdate-registrar-tls", pki.registrar),
+                       ("vmupdate-agent-tls", agent)):
+        create_tls_secret(sandbox, name, pair.cert, pair.key, pki.ca_cert)
+    assert rig.sid.alt_binary is not None
+    values = {
+        "agent": {"config": {
+            "socket_globs": [f"{inst.vm_dir}/*/qmp.sock"],
+            "allowed_binary_dirs": [str(Path(rig.sid.alt_binary).parent),
+                                    str(Path(rig.sid.binary).parent)],
+            "state_dir": str(inst.state_dir), "runtime_dir": str(inst.runtime_dir)}},
+        "registrar": {"intervalSeconds": 2},
+        "operator": {"resyncSeconds": 3},
+    }
+    values_file = work / "values.yaml"
+    values_file.write_text(yaml.safe_dump(values))
+    for path in (inst.vm_dir, inst.state_dir, inst.runtime_dir):
+        node.share_host_path(path)
+    try:
+        t0 = time.monotonic()
+        # README: helm install vmupdate charts/vmupdate -n vmupdate --create-namespace
+        helm(sandbox, "install", RELEASE, str(CHART), "-n", NAMESPACE, "--create-namespace",
+             "-f", str(values_file), "--wait", "--timeout", "5m")
+        inst.wait_pods_ready(180)
+        print(f"helm install, all pods ready: {time.monotonic() - t0:.1f} s")
+        yield inst
+    finally:
+        with contextlib.suppress(AssertionError, subprocess.TimeoutExpired):
+            helm(sandbox, "uninstall", RELEASE, "-n", NAMESPACE, "--wait", "--timeout", "3m")
+        for path in (inst.vm_dir, inst.runtime_dir):
+            umount_below(path)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def test_chart_runs_its_pods_on_the_node(installed: Installed) -> None:
+    deploy = get(installed.sandbox, "deployment", "-n", NAMESPACE, f"{RELEASE}-operator")
+    assert deploy["status"].get("readyReplicas") == 2
+    ds = get(installed.sandbox, "daemonset", "-n", NAMESPACE, f"{RELEASE}-agent")
+    assert ds["status"]["numberReady"] == 1 == ds["status"]["desiredNumberScheduled"]
+    pods = get(installed.sandbox, "pods", "-n", NAMESPACE)["items"]
+    assert {p["spec"]["nodeName"] for p in pods} == {installed.node.name}
+    images = {c["image"] for p in pods for c in p["spec"]["containers"]}
+    assert images == {"vmupdate:0.1.0"}
+
+
+async def test_vmupdate_updates_a_host_vm_in_place(installed: Installed, rig: Rig) -> None:
+    vm = await start_vm(rig, "sid", name="host-vm",
+                        workdir=installed.vm_dir / f"host-vm-{secrets.token_hex(3)}",
+                        wait_ticking=True)
+    assert rig.sid.alt_binary is not None
+    try:
+        pid, token = vm.pid, vm.serial.token
+        node = installed.node.name
+
+        def listed() -> bool:
+            host = kube.get(installed.kubectl, "vmhost", node) or {}
+            return any(v.get("uuid") == vm.uuid
+                       for v in (host.get("status") or {}).get("vms") or [])
+
+        await kube.wait_for(listed, 90, f"VMHost {node} to list the VM",
+                            describe=installed.logs)
+        manifest = {
+            "apiVersion": "vmupdate.dev/v1alpha1", "kind": "VMUpdate",
+            "metadata": {"name": "host-vm"},
+            "spec": {"selector": {"vmNames": ["host-vm"]},
+                     "target": {"binary": rig.sid.alt_binary, "version": rig.sid.version},
+                     "mode": "CprExec"}}
+        mark = time.monotonic_ns()
+        kube.apply(installed.kubectl, yaml.safe_dump(manifest))
+
+        def ready() -> Any:
+            obj = kube.get(installed.kubectl, "vmupdate", "host-vm")
+            return obj if kube.condition(obj, "Ready").get("status") == "True" else None
+
+        obj = await kube.wait_for(ready, 240, "VMUpdate host-vm Ready",
+                                  describe=installed.logs)
+        row = kube.rows(obj)["host-vm"]
+        assert row["phase"] == "Updated" and row["host"] == node, row
+        assert row["pidBefore"] == row["pidAfter"] == pid == vm.pid
+        assert Path(f"/proc/{pid}/exe").readlink().name == Path(rig.sid.alt_binary).name
+        await vm.serial.wait_ticks(10, after=time.monotonic_ns(), timeout=30)
+        vm.serial.assert_continuous(since=mark)
+        assert vm.serial.token == token
+    finally:
+        await asyncio.to_thread(kube.delete_vmupdates, installed.kubectl, 120)
+        await vm.stop()

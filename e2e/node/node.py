@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 
 from e2e.cluster.sandbox import ManagedProcess, Sandbox, _write, find_binary, make_kubeconfig
-from e2e.node.containerd import RUN_ROOT, Containerd, Netns, NodeError, umount_below
+from e2e.node.containerd import RUN_ROOT, Containerd, Netns, NodeError, run, umount_below
 
 NODE_IP = "10.250.0.2"
 POD_CIDR = "10.244.0.0/24"
@@ -55,6 +55,7 @@ class Node:
     containerd: Containerd | None = None
     processes: list[ManagedProcess] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    shared_paths: list[Path] = field(default_factory=list)
     _stopped: bool = False
 
     @classmethod
@@ -201,6 +202,7 @@ class Node:
             "imageGCHighThresholdPercent": 100,
             "imageGCLowThresholdPercent": 99,
             "resolvConf": "/etc/resolv.conf",
+            "podLogsDir": str(self.workdir / "pod-logs"),
             "serializeImagePulls": False,
             "registerWithTaints": [
                 dict(zip(("key", "value", "effect"),
@@ -228,6 +230,27 @@ class Node:
                                 f"kubelet:\n{self.processes[-1].tail()}")
             time.sleep(0.5)
 
+    def share_host_path(self, path: Path) -> None:
+        """Make ``path`` a shared mount, as a hostPath with ``mountPropagation`` needs (runc
+        refuses one on a private mount). On systemd hosts ``/`` is shared and every path
+        qualifies; this machine's ``/`` is private, so the path is bound onto itself and
+        shared, until :meth:`stop`."""
+        path.mkdir(parents=True, exist_ok=True)
+        run(["mount", "--bind", str(path), str(path)])
+        self.shared_paths.append(path)
+        run(["mount", "--make-shared", str(path)])
+
+    def pod_logs(self, namespace: str, pod_prefix: str, lines: int = 60) -> str:
+        """The containers' logs of the pods whose name starts with ``pod_prefix``, read from
+        the kubelet's log folder (the API server cannot reach this kubelet for
+        ``kubectl logs``: it listens inside the node's network namespace)."""
+        out = []
+        for log in sorted((self.workdir / "pod-logs").glob(f"{namespace}_{pod_prefix}*/*/*.log")):
+            tail = log.read_text(errors="replace").splitlines()[-lines:]
+            out.append(f"--- {log.parent.parent.name}/{log.parent.name}/{log.name}")
+            out += [t.split(" ", 3)[-1] for t in tail]  # drop the CRI time/stream/tag prefix
+        return "\n".join(out)
+
     def import_image(self, archive: Path) -> None:
         assert self.containerd is not None
         self.containerd.import_image(archive)
@@ -248,6 +271,8 @@ class Node:
                     self.containerd.stop()
         if self.containerd is not None:
             self.containerd.stop()
+        for path in reversed(self.shared_paths):
+            umount_below(path)
         umount_below(self.workdir)
         self.netns.delete()
         if errors:
