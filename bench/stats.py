@@ -56,7 +56,7 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> 
     """A GitHub-flavoured markdown table; cells are str()-ed, `|` escaped."""
     def cell(v: object) -> str:
         if isinstance(v, float):
-            v = "—" if math.isnan(v) else f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}"
+            v = "—" if math.isnan(v) else f"{v:.2f}" if abs(v) < 10 else f"{v:.1f}"
         return str(v).replace("|", "\\|").replace("\n", " ")
 
     lines = ["| " + " | ".join(cell(h) for h in headers) + " |",
