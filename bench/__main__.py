@@ -1,0 +1,123 @@
+"""One command for the benchmarks: `python -m bench [--sizes ...] [--rounds N] --out DIR`.
+
+Runs the pause benchmark (every mode and backend at every RAM size, beside a plain
+migration; the agent against the hand-made QMP sequence; the phases and the floor), prints
+its tables, writes `pause.json`, `pause.md` and the PNG plots into DIR. Run it niced on a
+machine that is otherwise quiet (see docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import sys
+import uuid
+from pathlib import Path
+from typing import Any, cast, get_args
+
+from e2e.rig import load_rig
+from e2e.rig.config import Flavour
+from e2e.rig.vm import Backend
+from vmupdate_agent import engine
+
+from . import plots, records, report
+from .pause import METHODS, Method, plan_cases, run_case
+
+FULL_SIZES = "256,1024,4096,8192"
+
+
+def _list(kind: str, allowed: tuple[str, ...]) -> Any:
+    def parse(text: str) -> list[str]:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        bad = [t for t in items if t not in allowed]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(
+                f"{kind}: {', '.join(bad) or 'empty'} not among {', '.join(allowed)}")
+        return items
+    return parse
+
+
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--sizes: {text!r} is not a comma-separated list "
+                                         f"of MiB, e.g. {FULL_SIZES}") from None
+    if not sizes or any(s < 64 or s > 1024 * 1024 for s in sizes):
+        raise argparse.ArgumentTypeError("--sizes: each size is MiB between 64 and 1048576")
+    return sizes
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True, help="folder for JSON, tables, PNGs")
+    p.add_argument("--sizes", type=_sizes, default=_sizes(FULL_SIZES),
+                   help=f"guest RAM sizes, MiB (default {FULL_SIZES})")
+    p.add_argument("--rounds", type=int, default=10, help="rounds per case (default 10)")
+    p.add_argument("--methods", type=_list("--methods", METHODS), default=list(METHODS))
+    p.add_argument("--backends", type=_list("--backends", get_args(Backend)),
+                   default=list(get_args(Backend)))
+    p.add_argument("--flavour", choices=get_args(Flavour), default="sid",
+                   help="the rig's QEMU for old and new (default sid: all three modes)")
+    return p
+
+
+async def run_pause(args: argparse.Namespace) -> dict[str, Any]:
+    rig = load_rig()
+    started = records.now()
+    env: dict[str, Any] = {"machine": records.machine(),
+           "qemu": {f: rig.qemu(f).version_line for f in get_args(Flavour)}}
+    runtime_dir = Path(rig.share) / "bench" / uuid.uuid4().hex[:8]
+    runtime_dir.mkdir(parents=True)
+    engine.install_guard(str(runtime_dir))  # built before the first round, not inside it
+    results = []
+    try:
+        for case in plan_cases(cast(list[Method], args.methods),
+                               cast(list[Backend], args.backends), args.sizes):
+            results.append(await run_case(rig, case, flavour=args.flavour, rounds=args.rounds,
+                                          runtime_dir=runtime_dir, log=_log))
+    finally:
+        shutil.rmtree(runtime_dir, ignore_errors=True)
+    env["loadavg_at_end"] = list(records.machine()["loadavg"])
+    params = {"sizes_mib": args.sizes, "rounds": args.rounds, "methods": args.methods,
+              "backends": args.backends, "flavour": args.flavour}
+    return records.document("pause", params, env, results, started=started,
+                            finished=records.now())
+
+
+def _log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def write_pause_outputs(doc: dict[str, Any], out: Path) -> str:
+    """pause.json, pause.md (the tables) and the PNGs; returns the markdown."""
+    records.write_json(out / "pause.json", doc)
+    env = report.environment_lines(doc)
+    results = doc["results"]
+    text = "\n".join([
+        f"Measured: {env}\n",
+        "## Pause by mode and RAM size, beside a plain migration\n",
+        report.pause_table(results),
+        "## The agent against the hand-made QMP sequence\n",
+        report.overhead_table(results),
+        "## What the pause is made of, against the floor\n",
+        report.breakdown_table(results),
+    ])
+    (out / "pause.md").write_text(text)
+    plots.pause_vs_ram(results, out / "pause-vs-ram.png", env[:120])
+    plots.agent_vs_handmade(results, out / "agent-vs-handmade.png", env[:120])
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.rounds < 1:
+        parser().error("--rounds: at least 1")
+    doc = asyncio.run(run_pause(args))
+    print(write_pause_outputs(doc, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""Pause by mode, memory backend and RAM size, on real QEMU (the rig's VMs).
+
+One VM per case. A CPR case alternates, round by round on that VM, the agent (its CLI, a
+process of its own as in production) and the hand-made minimal QMP sequence of the same
+mode (`tests/agent/raw_cpr.py`), and measures the floor (the new QEMU's start-up with the
+VM's argv) between them. A `plain` case live-migrates the VM, copying its RAM. Every pause
+is QEMU's own RESUME - STOP. The guest is checked at the end of every case: same boot
+token, counter contiguous, RAM checksums good.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from e2e.rig import Rig, TestVM
+from e2e.rig.config import Flavour
+from e2e.rig.vm import Backend, start_vm
+from tests.agent import raw_cpr
+from vmupdate_agent.models import Outcome, UpdateResult
+
+from . import plain, records
+
+Method = Literal["cpr-exec", "cpr-transfer", "cpr-reboot", "plain"]
+METHODS: tuple[Method, ...] = ("cpr-exec", "cpr-transfer", "cpr-reboot", "plain")
+RawUpdate = Callable[[TestVM, str, Path], Awaitable[tuple[int, int]]]
+HANDMADE: dict[str, RawUpdate] = {
+    "cpr-exec": raw_cpr.cpr_exec,
+    "cpr-transfer": raw_cpr.cpr_transfer,
+    "cpr-reboot": raw_cpr.cpr_reboot,
+}
+AGENT_TIMEOUT = 900.0
+
+
+@dataclass(frozen=True)
+class Case:
+    method: Method
+    backend: Backend
+    mem_mib: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}/{self.backend}/{self.mem_mib}M"
+
+
+def plan_cases(methods: list[Method], backends: list[Backend], sizes_mib: list[int]
+               ) -> list[Case]:
+    """Every method x backend x size that QEMU can do: cpr-reboot only with RAM in a file
+    (a memfd dies with the process)."""
+    return [Case(m, b, s) for s in sizes_mib for m in methods for b in backends
+            if not (m == "cpr-reboot" and b == "memfd")]
+
+
+def empty_series() -> dict[str, list[float]]:
+    return {"agent_pause_ms": [], "handmade_pause_ms": [], "floor_ms": [],
+            "plain_pause_ms": [], "plain_total_ms": []}
+
+
+async def agent_update(rig: Rig, vm: TestVM, runtime_dir: Path, binary: str, mode: str
+                       ) -> UpdateResult:
+    """One update by the agent's CLI, as its own process."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "vmupdate_agent.cli", "--allowed-dir",
+        str(Path(rig.share) / "bin"), "--runtime-dir", str(runtime_dir), "--json", "update",
+        str(vm.qmp_path), "--binary", binary, "--mode", mode,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), AGENT_TIMEOUT)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    if not out:
+        raise RuntimeError(f"the agent printed no result (exit {proc.returncode}): "
+                           f"{err.decode(errors='replace')[-1000:]}")
+    return UpdateResult.model_validate_json(out)
+
+
+async def _settle(vm: TestVM) -> None:
+    """Let the guest print on the other side before the next round."""
+    await vm.serial.wait_ticks(5, after=time.monotonic_ns(), timeout=120)
+
+
+async def _accelerator(vm: TestVM) -> str:
+    async with vm.qmp() as q:
+        answer = await q.execute("query-kvm")
+    assert isinstance(answer, dict)
+    return records.accelerator(answer)
+
+
+async def _cpr_round(rig: Rig, vm: TestVM, case: Case, binary: str, runtime_dir: Path,
+                     i: int, series: dict[str, list[float]], phases: list[dict[str, float]]
+                     ) -> None:
+    async def by_agent() -> None:
+        result = await agent_update(rig, vm, runtime_dir, binary, case.method)
+        if result.outcome != Outcome.UPDATED or result.pause_ms is None:
+            raise RuntimeError(f"{case.name} round {i}: the agent did not update: "
+                               f"{result.outcome} {result.message}")
+        series["agent_pause_ms"].append(result.pause_ms)
+        phases.append(dict(result.phase_ms))
+        await _settle(vm)
+
+    async def by_hand() -> None:
+        workdir = vm.workdir / f"hand{i}"
+        workdir.mkdir()
+        stop, resume = await HANDMADE[case.method](vm, binary, workdir)
+        series["handmade_pause_ms"].append((resume - stop) / 1e6)
+        await _settle(vm)
+
+    # Alternate which goes first, so neither always follows the other's after-effects.
+    for step in ((by_agent, by_hand) if i % 2 == 0 else (by_hand, by_agent)):
+        await step()
+    series["floor_ms"].append(await plain.startup_floor(vm, binary, vm.workdir / f"floor{i}"))
+
+
+async def _plain_round(vm: TestVM, binary: str, i: int, series: dict[str, list[float]]
+                       ) -> None:
+    workdir = vm.workdir / f"plain{i}"
+    workdir.mkdir()
+    issued, stop, resume = await plain.plain_migration(vm, binary, workdir)
+    series["plain_pause_ms"].append((resume - stop) / 1e6)
+    series["plain_total_ms"].append((resume - issued) / 1e6)
+    await _settle(vm)
+
+
+async def run_case(rig: Rig, case: Case, *, flavour: Flavour, rounds: int,
+                   runtime_dir: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    """All rounds of one case on one fresh VM; the record of it (raw samples)."""
+    q = rig.qemu(flavour)
+    binary = str(q.wrapper)
+    series: dict[str, list[float]] = empty_series()
+    phases: list[dict[str, float]] = []
+    vm = await start_vm(rig, flavour, name=f"bench-{case.method}", mem_mib=case.mem_mib,
+                        backend=case.backend, boot_timeout=600)
+    try:
+        token = await vm.wait_ticking(600)
+        accel = await _accelerator(vm)
+        for i in range(rounds):
+            if case.method == "plain":
+                await _plain_round(vm, binary, i, series)
+            else:
+                await _cpr_round(rig, vm, case, binary, runtime_dir, i, series, phases)
+            log(f"{case.name} round {i + 1}/{rounds}: " + ", ".join(
+                f"{k} {v[-1]:.1f}" for k, v in series.items() if v))
+        vm.serial.assert_continuous()
+        guest_ok = vm.token == token
+        if not guest_ok:
+            raise RuntimeError(f"{case.name}: the guest rebooted (token {token} -> {vm.token})")
+    finally:
+        await vm.stop()
+        with contextlib.suppress(OSError):
+            shutil.rmtree(vm.workdir)
+    return {**asdict(case), "flavour": flavour, "qemu_version": q.version,
+            "accelerator": accel, "rounds": rounds, "series": series, "phase_ms": phases,
+            "guest_checked": guest_ok}

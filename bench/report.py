@@ -1,0 +1,119 @@
+"""From the pause benchmark's records to its tables (pure: records in, markdown out)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+from .stats import Summary, markdown_table, paired_ratios, ratio, summarize
+
+# The agent's phases (phase_ms keys: the time spent after each progress event until the
+# next) and what each one holds, per mode. The pause runs from `stopping` to `resumed`.
+PHASE_ORDER = ("start", "accepted", "preflight", "stopping", "execed", "transferred",
+               "saved", "resumed", "verified", "total")
+PHASE_MEANING = {
+    "start": "connect, discovery",
+    "accepted": "preflight checks",
+    "preflight": "set-up before STOP (parameters; cpr-transfer: start the new QEMU)",
+    "stopping": "STOP, save; cpr-exec: exec; cpr-reboot: save",
+    "execed": "cpr-exec: new QEMU start-up + load, guard check",
+    "transferred": "cpr-transfer: load in the new QEMU",
+    "saved": "commit + `cont` until RESUME (cpr-reboot: new QEMU start-up + load too)",
+    "resumed": "verify version, pid, runstate",
+    "verified": "finish",
+    "total": "the whole operation",
+}
+
+
+def _s(result: dict[str, Any], key: str) -> Summary:
+    return summarize(result["series"].get(key, []))
+
+
+def _label(result: dict[str, Any]) -> str:
+    return f"{result['method']} ({result['backend']})"
+
+
+def by_size(results: Iterable[dict[str, Any]]) -> dict[str, dict[int, dict[str, Any]]]:
+    """label -> RAM size (MiB) -> record; a later record of the same case wins."""
+    out: dict[str, dict[int, dict[str, Any]]] = {}
+    for r in results:
+        out.setdefault(_label(r), {})[int(r["mem_mib"])] = r
+    return out
+
+
+def _size(mib: int) -> str:
+    return f"{mib // 1024} GiB" if mib % 1024 == 0 else f"{mib} MiB"
+
+
+def pause_table(results: list[dict[str, Any]]) -> str:
+    """Pause by method and RAM size: median (min–max) ms; plain migration's total time."""
+    grid = by_size(results)
+    sizes = sorted({int(r["mem_mib"]) for r in results})
+    rows = []
+    for label, cases in sorted(grid.items()):
+        key = "plain_pause_ms" if label.startswith("plain") else "agent_pause_ms"
+        rows.append([f"{label} pause", *(_s(cases[s], key).cell() if s in cases else "—"
+                                         for s in sizes)])
+        if label.startswith("plain"):
+            rows.append([f"{label} total", *(_s(cases[s], "plain_total_ms").cell()
+                                             if s in cases else "—" for s in sizes)])
+    return markdown_table(["ms, median (min–max)", *(_size(s) for s in sizes)], rows)
+
+
+def overhead_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Agent vs hand-made pause per CPR case: both summaries and the ratios."""
+    rows = []
+    for r in results:
+        if r["method"] == "plain":
+            continue
+        agent, hand = _s(r, "agent_pause_ms"), _s(r, "handmade_pause_ms")
+        rows.append({"case": f"{_label(r)} {_size(int(r['mem_mib']))}", "agent": agent,
+                     "handmade": hand, "ratio": ratio(agent, hand),
+                     "paired": paired_ratios(r["series"]["agent_pause_ms"],
+                                             r["series"]["handmade_pause_ms"])})
+    return rows
+
+
+def overhead_table(results: list[dict[str, Any]]) -> str:
+    return markdown_table(
+        ["case", "agent ms", "hand-made ms", "ratio of medians", "round ratios"],
+        [[o["case"], o["agent"].cell(), o["handmade"].cell(), o["ratio"],
+          o["paired"].cell(2)] for o in overhead_rows(results)])
+
+
+def phase_summaries(phases: list[dict[str, float]]) -> dict[str, Summary]:
+    """Per phase name, over the rounds that have it, in the agent's order."""
+    names = [p for p in PHASE_ORDER if any(p in ph for ph in phases)]
+    names += sorted({k for ph in phases for k in ph} - set(names))
+    return {n: summarize(ph[n] for ph in phases if n in ph) for n in names}
+
+
+def breakdown_table(results: list[dict[str, Any]]) -> str:
+    """Per CPR case: each agent phase's median, the agent's pause, the hand-made pause and
+    the floor (the new QEMU's start-up alone); what the agent adds is pause - hand-made."""
+    rows = []
+    for r in results:
+        if r["method"] == "plain":
+            continue
+        phases = phase_summaries(r["phase_ms"])
+        agent, hand, floor = (_s(r, k) for k in ("agent_pause_ms", "handmade_pause_ms",
+                                                  "floor_ms"))
+        added = agent.median - hand.median if agent.n and hand.n else math.nan
+        rows.append([f"{_label(r)} {_size(int(r['mem_mib']))}",
+                     "; ".join(f"{k} {v.median:.1f}" for k, v in phases.items()),
+                     agent.cell(), hand.cell(), floor.cell(), added])
+    return markdown_table(["case", "agent phases, median ms", "pause (agent)",
+                           "pause (hand-made)", "floor: new QEMU to QMP greeting",
+                           "agent adds, ms"], rows)
+
+
+def environment_lines(doc: dict[str, Any]) -> str:
+    env = doc["environment"]
+    m = env.get("machine", {})
+    accels = sorted({str(r.get("accelerator")) for r in doc["results"]})
+    versions = ", ".join(f"{k} {v}" for k, v in sorted(env.get("qemu", {}).items()))
+    return (f"{m.get('cpu')} ×{m.get('cpus')}, {m.get('mem_total_mib')} MiB, Linux "
+            f"{m.get('kernel')}; load average at start {m.get('loadavg')}, niceness "
+            f"{m.get('niceness')}; accelerator {'/'.join(accels)}; QEMU {versions}; "
+            f"{doc['params'].get('rounds')} rounds; {doc['started']}")

@@ -1,0 +1,126 @@
+"""The pause benchmark's tables, records and plots, from hand-made records."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from bench import plots, records, report
+from bench.__main__ import parser, write_pause_outputs
+from bench.pause import plan_cases
+from tests.bench import sample
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_pause_table_rows_per_method_columns_per_size() -> None:
+    lines = report.pause_table(sample.results()).splitlines()
+    assert lines[0] == "| ms, median (min–max) | 256 MiB | 1 GiB |"
+    assert "| cpr-exec (memfd) pause | 55.0 (50.0–60.0) | 52.0 (52.0–52.0) |" in lines
+    assert "| cpr-reboot (file) pause | 95.0 (90.0–100.0) | — |" in lines
+    assert "| plain (memfd) pause | 16.0 (15.0–17.0) | 18.0 (18.0–18.0) |" in lines
+    assert "| plain (memfd) total | 1100.0 (1000.0–1200.0) | 4000.0 (4000.0–4000.0) |" in lines
+
+
+def test_overhead_is_agent_over_handmade_for_cpr_cases_only() -> None:
+    rows = report.overhead_rows(sample.results())
+    assert [o["case"] for o in rows] == ["cpr-exec (memfd) 256 MiB", "cpr-exec (memfd) 1 GiB",
+                                         "cpr-reboot (file) 256 MiB"]
+    assert rows[0]["ratio"] == pytest.approx(1.1)
+    assert rows[0]["paired"].median == pytest.approx(1.1)
+    assert rows[2]["paired"].min == pytest.approx(1.0)
+    assert rows[2]["paired"].max == pytest.approx(1.125)
+    assert "| cpr-exec (memfd) 256 MiB | 55.0 (50.0–60.0) | 50.0 (50.0–50.0) | 1.10 |" in (
+        report.overhead_table(sample.results()))
+
+
+def test_phases_in_the_agents_order_then_unknown_ones() -> None:
+    phases = report.phase_summaries([{"total": 9.0, "zeta": 1.0, "stopping": 2.0},
+                                     {"stopping": 4.0, "start": 1.0}])
+    assert list(phases) == ["start", "stopping", "total", "zeta"]
+    assert phases["stopping"].median == 3.0 and phases["start"].n == 1
+
+
+def test_breakdown_says_what_the_agent_adds_over_the_handmade_pause() -> None:
+    table = report.breakdown_table(sample.results())
+    row = next(line for line in table.splitlines() if "cpr-exec (memfd) 256 MiB" in line)
+    assert "start 10.0; stopping 21.0; execed 30.0; saved 5.0; total 71.0" in row
+    assert "21.0 (20.0–22.0)" in row  # the floor
+    assert row.endswith("| 5.00 |")  # 55 - 50
+    assert "plain" not in table
+
+
+def test_record_round_trips_and_rejects_what_reports_cannot_read(tmp_path: Path) -> None:
+    doc = sample.document()
+    records.write_json(tmp_path / "r" / "pause.json", doc)
+    assert records.read_json(tmp_path / "r" / "pause.json") == doc
+    assert [p.name for p in (tmp_path / "r").iterdir()] == ["pause.json"]  # no temp left
+    for broken, why in (([], "JSON object"), ({**doc, "results": {}}, "'results'"),
+                        ({**doc, "schema": 99}, "schema 99")):
+        with pytest.raises(ValueError, match=why):
+            records.check_document(broken)
+
+
+def test_a_record_never_holds_nan(tmp_path: Path) -> None:
+    doc = sample.document()
+    doc["results"][0]["series"]["agent_pause_ms"].append(math.nan)
+    with pytest.raises(ValueError):
+        records.write_json(tmp_path / "x.json", doc)
+
+
+def test_accelerator_from_query_kvm() -> None:
+    assert records.accelerator({"enabled": False, "present": True}) == "TCG"
+    assert records.accelerator({"enabled": True, "present": True}) == "KVM"
+
+
+def test_machine_names_no_host_or_path() -> None:
+    m = records.machine()
+    assert set(m) == {"cpu", "cpus", "mem_total_mib", "kernel", "python", "loadavg",
+                      "niceness"}
+    assert not any("/" in str(v) for v in m.values())
+
+
+def test_outputs_tables_json_and_pngs(tmp_path: Path) -> None:
+    text = write_pause_outputs(sample.document(), tmp_path)
+    assert "Test CPU ×2" in text and "accelerator TCG" in text
+    assert (tmp_path / "pause.md").read_text() == text
+    assert json.loads((tmp_path / "pause.json").read_text())["benchmark"] == "pause"
+    for name in ("pause-vs-ram.png", "agent-vs-handmade.png"):
+        assert (tmp_path / name).read_bytes()[:8] == PNG
+
+
+def test_plots_cope_with_a_single_case(tmp_path: Path) -> None:
+    one = sample.results()[:1]
+    assert plots.pause_vs_ram(one, tmp_path / "a.png", "t").read_bytes()[:8] == PNG
+    assert plots.agent_vs_handmade(one, tmp_path / "b.png", "t").read_bytes()[:8] == PNG
+
+
+def test_cases_skip_cpr_reboot_on_memfd() -> None:
+    cases = plan_cases(["cpr-exec", "cpr-reboot", "plain"], ["memfd", "file"], [256, 1024])
+    assert len(cases) == 10
+    assert [c.name for c in cases[:5]] == [
+        "cpr-exec/memfd/256M", "cpr-exec/file/256M", "cpr-reboot/file/256M",
+        "plain/memfd/256M", "plain/file/256M"]
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--sizes", "256,x"], "not a comma-separated list"),
+    (["--sizes", "32"], "between 64 and"),
+    (["--methods", "cpr-exec,live"], "live not among"),
+    (["--backends", ""], "empty not among"),
+])
+def test_bad_arguments_name_the_option(argv: list[str], message: str,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--out", "x", *argv])
+    assert message in capsys.readouterr().err
+
+
+def test_defaults_are_the_full_measurement() -> None:
+    args = parser().parse_args(["--out", "x"])
+    assert args.sizes == [256, 1024, 4096, 8192] and args.rounds == 10
+    assert args.methods == ["cpr-exec", "cpr-transfer", "cpr-reboot", "plain"]
+    assert args.backends == ["memfd", "file"]
