@@ -253,3 +253,36 @@ async def test_an_identity_with_two_roles_is_a_configuration_error(
                         client_roles={"registrar": ["vmupdate-operator"]})
     with pytest.raises(ConfigError, match="listed under two roles"):
         load(agent.config_path)
+
+
+# --- per-node agent identity ------------------------------------------------------------
+
+
+async def test_the_operator_checks_the_agent_is_the_node_it_meant(
+        agents: AgentFactory, pki: Pki, tmp_path: Path, empty_globs: list[str]) -> None:
+    """An agent serving node-a's certificate (a DNS SAN node-a): the operator, checking the
+    certificate against the node it meant ("{node}" in agentServerName), is served when it
+    meant node-a and refused in the handshake when it meant node-b, though it dials the same
+    address (a stale or redirected endpoint)."""
+    from vmupdate_operator.agents import AgentTls
+
+    # (127.0.0.1 too: the harness checks readiness by address.)
+    node_a = issue(pki.ca, tmp_path / "pki-node-a", "node-a", "vmupdate-agent-node-a",
+                   dns=("node-a",), ips=("127.0.0.1",))
+    agent = await agents.start(socket_globs=empty_globs, tls={
+        "cert_file": str(node_a.cert), "key_file": str(node_a.key),
+        "client_ca_file": str(pki.ca.path)})
+    tls = AgentTls(ca_file=str(pki.ca.path), cert_file=str(pki.operator.cert),
+                   key_file=str(pki.operator.key), server_name="{node}")
+    meant_a = await AgentClient.connect(agent.target, tls.for_host("node-a"), retry=ONE_TRY)
+    try:
+        assert (await meant_a.get_info()).node_name == "test-node"
+    finally:
+        await meant_a.close()
+    meant_b = await AgentClient.connect(agent.target, tls.for_host("node-b"), retry=ONE_TRY)
+    try:
+        with pytest.raises(AgentError) as err:
+            await meant_b.get_info(timeout=5)
+        assert err.value.code == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await meant_b.close()
