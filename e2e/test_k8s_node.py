@@ -153,6 +153,7 @@ class Installed:
     vm_dir: Path
     state_dir: Path
     runtime_dir: Path
+    values_file: Path
 
     def kubectl(self, *args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
         return self.sandbox.kubectl(*args, **kw)
@@ -190,7 +191,7 @@ def installed(real_node: tuple[Sandbox, Node, str], rig: Rig,
     work = tmp_path_factory.mktemp("chart")
     token = secrets.token_hex(3)
     inst = Installed(sandbox, node, vm_dir=rig.vms_dir / f"node-{token}",
-                     state_dir=work / "state",
+                     state_dir=work / "state", values_file=work / "values.yaml",
                      # Below the rig's share: the chrooted QEMU sees it at the same path.
                      runtime_dir=rig.share / "at" / f"node-{token}")
     pki = make_fleet_pki(work / "pki")
@@ -210,7 +211,7 @@ def installed(real_node: tuple[Sandbox, Node, str], rig: Rig,
         "registrar": {"intervalSeconds": 2},
         "operator": {"resyncSeconds": 3},
     }
-    values_file = work / "values.yaml"
+    values_file = inst.values_file
     values_file.write_text(yaml.safe_dump(values))
     for path in (inst.vm_dir, inst.state_dir, inst.runtime_dir):
         node.share_host_path(path)
@@ -378,3 +379,62 @@ async def test_agent_killed_mid_update(installed: Installed, rig: Rig) -> None:
     finally:
         await asyncio.to_thread(kube.delete_vmupdates, installed.kubectl, 120)
         await vm.stop()
+
+
+async def test_helm_upgrade_during_a_rollout(installed: Installed, rig: Rig) -> None:
+    """``helm upgrade`` (a changed agent setting: a rolling DaemonSet update) while a rollout
+    of two VMs, one at a time, runs: the old agent drains, the new one takes the rest, and the
+    rollout completes with both guests continuous."""
+    assert rig.sid.alt_binary is not None
+    names = ["roll-a", "roll-b"]
+    vms = await asyncio.gather(*(start_vm(
+        rig, "sid", name=n, workdir=installed.vm_dir / f"{n}-{secrets.token_hex(3)}",
+        wait_ticking=True) for n in names))
+    ops = installed.state_dir / "operations"
+    try:
+        node = installed.node.name
+
+        def listed() -> bool:
+            host = kube.get(installed.kubectl, "vmhost", node) or {}
+            found = {v.get("uuid") for v in (host.get("status") or {}).get("vms") or []}
+            return {vm.uuid for vm in vms} <= found
+
+        await kube.wait_for(listed, 90, "the VMHost to list both VMs", describe=installed.logs)
+        pids = [vm.pid for vm in vms]
+        old = agent_pod(installed)
+        before = set(ops.glob("*.json"))
+        manifest = {
+            "apiVersion": "vmupdate.dev/v1alpha1", "kind": "VMUpdate",
+            "metadata": {"name": "rolling"},
+            "spec": {"selector": {"vmNames": names},
+                     "target": {"binary": rig.sid.alt_binary, "version": rig.sid.version},
+                     "mode": "CprExec",
+                     "strategy": {"maxParallel": 1, "maxParallelPerHost": 1}}}
+        mark = time.monotonic_ns()
+        kube.apply(installed.kubectl, yaml.safe_dump(manifest))
+        await kube.wait_for(lambda: set(ops.glob("*.json")) - before, 120,
+                            "the first operation", interval=0.01, describe=installed.logs)
+        helm(installed.sandbox, "upgrade", RELEASE, str(CHART), "-n", NAMESPACE,
+             "-f", str(installed.values_file), "--set", "agent.verbose=true")
+
+        def ready() -> Any:
+            obj = kube.get(installed.kubectl, "vmupdate", "rolling")
+            return obj if kube.condition(obj, "Ready").get("status") == "True" else None
+
+        obj = await kube.wait_for(ready, 300, "VMUpdate rolling Ready", describe=installed.logs)
+        await asyncio.to_thread(installed.wait_pods_ready, 180)
+        new = agent_pod(installed)
+        assert new["metadata"]["uid"] != old["metadata"]["uid"]
+        agent = next(c for c in new["spec"]["containers"] if c["name"] == "agent")
+        assert "--verbose" in agent["args"]
+        rows = kube.rows(obj)
+        for name, vm, pid in zip(names, vms, pids, strict=True):
+            assert rows[name]["phase"] == "Updated", rows[name]
+            assert vm.pid == pid and rows[name]["pidAfter"] == pid
+            assert Path(f"/proc/{pid}/exe").readlink().name == Path(rig.sid.alt_binary).name
+            await vm.serial.wait_ticks(10, after=time.monotonic_ns(), timeout=30)
+            vm.serial.assert_continuous(since=mark)
+    finally:
+        await asyncio.to_thread(kube.delete_vmupdates, installed.kubectl, 120)
+        for vm in vms:
+            await vm.stop()
