@@ -26,6 +26,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -152,6 +153,7 @@ class Installed:
     vm_dir: Path
     state_dir: Path
     runtime_dir: Path
+    values_file: Path
 
     def kubectl(self, *args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
         return self.sandbox.kubectl(*args, **kw)
@@ -189,7 +191,7 @@ def installed(real_node: tuple[Sandbox, Node, str], rig: Rig,
     work = tmp_path_factory.mktemp("chart")
     token = secrets.token_hex(3)
     inst = Installed(sandbox, node, vm_dir=rig.vms_dir / f"node-{token}",
-                     state_dir=work / "state",
+                     state_dir=work / "state", values_file=work / "values.yaml",
                      # Below the rig's share: the chrooted QEMU sees it at the same path.
                      runtime_dir=rig.share / "at" / f"node-{token}")
     pki = make_fleet_pki(work / "pki")
@@ -209,7 +211,7 @@ def installed(real_node: tuple[Sandbox, Node, str], rig: Rig,
         "registrar": {"intervalSeconds": 2},
         "operator": {"resyncSeconds": 3},
     }
-    values_file = work / "values.yaml"
+    values_file = inst.values_file
     values_file.write_text(yaml.safe_dump(values))
     for path in (inst.vm_dir, inst.state_dir, inst.runtime_dir):
         node.share_host_path(path)
@@ -281,3 +283,158 @@ async def test_vmupdate_updates_a_host_vm_in_place(installed: Installed, rig: Ri
     finally:
         await asyncio.to_thread(kube.delete_vmupdates, installed.kubectl, 120)
         await vm.stop()
+
+
+# --------------------------------------------------------------------------- drills
+
+TERMINAL = {"Updated", "Failed", "RolledBack"}
+
+
+def agent_pod(installed: Installed) -> dict[str, Any]:
+    pods = get(installed.sandbox, "pods", "-n", NAMESPACE, "-l",
+               "app.kubernetes.io/component=agent")["items"]
+    live = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+    assert len(live) == 1, [p["metadata"]["name"] for p in pods]
+    return dict(live[0])
+
+
+async def test_agent_killed_mid_update(installed: Installed, rig: Rig) -> None:
+    """The agent's container killed (SIGKILL: no drain) while its journal holds the running
+    operation: the kubelet restarts it, the new agent reads the journal on the hostPath and
+    finishes or rolls back the operation, the operator follows it to an end, and the guest
+    never notices beyond the pause."""
+    vm = await start_vm(rig, "sid", name="drill-vm",
+                        workdir=installed.vm_dir / f"drill-vm-{secrets.token_hex(3)}",
+                        wait_ticking=True)
+    assert rig.sid.alt_binary is not None
+    ops = installed.state_dir / "operations"
+    try:
+        node = installed.node.name
+        await kube.wait_for(
+            lambda: any(v.get("uuid") == vm.uuid for v in
+                        ((kube.get(installed.kubectl, "vmhost", node) or {}).get("status")
+                         or {}).get("vms") or []),
+            90, "the VMHost to list drill-vm", describe=installed.logs)
+        pid = vm.pid
+        old = agent_pod(installed)
+        status = next(c for c in old["status"]["containerStatuses"] if c["name"] == "agent")
+        agent_pid = installed.node.task_pid(status["containerID"])
+        before = set(ops.glob("*.json"))
+        manifest = {
+            "apiVersion": "vmupdate.dev/v1alpha1", "kind": "VMUpdate",
+            "metadata": {"name": "drill-vm"},
+            "spec": {"selector": {"vmNames": ["drill-vm"]},
+                     "target": {"binary": rig.sid.alt_binary, "version": rig.sid.version},
+                     "mode": "CprExec"}}
+        mark = time.monotonic_ns()
+        kube.apply(installed.kubectl, yaml.safe_dump(manifest))
+
+        def running() -> Path | None:
+            for path in set(ops.glob("*.json")) - before:
+                with contextlib.suppress(ValueError, OSError):
+                    if json.loads(path.read_text())["state"] == "running":
+                        return path
+            return None
+
+        record = await kube.wait_for(running, 120, "the agent to journal the operation",
+                                     interval=0.01, describe=installed.logs)
+        os.kill(agent_pid, signal.SIGKILL)
+        # Killed with the operation journaled as running (nobody else writes the record).
+        await asyncio.sleep(0.5)
+        assert json.loads(record.read_text())["state"] == "running", "ended before the kill"
+        # The kubelet restarts the container in the same pod; its agent resolves the operation.
+        await asyncio.to_thread(installed.wait_pods_ready, 180)
+        again = agent_pod(installed)
+        assert again["metadata"]["uid"] == old["metadata"]["uid"]
+        restarted = next(c for c in again["status"]["containerStatuses"] if c["name"] == "agent")
+        assert restarted["restartCount"] == status["restartCount"] + 1
+        done = await kube.wait_for(
+            lambda: (r := json.loads(record.read_text()))["state"] == "done" and r, 180,
+            "the journaled operation to end", describe=installed.logs)
+        outcome = done["result"]["outcome"]
+
+        def row_end() -> Any:
+            obj = kube.get(installed.kubectl, "vmupdate", "drill-vm") or {}
+            row = kube.rows(obj).get("drill-vm") or {}
+            return row if row.get("phase") in TERMINAL else None
+
+        row = await kube.wait_for(row_end, 240, "the operator to follow drill-vm to an end",
+                                  describe=installed.logs)
+        print(f"agent killed with the operation running: journal outcome {outcome}, "
+              f"row {row['phase']}")
+        assert done["resolved_after_restart"] is True
+        # Whatever the end, the VM runs in the same pid (cpr-exec), on the target (Updated) or
+        # on its own QEMU (killed before the point of no return: Failed, "as before"; or
+        # RolledBack), and the guest never rebooted nor lost memory.
+        exe = Path(f"/proc/{pid}/exe").readlink().name
+        if row["phase"] == "Updated":
+            assert exe == Path(rig.sid.alt_binary).name, row
+        else:
+            assert exe == Path(rig.sid.binary).name, row
+            assert "as before" in row["message"] or row["phase"] == "RolledBack", row
+        assert vm.pid == pid
+        assert await vm.query_status() == "running"
+        await vm.serial.wait_ticks(10, after=time.monotonic_ns(), timeout=30)
+        vm.serial.assert_continuous(since=mark)
+    finally:
+        await asyncio.to_thread(kube.delete_vmupdates, installed.kubectl, 120)
+        await vm.stop()
+
+
+async def test_helm_upgrade_during_a_rollout(installed: Installed, rig: Rig) -> None:
+    """``helm upgrade`` (a changed agent setting: a rolling DaemonSet update) while a rollout
+    of two VMs, one at a time, runs: the old agent drains, the new one takes the rest, and the
+    rollout completes with both guests continuous."""
+    assert rig.sid.alt_binary is not None
+    names = ["roll-a", "roll-b"]
+    vms = await asyncio.gather(*(start_vm(
+        rig, "sid", name=n, workdir=installed.vm_dir / f"{n}-{secrets.token_hex(3)}",
+        wait_ticking=True) for n in names))
+    ops = installed.state_dir / "operations"
+    try:
+        node = installed.node.name
+
+        def listed() -> bool:
+            host = kube.get(installed.kubectl, "vmhost", node) or {}
+            found = {v.get("uuid") for v in (host.get("status") or {}).get("vms") or []}
+            return {vm.uuid for vm in vms} <= found
+
+        await kube.wait_for(listed, 90, "the VMHost to list both VMs", describe=installed.logs)
+        pids = [vm.pid for vm in vms]
+        old = agent_pod(installed)
+        before = set(ops.glob("*.json"))
+        manifest = {
+            "apiVersion": "vmupdate.dev/v1alpha1", "kind": "VMUpdate",
+            "metadata": {"name": "rolling"},
+            "spec": {"selector": {"vmNames": names},
+                     "target": {"binary": rig.sid.alt_binary, "version": rig.sid.version},
+                     "mode": "CprExec",
+                     "strategy": {"maxParallel": 1, "maxParallelPerHost": 1}}}
+        mark = time.monotonic_ns()
+        kube.apply(installed.kubectl, yaml.safe_dump(manifest))
+        await kube.wait_for(lambda: set(ops.glob("*.json")) - before, 120,
+                            "the first operation", interval=0.01, describe=installed.logs)
+        helm(installed.sandbox, "upgrade", RELEASE, str(CHART), "-n", NAMESPACE,
+             "-f", str(installed.values_file), "--set", "agent.verbose=true")
+
+        def ready() -> Any:
+            obj = kube.get(installed.kubectl, "vmupdate", "rolling")
+            return obj if kube.condition(obj, "Ready").get("status") == "True" else None
+
+        obj = await kube.wait_for(ready, 300, "VMUpdate rolling Ready", describe=installed.logs)
+        await asyncio.to_thread(installed.wait_pods_ready, 180)
+        new = agent_pod(installed)
+        assert new["metadata"]["uid"] != old["metadata"]["uid"]
+        agent = next(c for c in new["spec"]["containers"] if c["name"] == "agent")
+        assert "--verbose" in agent["args"]
+        rows = kube.rows(obj)
+        for name, vm, pid in zip(names, vms, pids, strict=True):
+            assert rows[name]["phase"] == "Updated", rows[name]
+            assert vm.pid == pid and rows[name]["pidAfter"] == pid
+            assert Path(f"/proc/{pid}/exe").readlink().name == Path(rig.sid.alt_binary).name
+            await vm.serial.wait_ticks(10, after=time.monotonic_ns(), timeout=30)
+            vm.serial.assert_continuous(since=mark)
+    finally:
+        await asyncio.to_thread(kube.delete_vmupdates, installed.kubectl, 120)
+        for vm in vms:
+            await vm.stop()

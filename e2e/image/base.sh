@@ -64,6 +64,7 @@ build_root() {
   tar -C "$dir/root" --numeric-owner -cf "$tar.tmp" .
   mv -f "$tar.tmp" "$tar"
   ln -sfn "$(basename "$tar")" "$CACHE/$name.tar"
+  find "$CACHE" -maxdepth 1 -name "$name-*.tar" ! -name "$(basename "$tar")" -delete
   echo "$tar"
 }
 

@@ -251,6 +251,17 @@ class Node:
             out += [t.split(" ", 3)[-1] for t in tail]  # drop the CRI time/stream/tag prefix
         return "\n".join(out)
 
+    def task_pid(self, container_id: str) -> int:
+        """The host pid of a container's main process (``containerd://ID`` from a pod's
+        status), from this node's containerd."""
+        assert self.containerd is not None
+        cid = container_id.removeprefix("containerd://")
+        for line in self.containerd.ctr("tasks", "ls").stdout.splitlines()[1:]:
+            fields = line.split()
+            if fields and fields[0] == cid:
+                return int(fields[1])
+        raise NodeError(f"no task for container {cid}")
+
     def import_image(self, archive: Path) -> None:
         assert self.containerd is not None
         self.containerd.import_image(archive)
