@@ -58,6 +58,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", type=_list("--methods", METHODS), default=list(METHODS))
     p.add_argument("--backends", type=_list("--backends", get_args(Backend)),
                    default=list(get_args(Backend)))
+    p.add_argument("--from-json", type=Path, metavar="PAUSE_JSON",
+                   help="measure nothing: tables and plots again from an earlier pause.json")
     p.add_argument("--flavour", choices=get_args(Flavour), default="sid",
                    help="the rig's QEMU for old and new (default sid: all three modes)")
     return p
@@ -105,8 +107,9 @@ def write_pause_outputs(doc: dict[str, Any], out: Path) -> str:
         report.breakdown_table(results),
     ])
     (out / "pause.md").write_text(text)
-    plots.pause_vs_ram(results, out / "pause-vs-ram.png", env[:120])
-    plots.agent_vs_handmade(results, out / "agent-vs-handmade.png", env[:120])
+    title = report.short_title(doc)
+    plots.pause_vs_ram(results, out / "pause-vs-ram.png", title)
+    plots.agent_vs_handmade(results, out / "agent-vs-handmade.png", title)
     return text
 
 
@@ -114,7 +117,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.rounds < 1:
         parser().error("--rounds: at least 1")
-    doc = asyncio.run(run_pause(args))
+    if args.from_json is not None:
+        try:
+            doc = records.read_json(args.from_json)
+        except (OSError, ValueError) as e:
+            parser().error(f"--from-json: {args.from_json}: {e}")
+    else:
+        doc = asyncio.run(run_pause(args))
     print(write_pause_outputs(doc, args.out))
     return 0
 

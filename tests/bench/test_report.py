@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from bench import plots, records, report
-from bench.__main__ import parser, write_pause_outputs
+from bench.__main__ import main, parser, write_pause_outputs
 from bench.pause import plan_cases
 from tests.bench import sample
 
@@ -124,3 +124,24 @@ def test_defaults_are_the_full_measurement() -> None:
     assert args.sizes == [256, 1024, 4096, 8192] and args.rounds == 10
     assert args.methods == ["cpr-exec", "cpr-transfer", "cpr-reboot", "plain"]
     assert args.backends == ["memfd", "file"]
+
+
+def test_titles_name_accelerator_load_and_rounds() -> None:
+    doc = sample.document()
+    assert report.short_title(doc) == "TCG, 2 CPUs, load 1.0, 3 rounds, 2026-01-02"
+    assert "load average at start 1.0/1.0/1.0" in report.environment_lines(doc)
+
+
+def test_from_json_redraws_without_measuring(tmp_path: Path) -> None:
+    records.write_json(tmp_path / "in.json", sample.document())
+    assert main(["--out", str(tmp_path / "out"), "--from-json", str(tmp_path / "in.json")]) == 0
+    assert (tmp_path / "out" / "pause-vs-ram.png").read_bytes()[:8] == PNG
+
+
+def test_from_json_refuses_a_broken_record(tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "in.json").write_text('{"schema": 1}')
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path), "--from-json", str(tmp_path / "in.json")])
+    err = capsys.readouterr().err
+    assert "--from-json" in err and "'benchmark' missing" in err
