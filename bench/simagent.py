@@ -124,6 +124,7 @@ class SimAgent(pb_grpc.NodeAgentServicer):
         self.target_version = target_version
         self.ops: dict[str, _Op] = {}
         self.updates_run = 0
+        self.failed_at_ns: list[int] = []  # wall clock of each injected failure's result
         self._tasks: set[asyncio.Task[None]] = set()
 
     def _find(self, ref: str) -> tuple[int, pb.VM] | None:
@@ -254,6 +255,7 @@ class SimAgent(pb_grpc.NodeAgentServicer):
             result.message = "injected failure: the old QEMU runs on"
             result.version_after = before
             await self._emit(op, phase=pb.PHASE_FAILED, message=result.message)
+            self.failed_at_ns.append(time.time_ns())
         else:
             major, minor, micro = self.target_version
             vm.binary = op.request.target.binary
