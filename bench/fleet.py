@@ -17,7 +17,7 @@ import os
 import shutil
 import time
 import urllib.request
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -208,6 +208,3 @@ async def run_fleet(p: FleetParams, workdir: Path) -> dict[str, Any]:
         record["failure_to_halt_ms"] = (done_ns - failed_at) / 1e6
     return record
 
-
-def with_parallel(p: FleetParams, parallel: int) -> FleetParams:
-    return replace(p, parallel=parallel)
