@@ -74,8 +74,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", type=_list("--methods", METHODS), default=list(METHODS))
     p.add_argument("--backends", type=_list("--backends", get_args(Backend)),
                    default=list(get_args(Backend)))
-    p.add_argument("--from-json", type=Path, metavar="PAUSE_JSON",
-                   help="measure nothing: tables and plots again from an earlier pause.json")
+    p.add_argument("--from-json", type=Path, metavar="JSON",
+                   help="measure nothing: tables (and plots) again from an earlier "
+                   "pause.json or fleet.json")
     p.add_argument("--only", choices=("pause", "fleet"), help="one benchmark (default: both)")
     p.add_argument("--fleet-hosts", type=int, default=1000, help="simulated hosts (1000)")
     p.add_argument("--fleet-vms-per-host", type=int, default=20, help="VMs per host (20)")
@@ -176,8 +177,10 @@ async def run_fleets(args: argparse.Namespace, replay: Replay) -> dict[str, Any]
 
 
 def write_fleet_outputs(doc: dict[str, Any], out: Path) -> str:
+    for record in doc["results"]:  # derived: one rule, applied to old records too
+        record["ideal_ms"] = fleetcalc.record_ideal_ms(record)
     records.write_json(out / "fleet.json", doc)
-    text = (f"Measured: {report.environment_lines({**doc, 'results': []})}\n\n"
+    text = (f"Measured: {report.machine_line(doc)}\n\n"
             f"## One VMUpdate for the fleet\n\n{fleetcalc.fleet_table(doc['results'])}")
     (out / "fleet.md").write_text(text)
     return text
@@ -195,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
             doc = records.read_json(args.from_json)
         except (OSError, ValueError) as e:
             parser().error(f"--from-json: {args.from_json}: {e}")
-        print(write_pause_outputs(doc, args.out))
+        write = write_fleet_outputs if doc["benchmark"] == "fleet" else write_pause_outputs
+        print(write(doc, args.out))
         return 0
     if args.only in (None, "pause"):
         doc = asyncio.run(run_pause(args))

@@ -195,7 +195,6 @@ async def run_fleet(p: FleetParams, workdir: Path) -> dict[str, Any]:
         "per_host": p.per_host, "fail_every": p.fail_every, "phase": status.get("phase"),
         "updated": status.get("updated"), "failed": status.get("failed"),
         "total_ms": (done_ns - created) / 1e6,
-        "ideal_ms": fleetcalc.ideal_ms(p.hosts * p.vms_per_host, p.parallel, per_vm_ms),
         "per_vm_ms": per_vm_ms,
         "api": {"operator": vars(costs.get(OPERATOR_IDENTITY, fleetcalc.ApiCost())),
                 "registrars": vars(costs.get(REGISTRAR, fleetcalc.ApiCost()))},
@@ -204,6 +203,7 @@ async def run_fleet(p: FleetParams, workdir: Path) -> dict[str, Any]:
         "etcd_db_bytes": etcd_after, "etcd_db_bytes_before": etcd_before,
         "vmupdate_bytes": len(json.dumps(obj, separators=(",", ":"))),
     }
+    record["ideal_ms"] = fleetcalc.record_ideal_ms(record)
     if failed_at is not None:
         record["failure_to_halt_ms"] = (done_ns - failed_at) / 1e6
     return record

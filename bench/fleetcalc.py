@@ -16,14 +16,26 @@ WRITE_VERBS = frozenset({"create", "update", "patch", "delete", "deletecollectio
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
 
 
-def ideal_ms(vms: int, parallel: int, per_vm_ms: float, canary: int = 0) -> float:
-    """A rollout with no overhead: the canaries one by one, then waves of `parallel`."""
+def ideal_ms(vms: int, parallel: int, per_vm_ms: float, canary: int = 0, *,
+             hosts: int = 0, per_host: int = 0) -> float:
+    """A rollout with no overhead: the canaries one by one, then waves of `parallel` VMs;
+    with `hosts` (VMs spread evenly) and `per_host`, also no fewer waves than one host's
+    VMs take `per_host` at a time."""
     if vms <= 0:
         return 0.0
     if parallel < 1:
         raise ValueError("parallel: at least 1")
     first = min(canary, vms)
-    return (first + math.ceil((vms - first) / parallel)) * per_vm_ms
+    waves = math.ceil((vms - first) / parallel)
+    if hosts > 0 and per_host > 0:
+        waves = max(waves, math.ceil(math.ceil((vms - first) / hosts) / per_host))
+    return (first + waves) * per_vm_ms
+
+
+def record_ideal_ms(record: dict[str, Any]) -> float:
+    """The ideal of a fleet record, from its own fields."""
+    return ideal_ms(int(record["vms"]), int(record["parallel"]), float(record["per_vm_ms"]),
+                    hosts=int(record["hosts"]), per_host=int(record.get("per_host", 0)))
 
 
 def prometheus_sum(text: str, name: str, **labels: str) -> float:

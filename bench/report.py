@@ -108,16 +108,20 @@ def breakdown_table(results: list[dict[str, Any]]) -> str:
                            "agent adds, ms"], rows)
 
 
-def environment_lines(doc: dict[str, Any]) -> str:
-    env = doc["environment"]
-    m = env.get("machine", {})
-    accels = sorted({str(r.get("accelerator")) for r in doc["results"]})
-    versions = ", ".join(f"{k} {v}" for k, v in sorted(env.get("qemu", {}).items()))
+def machine_line(doc: dict[str, Any]) -> str:
+    m = doc["environment"].get("machine", {})
     load = "/".join(f"{x:.1f}" for x in m.get("loadavg", []))
     return (f"{m.get('cpu')} ×{m.get('cpus')}, {m.get('mem_total_mib')} MiB, Linux "
             f"{m.get('kernel')}; load average at start {load}, niceness "
-            f"{m.get('niceness')}; accelerator {'/'.join(accels)}; QEMU {versions}; "
-            f"{doc['params'].get('rounds')} rounds; {doc['started']}")
+            f"{m.get('niceness')}; {doc['started']}")
+
+
+def environment_lines(doc: dict[str, Any]) -> str:
+    accels = sorted({str(r.get("accelerator")) for r in doc["results"]})
+    versions = ", ".join(f"{k} {v}" for k, v in
+                         sorted(doc["environment"].get("qemu", {}).items()))
+    return (f"{machine_line(doc)}; accelerator {'/'.join(accels)}; QEMU {versions}; "
+            f"{doc['params'].get('rounds')} rounds")
 
 
 def short_title(doc: dict[str, Any]) -> str:

@@ -19,6 +19,12 @@ def test_ideal_is_canaries_then_waves() -> None:
     assert fleetcalc.ideal_ms(10, 4, 100.0, canary=2) == 400.0
     assert fleetcalc.ideal_ms(1, 4, 100.0, canary=3) == 100.0
     assert fleetcalc.ideal_ms(0, 4, 100.0) == 0.0
+    # 20 hosts x 10 VMs, one at a time per host: 10 waves however wide the rollout
+    assert fleetcalc.ideal_ms(200, 100, 100.0, hosts=20, per_host=1) == 1_000.0
+    assert fleetcalc.ideal_ms(200, 10, 100.0, hosts=20, per_host=1) == 2_000.0
+    assert fleetcalc.ideal_ms(200, 100, 100.0, hosts=20, per_host=4) == 300.0
+    assert fleetcalc.record_ideal_ms({"vms": 200, "parallel": 100, "per_vm_ms": 100.0,
+                                      "hosts": 20, "per_host": 1}) == 1_000.0
     with pytest.raises(ValueError, match="parallel"):
         fleetcalc.ideal_ms(1, 0, 1.0)
 

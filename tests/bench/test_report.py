@@ -171,13 +171,19 @@ def test_bad_fleet_arguments_name_the_option(argv: list[str], message: str,
 
 
 def test_fleet_outputs(tmp_path: Path) -> None:
-    record = {"hosts": 2, "vms": 4, "parallel": 2, "phase": "Failed", "total_ms": 900.0,
-              "ideal_ms": 300.0, "api": {"operator": {"requests": 8, "write_bytes": 4096}},
+    record = {"hosts": 2, "vms": 4, "parallel": 2, "per_host": 1, "per_vm_ms": 150.0,
+              "phase": "Failed", "total_ms": 900.0, "ideal_ms": 1.0,
+              "api": {"operator": {"requests": 8, "write_bytes": 4096}},
               "operator_cpu_s": 1.0, "operator_peak_rss_mib": 100.0, "etcd_db_bytes": 2**20,
               "vmupdate_bytes": 2048, "failure_to_halt_ms": 1500.0}
     doc = records.document("fleet", {"hosts": 2}, sample.document()["environment"], [record],
                            started=records.now(), finished=records.now())
     text = write_fleet_outputs(doc, tmp_path)
+    assert "Test CPU ×2" in text and "QEMU" not in text
     assert "| 2 × 2 | 2 | Failed | 0.90 | 0.30 | 3.00 | 2.00 | 1.00 |" in text
     assert text.rstrip().endswith("| 1.50 |")
-    assert records.read_json(tmp_path / "fleet.json")["results"] == [record]
+    assert records.read_json(tmp_path / "fleet.json")["results"] == [
+        {**record, "ideal_ms": 300.0}]  # recomputed from the record's fields
+    assert main(["--out", str(tmp_path / "again"), "--from-json",
+                 str(tmp_path / "fleet.json")]) == 0
+    assert (tmp_path / "again" / "fleet.md").read_text() == text
