@@ -1,9 +1,11 @@
-"""One command for the benchmarks: `python -m bench [--sizes ...] [--rounds N] --out DIR`.
+"""One command for the benchmarks: `python -m bench --out DIR [options]`.
 
 Runs the pause benchmark (every mode and backend at every RAM size, beside a plain
-migration; the agent against the hand-made QMP sequence; the phases and the floor), prints
-its tables, writes `pause.json`, `pause.md` and the PNG plots into DIR. Run it niced on a
-machine that is otherwise quiet (see docs/benchmarks.md).
+migration; the agent against the hand-made QMP sequence; the phases and the floor), then the
+fleet benchmark (simulated agents, the real operator, API server and etcd; every
+parallelism, then one run with failures). Prints the tables, writes `pause.json`,
+`pause.md`, the PNG plots, `fleet.json` and `fleet.md` into DIR. Run it niced on a machine
+that is otherwise quiet (see docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import asyncio
 import shutil
 import sys
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast, get_args
 
@@ -21,8 +24,10 @@ from e2e.rig.config import Flavour
 from e2e.rig.vm import Backend
 from vmupdate_agent import engine
 
-from . import plots, records, report
+from . import fleetcalc, plots, records, report
+from .fleet import FleetParams, run_fleet
 from .pause import METHODS, Method, plan_cases, run_case
+from .simagent import Replay, replay_from_record
 
 FULL_SIZES = "256,1024,4096,8192"
 
@@ -49,6 +54,17 @@ def _sizes(text: str) -> list[int]:
     return sizes
 
 
+def _counts(text: str) -> list[int]:
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v < 1 or v > 1000 for v in values):
+        raise argparse.ArgumentTypeError(f"--fleet-parallel: {text!r}: comma-separated "
+                                         "numbers from 1 to 1000 (the CRD's maxParallel)")
+    return values
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="folder for JSON, tables, PNGs")
@@ -58,6 +74,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", type=_list("--methods", METHODS), default=list(METHODS))
     p.add_argument("--backends", type=_list("--backends", get_args(Backend)),
                    default=list(get_args(Backend)))
+    p.add_argument("--from-json", type=Path, metavar="JSON",
+                   help="measure nothing: tables (and plots) again from an earlier "
+                   "pause.json or fleet.json")
+    p.add_argument("--only", choices=("pause", "fleet"), help="one benchmark (default: both)")
+    p.add_argument("--fleet-hosts", type=int, default=1000, help="simulated hosts (1000)")
+    p.add_argument("--fleet-vms-per-host", type=int, default=20, help="VMs per host (20)")
+    p.add_argument("--fleet-parallel", type=_counts, default=[1, 10, 100, 1000],
+                   help="maxParallel of each fleet run (default 1,10,100,1000)")
+    p.add_argument("--fleet-replay", type=Path, metavar="PAUSE_JSON",
+                   help="phase timings for the simulated agents (default: this run's "
+                        "cpr-exec/memfd at its smallest size; else built-in ones)")
     p.add_argument("--flavour", choices=get_args(Flavour), default="sid",
                    help="the rig's QEMU for old and new (default sid: all three modes)")
     return p
@@ -105,8 +132,57 @@ def write_pause_outputs(doc: dict[str, Any], out: Path) -> str:
         report.breakdown_table(results),
     ])
     (out / "pause.md").write_text(text)
-    plots.pause_vs_ram(results, out / "pause-vs-ram.png", env[:120])
-    plots.agent_vs_handmade(results, out / "agent-vs-handmade.png", env[:120])
+    title = report.short_title(doc)
+    plots.pause_vs_ram(results, out / "pause-vs-ram.png", title)
+    plots.agent_vs_handmade(results, out / "agent-vs-handmade.png", title)
+    return text
+
+
+def fleet_replay(pause_doc: dict[str, Any] | None) -> Replay:
+    """cpr-exec on memfd at the smallest size measured, if the record has it."""
+    if pause_doc is None:
+        return Replay()
+    cases = sorted((r for r in pause_doc["results"] if r["method"] == "cpr-exec"
+                    and r["backend"] == "memfd" and r["phase_ms"]),
+                   key=lambda r: int(r["mem_mib"]))
+    return replay_from_record(cases[0]) if cases else Replay()
+
+
+async def run_fleets(args: argparse.Namespace, replay: Replay) -> dict[str, Any]:
+    started = records.now()
+    env: dict[str, Any] = {"machine": records.machine()}
+    base = FleetParams(hosts=args.fleet_hosts, vms_per_host=args.fleet_vms_per_host,
+                       parallel=1, replay=replay)
+    runs = [(replace(base, parallel=n), f"p{n}") for n in args.fleet_parallel]
+    # The halt: the last VM of every host fails; the first failure must stop the rollout.
+    worst = max(args.fleet_parallel)
+    runs.append((replace(base, parallel=worst, fail_every=args.fleet_vms_per_host),
+                 f"p{worst}-fail"))
+    results = []
+    workroot = Path(load_rig().share) / "bench" / f"fleet-{uuid.uuid4().hex[:8]}"
+    try:
+        for run, tag in runs:
+            record = await run_fleet(run, workroot / tag)
+            _log(f"fleet {tag}: {record['phase']} in {record['total_ms'] / 1000:.1f}s "
+                 f"(ideal {record['ideal_ms'] / 1000:.1f}s)")
+            results.append(record)
+    finally:
+        shutil.rmtree(workroot, ignore_errors=True)
+    env["loadavg_at_end"] = list(records.machine()["loadavg"])
+    params = {"hosts": args.fleet_hosts, "vms_per_host": args.fleet_vms_per_host,
+              "parallel": args.fleet_parallel, "replay": {"mode": replay.mode,
+              "phases_ms": dict(replay.phases), "pause_ms": replay.pause_ms}}
+    return records.document("fleet", params, env, results, started=started,
+                            finished=records.now())
+
+
+def write_fleet_outputs(doc: dict[str, Any], out: Path) -> str:
+    for record in doc["results"]:  # derived: one rule, applied to old records too
+        record["ideal_ms"] = fleetcalc.record_ideal_ms(record)
+    records.write_json(out / "fleet.json", doc)
+    text = (f"Measured: {report.machine_line(doc)}\n\n"
+            f"## One VMUpdate for the fleet\n\n{fleetcalc.fleet_table(doc['results'])}")
+    (out / "fleet.md").write_text(text)
     return text
 
 
@@ -114,8 +190,29 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.rounds < 1:
         parser().error("--rounds: at least 1")
-    doc = asyncio.run(run_pause(args))
-    print(write_pause_outputs(doc, args.out))
+    if args.fleet_hosts < 1 or args.fleet_vms_per_host < 1:
+        parser().error("--fleet-hosts, --fleet-vms-per-host: at least 1")
+    doc: dict[str, Any] | None = None
+    if args.from_json is not None:
+        try:
+            doc = records.read_json(args.from_json)
+        except (OSError, ValueError) as e:
+            parser().error(f"--from-json: {args.from_json}: {e}")
+        write = write_fleet_outputs if doc["benchmark"] == "fleet" else write_pause_outputs
+        print(write(doc, args.out))
+        return 0
+    if args.only in (None, "pause"):
+        doc = asyncio.run(run_pause(args))
+        print(write_pause_outputs(doc, args.out))
+    if args.only in (None, "fleet"):
+        source = doc
+        if args.fleet_replay is not None:
+            try:
+                source = records.read_json(args.fleet_replay)
+            except (OSError, ValueError) as e:
+                parser().error(f"--fleet-replay: {args.fleet_replay}: {e}")
+        fleet = asyncio.run(run_fleets(args, fleet_replay(source)))
+        print(write_fleet_outputs(fleet, args.out))
     return 0
 
 

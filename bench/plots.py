@@ -25,9 +25,13 @@ def pause_vs_ram(results: list[dict[str, Any]], path: Path, title: str) -> Path:
         ax.errorbar(xs, [m.median for m in sums],
                     yerr=[[m.median - m.min for m in sums], [m.max - m.median for m in sums]],
                     marker="o", capsize=3, label=label)
+        if label.startswith("plain"):
+            totals = [summarize(cases[s]["series"]["plain_total_ms"]) for s in sizes]
+            ax.plot(xs, [m.median for m in totals], "x--", label=f"{label}: total time")
     ax.set_xlabel("guest RAM, GiB")
     ax.set_ylabel("guest pause, ms (median, min–max)")
     ax.set_yscale("log")
+    ax.set_xscale("log", base=2)
     ax.set_title(title, fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
@@ -50,7 +54,8 @@ def agent_vs_handmade(results: list[dict[str, Any]], path: Path, title: str) -> 
         ax.annotate(f"{o['ratio']:.2f}×", (x - width, o["agent"].median),
                     ha="center", va="bottom", fontsize=7)
     ax.set_xticks(xs, [o["case"] for o in rows], rotation=20, ha="right", fontsize=7)
-    ax.set_ylabel("ms, median")
+    ax.set_ylabel("ms, median (log scale)")
+    ax.set_yscale("log")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     return _save(fig, path)

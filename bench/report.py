@@ -108,12 +108,26 @@ def breakdown_table(results: list[dict[str, Any]]) -> str:
                            "agent adds, ms"], rows)
 
 
-def environment_lines(doc: dict[str, Any]) -> str:
-    env = doc["environment"]
-    m = env.get("machine", {})
-    accels = sorted({str(r.get("accelerator")) for r in doc["results"]})
-    versions = ", ".join(f"{k} {v}" for k, v in sorted(env.get("qemu", {}).items()))
+def machine_line(doc: dict[str, Any]) -> str:
+    m = doc["environment"].get("machine", {})
+    load = "/".join(f"{x:.1f}" for x in m.get("loadavg", []))
     return (f"{m.get('cpu')} ×{m.get('cpus')}, {m.get('mem_total_mib')} MiB, Linux "
-            f"{m.get('kernel')}; load average at start {m.get('loadavg')}, niceness "
-            f"{m.get('niceness')}; accelerator {'/'.join(accels)}; QEMU {versions}; "
-            f"{doc['params'].get('rounds')} rounds; {doc['started']}")
+            f"{m.get('kernel')}; load average at start {load}, niceness "
+            f"{m.get('niceness')}; {doc['started']}")
+
+
+def environment_lines(doc: dict[str, Any]) -> str:
+    accels = sorted({str(r.get("accelerator")) for r in doc["results"]})
+    versions = ", ".join(f"{k} {v}" for k, v in
+                         sorted(doc["environment"].get("qemu", {}).items()))
+    return (f"{machine_line(doc)}; accelerator {'/'.join(accels)}; QEMU {versions}; "
+            f"{doc['params'].get('rounds')} rounds")
+
+
+def short_title(doc: dict[str, Any]) -> str:
+    """One line for a plot: accelerator, CPUs, load, rounds, date."""
+    m = doc["environment"].get("machine", {})
+    accels = "/".join(sorted({str(r.get("accelerator")) for r in doc["results"]}))
+    load = (m.get("loadavg") or [math.nan])[0]
+    return (f"{accels}, {m.get('cpus')} CPUs, load {load:.1f}, {doc['params'].get('rounds')} "
+            f"rounds, {doc['started'][:10]}")

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from bench import plots, records, report
-from bench.__main__ import parser, write_pause_outputs
+from bench.__main__ import fleet_replay, main, parser, write_fleet_outputs, write_pause_outputs
 from bench.pause import plan_cases
+from bench.simagent import Replay
 from tests.bench import sample
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -124,3 +125,65 @@ def test_defaults_are_the_full_measurement() -> None:
     assert args.sizes == [256, 1024, 4096, 8192] and args.rounds == 10
     assert args.methods == ["cpr-exec", "cpr-transfer", "cpr-reboot", "plain"]
     assert args.backends == ["memfd", "file"]
+
+
+def test_titles_name_accelerator_load_and_rounds() -> None:
+    doc = sample.document()
+    assert report.short_title(doc) == "TCG, 2 CPUs, load 1.0, 3 rounds, 2026-01-02"
+    assert "load average at start 1.0/1.0/1.0" in report.environment_lines(doc)
+
+
+def test_from_json_redraws_without_measuring(tmp_path: Path) -> None:
+    records.write_json(tmp_path / "in.json", sample.document())
+    assert main(["--out", str(tmp_path / "out"), "--from-json", str(tmp_path / "in.json")]) == 0
+    assert (tmp_path / "out" / "pause-vs-ram.png").read_bytes()[:8] == PNG
+
+
+def test_from_json_refuses_a_broken_record(tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "in.json").write_text('{"schema": 1}')
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path), "--from-json", str(tmp_path / "in.json")])
+    err = capsys.readouterr().err
+    assert "--from-json" in err and "'benchmark' missing" in err
+
+
+def test_fleet_replays_cpr_exec_on_memfd_at_the_smallest_size() -> None:
+    replay = fleet_replay(sample.document())
+    assert replay.mode == "cpr-exec" and replay.pause_ms == 55.0  # the 256 MiB case
+    assert fleet_replay(None) == Replay()
+    doc = sample.document()
+    doc["results"] = [r for r in doc["results"] if r["method"] != "cpr-exec"]
+    assert fleet_replay(doc) == Replay()
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--fleet-parallel", "0"], "from 1 to 1000"),
+    (["--fleet-parallel", "10,1001"], "from 1 to 1000"),
+    (["--fleet-parallel", "x"], "from 1 to 1000"),
+    (["--only", "fleet", "--fleet-hosts", "0"], "--fleet-hosts"),
+])
+def test_bad_fleet_arguments_name_the_option(argv: list[str], message: str,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--out", "x", *argv])
+    assert message in capsys.readouterr().err
+
+
+def test_fleet_outputs(tmp_path: Path) -> None:
+    record = {"hosts": 2, "vms": 4, "parallel": 2, "per_host": 1, "per_vm_ms": 150.0,
+              "phase": "Failed", "total_ms": 900.0, "ideal_ms": 1.0,
+              "api": {"operator": {"requests": 8, "write_bytes": 4096}},
+              "operator_cpu_s": 1.0, "operator_peak_rss_mib": 100.0, "etcd_db_bytes": 2**20,
+              "vmupdate_bytes": 2048, "failure_to_halt_ms": 1500.0}
+    doc = records.document("fleet", {"hosts": 2}, sample.document()["environment"], [record],
+                           started=records.now(), finished=records.now())
+    text = write_fleet_outputs(doc, tmp_path)
+    assert "Test CPU ×2" in text and "QEMU" not in text
+    assert "| 2 × 2 | 2 | Failed | 0.90 | 0.30 | 3.00 | 2.00 | 1.00 |" in text
+    assert text.rstrip().endswith("| 1.50 |")
+    assert records.read_json(tmp_path / "fleet.json")["results"] == [
+        {**record, "ideal_ms": 300.0}]  # recomputed from the record's fields
+    assert main(["--out", str(tmp_path / "again"), "--from-json",
+                 str(tmp_path / "fleet.json")]) == 0
+    assert (tmp_path / "again" / "fleet.md").read_text() == text

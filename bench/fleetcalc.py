@@ -1,0 +1,117 @@
+"""Pure arithmetic of the fleet benchmark: the ideal rollout time, Prometheus text, the API
+server's audit log, /proc figures of the operator, and the fleet table."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .stats import markdown_table
+
+WRITE_VERBS = frozenset({"create", "update", "patch", "delete", "deletecollection"})
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
+
+
+def ideal_ms(vms: int, parallel: int, per_vm_ms: float, canary: int = 0, *,
+             hosts: int = 0, per_host: int = 0) -> float:
+    """A rollout with no overhead: the canaries one by one, then waves of `parallel` VMs;
+    with `hosts` (VMs spread evenly) and `per_host`, also no fewer waves than one host's
+    VMs take `per_host` at a time."""
+    if vms <= 0:
+        return 0.0
+    if parallel < 1:
+        raise ValueError("parallel: at least 1")
+    first = min(canary, vms)
+    waves = math.ceil((vms - first) / parallel)
+    if hosts > 0 and per_host > 0:
+        waves = max(waves, math.ceil(math.ceil((vms - first) / hosts) / per_host))
+    return (first + waves) * per_vm_ms
+
+
+def record_ideal_ms(record: dict[str, Any]) -> float:
+    """The ideal of a fleet record, from its own fields."""
+    return ideal_ms(int(record["vms"]), int(record["parallel"]), float(record["per_vm_ms"]),
+                    hosts=int(record["hosts"]), per_host=int(record.get("per_host", 0)))
+
+
+def prometheus_sum(text: str, name: str, **labels: str) -> float:
+    """The sum of every sample of `name` whose labels include `labels` (0 when none)."""
+    total = 0.0
+    for line in text.splitlines():
+        m = _SAMPLE.match(line)
+        if m is None or m.group(1) != name:
+            continue
+        have = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
+        if all(have.get(k) == v for k, v in labels.items()):
+            total += float(m.group(3))
+    return total
+
+
+@dataclass
+class ApiCost:
+    """Requests and bytes of request bodies one client sent to the API server."""
+
+    requests: int = 0
+    writes: int = 0
+    write_bytes: int = 0
+    by_verb: dict[str, int] = field(default_factory=dict)
+
+
+def audit_costs(lines: Iterable[str]) -> dict[str, ApiCost]:
+    """Per user name, from an audit log at level Request (one JSON event per line; only the
+    ResponseComplete stage counts, so each request once). Bytes are the request object's
+    compact JSON."""
+    out: dict[str, ApiCost] = {}
+    for line in lines:
+        if not line.strip():
+            continue
+        ev = json.loads(line)
+        if ev.get("stage") != "ResponseComplete":
+            continue
+        cost = out.setdefault(ev.get("user", {}).get("username", "?"), ApiCost())
+        verb = str(ev.get("verb", "?"))
+        cost.requests += 1
+        cost.by_verb[verb] = cost.by_verb.get(verb, 0) + 1
+        if verb in WRITE_VERBS:
+            cost.writes += 1
+            obj = ev.get("requestObject")
+            if obj is not None:
+                cost.write_bytes += len(json.dumps(obj, separators=(",", ":")))
+    return out
+
+
+def cpu_seconds(stat: str, ticks_per_second: int) -> float:
+    """utime + stime of a /proc/<pid>/stat line."""
+    rest = stat[stat.rfind(")") + 2:].split()
+    return (int(rest[11]) + int(rest[12])) / ticks_per_second
+
+
+def peak_rss_mib(status: str) -> float:
+    """VmHWM of a /proc/<pid>/status text, MiB."""
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise ValueError("no VmHWM in the status text")
+
+
+def fleet_table(results: list[dict[str, Any]]) -> str:
+    rows = []
+    for r in results:
+        vms = max(1, r["vms"])
+        op = r["api"].get("operator", {})
+        rows.append([
+            f"{r['hosts']} × {r['vms'] // max(1, r['hosts'])}", r["parallel"], r["phase"],
+            r["total_ms"] / 1000, r["ideal_ms"] / 1000,
+            r["total_ms"] / r["ideal_ms"] if r["ideal_ms"] else math.nan,
+            op.get("requests", 0) / vms, op.get("write_bytes", 0) / vms / 1024,
+            r["operator_cpu_s"], r["operator_peak_rss_mib"],
+            r["etcd_db_bytes"] / 2**20, r["vmupdate_bytes"] / 1024,
+            r.get("failure_to_halt_ms", math.nan) / 1000])
+    return markdown_table(
+        ["hosts × VMs", "parallel", "phase", "total s", "ideal s", "× ideal",
+         "operator API requests / VM", "operator KiB written / VM", "operator CPU s",
+         "operator peak RSS MiB", "etcd MiB", "VMUpdate KiB", "failure → halt s"], rows)

@@ -1,0 +1,96 @@
+"""The fleet benchmark's arithmetic: ideal time, metrics, audit log, /proc figures, table."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import fleetcalc
+from bench.fleet import FleetParams, vmupdate_manifest
+from vmupdate_api.crd_models import VMUpdateSpec
+
+
+def test_ideal_is_canaries_then_waves() -> None:
+    assert fleetcalc.ideal_ms(200, 1, 100.0) == 20_000.0
+    assert fleetcalc.ideal_ms(200, 10, 100.0) == 2_000.0
+    assert fleetcalc.ideal_ms(201, 10, 100.0) == 2_100.0
+    assert fleetcalc.ideal_ms(200, 1000, 100.0) == 100.0
+    assert fleetcalc.ideal_ms(10, 4, 100.0, canary=2) == 400.0
+    assert fleetcalc.ideal_ms(1, 4, 100.0, canary=3) == 100.0
+    assert fleetcalc.ideal_ms(0, 4, 100.0) == 0.0
+    # 20 hosts x 10 VMs, one at a time per host: 10 waves however wide the rollout
+    assert fleetcalc.ideal_ms(200, 100, 100.0, hosts=20, per_host=1) == 1_000.0
+    assert fleetcalc.ideal_ms(200, 10, 100.0, hosts=20, per_host=1) == 2_000.0
+    assert fleetcalc.ideal_ms(200, 100, 100.0, hosts=20, per_host=4) == 300.0
+    assert fleetcalc.record_ideal_ms({"vms": 200, "parallel": 100, "per_vm_ms": 100.0,
+                                      "hosts": 20, "per_host": 1}) == 1_000.0
+    with pytest.raises(ValueError, match="parallel"):
+        fleetcalc.ideal_ms(1, 0, 1.0)
+
+
+METRICS = """# HELP etcd_mvcc_db_total_size_in_bytes Total size
+# TYPE etcd_mvcc_db_total_size_in_bytes gauge
+etcd_mvcc_db_total_size_in_bytes 634880
+apiserver_request_total{code="200",resource="vmupdates",verb="PATCH"} 23
+apiserver_request_total{code="201",resource="vmupdates",verb="POST"} 2
+apiserver_request_total{code="200",resource="vmhosts",verb="PATCH"} 6
+"""
+
+
+def test_prometheus_sums_by_label() -> None:
+    assert fleetcalc.prometheus_sum(METRICS, "etcd_mvcc_db_total_size_in_bytes") == 634880
+    assert fleetcalc.prometheus_sum(METRICS, "apiserver_request_total") == 31
+    assert fleetcalc.prometheus_sum(METRICS, "apiserver_request_total",
+                                    resource="vmupdates") == 25
+    assert fleetcalc.prometheus_sum(METRICS, "apiserver_request_total", verb="GET") == 0
+    assert fleetcalc.prometheus_sum(METRICS, "missing") == 0
+
+
+def _event(user: str, verb: str, stage: str = "ResponseComplete",
+           obj: object = None) -> str:
+    ev: dict[str, object] = {"stage": stage, "verb": verb, "user": {"username": user}}
+    if obj is not None:
+        ev["requestObject"] = obj
+    return json.dumps(ev)
+
+
+def test_audit_costs_per_user_counting_each_request_once() -> None:
+    patch = {"status": {"phase": "Progressing"}}
+    lines = [_event("op", "get"), _event("op", "patch", "ResponseStarted", patch),
+             _event("op", "patch", obj=patch), _event("op", "create", obj={"a": 1}),
+             _event("reg", "patch", obj={}), "", _event("op", "watch")]
+    costs = fleetcalc.audit_costs(lines)
+    op = costs["op"]
+    assert (op.requests, op.writes) == (4, 2)
+    assert op.write_bytes == len('{"status":{"phase":"Progressing"}}') + len('{"a":1}')
+    assert op.by_verb == {"get": 1, "patch": 1, "create": 1, "watch": 1}
+    assert costs["reg"].write_bytes == 2
+
+
+def test_proc_figures() -> None:
+    stat = "42 (vmupdate operator) S 1 2 3 4 5 6 7 8 9 10 250 50 0 0 20 0 1 0"
+    assert fleetcalc.cpu_seconds(stat, 100) == 3.0
+    assert fleetcalc.peak_rss_mib("Name:\tx\nVmHWM:\t  2048 kB\nVmRSS:\t 1 kB\n") == 2.0
+    with pytest.raises(ValueError, match="VmHWM"):
+        fleetcalc.peak_rss_mib("Name:\tx\n")
+
+
+def test_fleet_table_per_vm_costs() -> None:
+    record = {"hosts": 20, "vms": 200, "parallel": 10, "phase": "Succeeded",
+              "total_ms": 4000.0, "ideal_ms": 2000.0,
+              "api": {"operator": {"requests": 400, "write_bytes": 204800}},
+              "operator_cpu_s": 3.5, "operator_peak_rss_mib": 120.0,
+              "etcd_db_bytes": 2 * 2**20, "vmupdate_bytes": 10240}
+    row = fleetcalc.fleet_table([record]).splitlines()[2]
+    assert row == ("| 20 × 10 | 10 | Succeeded | 4.00 | 2.00 | 2.00 | 2.00 | 1.00 | 3.50 "
+                   "| 120.0 | 2.00 | 10.0 | — |")
+
+
+def test_the_benchmarks_vmupdate_passes_the_crd_model() -> None:
+    for parallel in (1, 10, 100, 1000):
+        spec = vmupdate_manifest("fleet", FleetParams(hosts=2, vms_per_host=2,
+                                                      parallel=parallel, per_host=4))["spec"]
+        model = VMUpdateSpec.model_validate(spec)
+        assert model.strategy.max_parallel == parallel
+        assert model.strategy.max_parallel_per_host == min(4, parallel)
