@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import shutil
 import sys
 import uuid
@@ -22,7 +23,7 @@ from typing import Any, cast, get_args
 from e2e.rig import load_rig
 from e2e.rig.config import Flavour
 from e2e.rig.vm import Backend
-from vmupdate_agent import engine
+from vmupdate_agent import engine, reaper
 
 from . import fleetcalc, plots, records, report
 from .fleet import FleetParams, run_fleet
@@ -91,6 +92,20 @@ def parser() -> argparse.ArgumentParser:
 
 
 async def run_pause(args: argparse.Namespace) -> dict[str, Any]:
+    # Stand in for the host's init, as the agent does on a host: the VMs are started
+    # detached and are orphans once their QEMU is replaced; reaping them at once keeps the
+    # host's own reaping delay out of every sequence that waits for the old QEMU to go.
+    reaper.become_subreaper()
+    orphans = asyncio.create_task(reaper.OrphanReaper(interval=0.02, grace=0.2).run())
+    try:
+        return await _run_pause(args)
+    finally:
+        orphans.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await orphans
+
+
+async def _run_pause(args: argparse.Namespace) -> dict[str, Any]:
     rig = load_rig()
     started = records.now()
     env: dict[str, Any] = {"machine": records.machine(),
