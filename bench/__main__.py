@@ -4,7 +4,7 @@ Runs the pause benchmark (every mode and backend at every RAM size, beside a pla
 migration; the agent against the hand-made QMP sequence; the phases and the floor), then the
 fleet benchmark (simulated agents, the real operator, API server and etcd; every
 parallelism, then one run with failures). Prints the tables, writes `pause.json`,
-`pause.md`, the PNG plots, `fleet.json` and `fleet.md` into DIR. Run it niced on a machine
+`pause.md`, `fleet.json`, `fleet.md` and the PNG plots into DIR. Run it niced on a machine
 that is otherwise quiet (see docs/benchmarks.md).
 """
 
@@ -198,6 +198,9 @@ def write_fleet_outputs(doc: dict[str, Any], out: Path) -> str:
     text = (f"Measured: {report.machine_line(doc)}\n\n"
             f"## One VMUpdate for the fleet\n\n{fleetcalc.fleet_table(doc['results'])}")
     (out / "fleet.md").write_text(text)
+    load = (doc["environment"].get("machine", {}).get("loadavg") or [0.0])[0]
+    plots.fleet_vs_ideal(doc["results"], out / "fleet-vs-ideal.png",
+                         f"simulated agents, load {load:.1f}, {doc['started'][:10]}")
     return text
 
 
