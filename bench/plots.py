@@ -61,6 +61,24 @@ def agent_vs_handmade(results: list[dict[str, Any]], path: Path, title: str) -> 
     return _save(fig, path)
 
 
+def fleet_vs_ideal(results: list[dict[str, Any]], path: Path, title: str) -> Path:
+    """Rollout time against the ideal, per parallelism (runs without injected failures)."""
+    runs = sorted((r for r in results if not r.get("fail_every")), key=lambda r: r["parallel"])
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    xs = [r["parallel"] for r in runs]
+    ax.plot(xs, [r["total_ms"] / 1000 for r in runs], "o-", label="measured")
+    ax.plot(xs, [r["ideal_ms"] / 1000 for r in runs], "x--", label="ideal")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("maxParallel")
+    ax.set_ylabel("rollout time, s")
+    vms = {r["vms"] for r in runs}
+    ax.set_title(f"{title}; {'/'.join(str(v) for v in sorted(vms))} VMs", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def _save(fig: Any, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()

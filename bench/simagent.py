@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -84,7 +85,7 @@ def make_vms(node: str, count: int, *, binary: str, version: tuple[int, int, int
     major, minor, micro = version
     return [pb.VM(
         qmp_path=f"/run/vmupdate-sim/{node}/vm{i}.sock", pid=10_000 + i, name=f"{node}-vm{i}",
-        uuid=f"00000000-0000-4000-8000-{abs(hash((node, i))) % 10**12:012d}",
+        uuid=str(uuid.uuid5(uuid.NAMESPACE_URL, f"vmupdate-sim:{node}/{i}")),
         argv=[binary, "-name", f"{node}-vm{i}"], root="/", binary=binary,
         version=pb.QemuVersion(major=major, minor=minor, micro=micro),
         cpr_modes=list(MODE_PB.values()), runstate="running", machine_type="pc-q35-10.0",

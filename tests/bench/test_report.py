@@ -187,3 +187,4 @@ def test_fleet_outputs(tmp_path: Path) -> None:
     assert main(["--out", str(tmp_path / "again"), "--from-json",
                  str(tmp_path / "fleet.json")]) == 0
     assert (tmp_path / "again" / "fleet.md").read_text() == text
+    assert (tmp_path / "fleet-vs-ideal.png").read_bytes()[:8] == PNG

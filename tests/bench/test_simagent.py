@@ -107,6 +107,15 @@ async def test_a_client_outside_the_allowlist_is_refused(sim: Running) -> None:
         assert err.value.code == grpc.StatusCode.PERMISSION_DENIED
 
 
+def test_made_up_vms_are_distinct_and_stable() -> None:
+    a = make_vms("n", 50, binary="/b", version=(1, 2, 3))
+    assert len({vm.uuid for vm in a}) == 50 and len({vm.name for vm in a}) == 50
+    assert [vm.uuid for vm in a] == [vm.uuid for vm in make_vms("n", 50, binary="/b",
+                                                                 version=(1, 2, 3))]
+    assert {vm.uuid for vm in a}.isdisjoint(vm.uuid for vm in make_vms("m", 50, binary="/b",
+                                                                        version=(1, 2, 3)))
+
+
 def test_failures_by_name_and_every_nth() -> None:
     f = Failures(names=frozenset({"x"}), every=3)
     assert [f.fails(i, "y") for i in range(6)] == [False, False, True, False, False, True]
