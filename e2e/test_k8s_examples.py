@@ -22,7 +22,7 @@ from e2e.k8s import kube
 from e2e.k8s.nodes import Fleet
 from e2e.k8s.operator_process import OperatorProcess
 from e2e.rig import Rig, TestVM, start_vm
-from vmupdate_agent.procfs import exe as procfs_exe
+from e2e.rig.vm import runs
 
 pytestmark = [pytest.mark.k8s, pytest.mark.qemu]
 
@@ -101,7 +101,7 @@ async def test_the_rollout_examples_do_what_their_comments_say(
         assert (row["phase"], row["mode"], row["fromVersion"], row["toVersion"]) == (
             "Updated", "CprTransfer", rig.trixie.version, rig.sid.version), row
         assert row["pidBefore"] == pids[name] and row["pidAfter"] == vm.pid != pids[name]
-        assert procfs_exe(vm.pid) == rig.sid.binary
+        assert runs(vm.pid, rig.sid)
         assert row["pauseMs"] <= obj["spec"]["strategy"]["pauseBudgetMs"]
         vm.serial.assert_continuous()
     canary = rows["db-01"]  # the first in (host, name) order

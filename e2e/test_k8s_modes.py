@@ -38,9 +38,8 @@ from e2e.k8s import kube
 from e2e.k8s.nodes import Fleet
 from e2e.k8s.operator_process import OperatorProcess
 from e2e.rig import Flavour, Rig, TestVM, start_vm
-from e2e.rig.vm import Backend
+from e2e.rig.vm import Backend, runs
 from vmupdate_agent import workdirs
-from vmupdate_agent.procfs import exe as procfs_exe
 from vmupdate_api.gen import agent_v1_pb2 as pb
 from vmupdate_operator.agent_client import AgentClient, ClientTls
 
@@ -115,7 +114,7 @@ async def test_every_mode_between_different_builds(
         mode_vms.start("node-b", "exec-01", "sid", "memfd"),
         mode_vms.start("node-b", "reboot-01", "trixie-backports", "file"))
     before = {vm.name: vm.pid for vm in (old, ex, rb)}
-    assert procfs_exe(old.pid) == rig.trixie.binary
+    assert runs(old.pid, rig.trixie)
     await kube.wait_for(lambda: mode_vms.listed(kubectl), 60, "the VMHosts to list the VMs")
     mark = time.monotonic_ns()
 
@@ -137,18 +136,18 @@ async def test_every_mode_between_different_builds(
     assert (r["phase"], r["mode"], r["fromVersion"], r["toVersion"]) == (
         "Updated", "CprTransfer", rig.trixie.version, sid.version), r
     assert r["pidBefore"] == before["old-01"] and r["pidAfter"] == old.pid != before["old-01"]
-    assert procfs_exe(old.pid) == sid.binary
+    assert runs(old.pid, sid)
     # cpr-exec between the two 11.1.3 builds: the same process runs the other file.
     r = rows["exec-01"]
     assert (r["phase"], r["mode"], r["fromVersion"], r["toVersion"]) == (
         "Updated", "CprExec", sid.version, rig.trixie_backports.version), r
     assert r["pidBefore"] == r["pidAfter"] == ex.pid == before["exec-01"]
-    assert procfs_exe(ex.pid) == rig.trixie_backports.binary
+    assert runs(ex.pid, rig.trixie_backports)
     # cpr-reboot on file-backed RAM: a new process on the same RAM file.
     r = rows["reboot-01"]
     assert (r["phase"], r["mode"], r["toVersion"]) == ("Updated", "CprReboot", sid.version), r
     assert r["pidBefore"] == before["reboot-01"] and r["pidAfter"] == rb.pid != before["reboot-01"]
-    assert procfs_exe(rb.pid) == sid.binary
+    assert runs(rb.pid, sid)
     assert rb.mem_path is not None and rb.mem_path.exists()
 
     for name, vm in (("old-01", old), ("exec-01", ex), ("reboot-01", rb)):
@@ -181,7 +180,7 @@ async def test_host_qemu_10_0_2_to_trixie_10_0_13(mode_vms: Vms, rig: Rig, fleet
                                                   kubectl: Kubectl) -> None:
     vm = await mode_vms.start("node-a", "host-01", "backports", "memfd")
     before = vm.pid
-    assert procfs_exe(before) == rig.backports.binary
+    assert runs(before, rig.backports)
     await kube.wait_for(lambda: mode_vms.listed(kubectl), 60, "the VMHost to list the VM")
     mark = time.monotonic_ns()
     node = fleet.node("node-a")
@@ -201,6 +200,6 @@ async def test_host_qemu_10_0_2_to_trixie_10_0_13(mode_vms: Vms, rig: Rig, fleet
                                                              rig.trixie.version)
     assert result.pid_before == before and result.pid_after == vm.pid != before
     assert 0 < result.pause_ms < 60000
-    assert procfs_exe(vm.pid) == rig.trixie.binary  # now in the sid root, trixie's build
+    assert runs(vm.pid, rig.trixie)  # now in the sid root, trixie's build
     vm.serial.assert_continuous(since=mark)
     assert await vm.query_status() == "running"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import hashlib
 import os
 import secrets
 import shlex
@@ -28,7 +29,7 @@ from typing import Any, Literal
 
 from qemu.qmp import QMPClient
 
-from .config import Flavour, Rig
+from .config import Flavour, QemuInfo, Rig
 from .serial import SerialMonitor
 
 Backend = Literal["memfd", "file"]
@@ -55,6 +56,24 @@ def proc_state(pid: int) -> tuple[str, int, str] | None:
     comm = data[lp + 1 : rp]
     rest = data[rp + 2 :].split()
     return rest[0], int(rest[1]), comm
+
+
+def running_build(pid: int) -> tuple[str, str]:
+    """The target path a process runs (its binary, or the target a pinned private copy was
+    made from) and the sha256 of the file it really runs: the agent runs a private copy of
+    the target it hashed, so the path alone no longer says which build runs."""
+    from vmupdate_agent import pathpolicy, procfs  # the agent's own reading of both
+
+    digest = hashlib.sha256()
+    with open(f"/proc/{pid}/exe", "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return pathpolicy.origin(procfs.exe(pid)), digest.hexdigest()
+
+
+def runs(pid: int, qemu: QemuInfo) -> bool:
+    """Whether `pid` runs exactly this build of the rig's (its path and its content)."""
+    return running_build(pid) == (qemu.binary, qemu.sha256)
 
 
 def pid_alive(pid: int) -> bool:
