@@ -343,11 +343,16 @@ async def test_agent_killed_mid_update(installed: Installed, rig: Rig) -> None:
         await asyncio.sleep(0.5)
         assert json.loads(record.read_text())["state"] == "running", "ended before the kill"
         # The kubelet restarts the container in the same pod; its agent resolves the operation.
-        await asyncio.to_thread(installed.wait_pods_ready, 180)
-        again = agent_pod(installed)
+
+        def restarted() -> Any:
+            pod = agent_pod(installed)
+            agent = next(c for c in pod["status"]["containerStatuses"] if c["name"] == "agent")
+            return (pod if agent["restartCount"] > status["restartCount"] and agent.get("ready")
+                    else None)
+
+        again = await kube.wait_for(restarted, 180, "the kubelet to restart the agent",
+                                    describe=installed.logs)
         assert again["metadata"]["uid"] == old["metadata"]["uid"]
-        restarted = next(c for c in again["status"]["containerStatuses"] if c["name"] == "agent")
-        assert restarted["restartCount"] == status["restartCount"] + 1
         done = await kube.wait_for(
             lambda: (r := json.loads(record.read_text()))["state"] == "done" and r, 180,
             "the journaled operation to end", describe=installed.logs)
