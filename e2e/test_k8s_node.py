@@ -12,6 +12,11 @@ kube-proxy and kube-scheduler, in a network namespace of its own.
   (cpr-exec: same pid, now the target binary; guest counter continuous, token unchanged, RAM
   checksums good).
 
+Drills: the agent's container killed mid-update; ``helm upgrade`` during a rollout; a cordoned
+node. One module past the usual length on purpose: the node, the release and the drills share
+one node and one installed chart (module-scoped fixtures); split, each module would bring up
+its own.
+
 The node is its own cluster's (a sandbox started here), so its scheduler never runs the other
 tests' Pending pods. The node's host paths are made shared mounts first (see
 ``Node.share_host_path``).
