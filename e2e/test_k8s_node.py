@@ -12,6 +12,11 @@ kube-proxy and kube-scheduler, in a network namespace of its own.
   (cpr-exec: same pid, now the target binary; guest counter continuous, token unchanged, RAM
   checksums good).
 
+Drills: the agent's container killed mid-update; ``helm upgrade`` during a rollout; a cordoned
+node. One module past the usual length on purpose: the node, the release and the drills share
+one node and one installed chart (module-scoped fixtures); split, each module would bring up
+its own.
+
 The node is its own cluster's (a sandbox started here), so its scheduler never runs the other
 tests' Pending pods. The node's host paths are made shared mounts first (see
 ``Node.share_host_path``).
@@ -343,11 +348,16 @@ async def test_agent_killed_mid_update(installed: Installed, rig: Rig) -> None:
         await asyncio.sleep(0.5)
         assert json.loads(record.read_text())["state"] == "running", "ended before the kill"
         # The kubelet restarts the container in the same pod; its agent resolves the operation.
-        await asyncio.to_thread(installed.wait_pods_ready, 180)
-        again = agent_pod(installed)
+
+        def restarted() -> Any:
+            pod = agent_pod(installed)
+            agent = next(c for c in pod["status"]["containerStatuses"] if c["name"] == "agent")
+            return (pod if agent["restartCount"] > status["restartCount"] and agent.get("ready")
+                    else None)
+
+        again = await kube.wait_for(restarted, 180, "the kubelet to restart the agent",
+                                    describe=installed.logs)
         assert again["metadata"]["uid"] == old["metadata"]["uid"]
-        restarted = next(c for c in again["status"]["containerStatuses"] if c["name"] == "agent")
-        assert restarted["restartCount"] == status["restartCount"] + 1
         done = await kube.wait_for(
             lambda: (r := json.loads(record.read_text()))["state"] == "done" and r, 180,
             "the journaled operation to end", describe=installed.logs)
@@ -438,3 +448,59 @@ async def test_helm_upgrade_during_a_rollout(installed: Installed, rig: Rig) -> 
         await asyncio.to_thread(kube.delete_vmupdates, installed.kubectl, 120)
         for vm in vms:
             await vm.stop()
+
+
+async def test_cordoned_node_keeps_its_agent_and_updates(installed: Installed, rig: Rig) -> None:
+    """Cordon means "no new workloads here", not "hands off the running VMs": the agent is
+    node infrastructure (like kube-proxy), so on a cordoned node its DaemonSet pod keeps
+    running, comes back when deleted, and the node's VMs are still updated in place."""
+    assert rig.sid.alt_binary is not None
+    node = installed.node.name
+    vm = await start_vm(rig, "sid", name="cordon-vm",
+                        workdir=installed.vm_dir / f"cordon-vm-{secrets.token_hex(3)}",
+                        wait_ticking=True)
+    installed.kubectl("cordon", node, check=True)
+    try:
+        old = agent_pod(installed)
+        installed.kubectl("-n", NAMESPACE, "delete", "pod", old["metadata"]["name"],
+                          "--wait=false", check=True)
+
+        def replaced() -> Any:
+            pods = get(installed.sandbox, "pods", "-n", NAMESPACE, "-l",
+                       "app.kubernetes.io/component=agent")["items"]
+            return next((p for p in pods if p["metadata"]["uid"] != old["metadata"]["uid"]
+                         and all(c.get("ready") for c in
+                                 p["status"].get("containerStatuses") or [{}])), None)
+
+        new = await kube.wait_for(replaced, 240, "a new agent pod on the cordoned node",
+                                  describe=installed.logs)
+        assert new["spec"]["nodeName"] == node
+        assert get(installed.sandbox, "node", node)["spec"].get("unschedulable") is True
+        await kube.wait_for(
+            lambda: any(v.get("uuid") == vm.uuid for v in
+                        ((kube.get(installed.kubectl, "vmhost", node) or {}).get("status")
+                         or {}).get("vms") or []),
+            90, "the VMHost to list cordon-vm", describe=installed.logs)
+        pid, mark = vm.pid, time.monotonic_ns()
+        manifest = {
+            "apiVersion": "vmupdate.dev/v1alpha1", "kind": "VMUpdate",
+            "metadata": {"name": "cordon-vm"},
+            "spec": {"selector": {"vmNames": ["cordon-vm"]},
+                     "target": {"binary": rig.sid.alt_binary, "version": rig.sid.version},
+                     "mode": "CprExec"}}
+        kube.apply(installed.kubectl, yaml.safe_dump(manifest))
+
+        def ready() -> Any:
+            obj = kube.get(installed.kubectl, "vmupdate", "cordon-vm")
+            return obj if kube.condition(obj, "Ready").get("status") == "True" else None
+
+        obj = await kube.wait_for(ready, 240, "VMUpdate cordon-vm Ready",
+                                  describe=installed.logs)
+        row = kube.rows(obj)["cordon-vm"]
+        assert row["phase"] == "Updated" and row["pidAfter"] == pid == vm.pid, row
+        await vm.serial.wait_ticks(10, after=time.monotonic_ns(), timeout=30)
+        vm.serial.assert_continuous(since=mark)
+    finally:
+        installed.kubectl("uncordon", node)
+        await asyncio.to_thread(kube.delete_vmupdates, installed.kubectl, 120)
+        await vm.stop()
