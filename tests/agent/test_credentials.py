@@ -111,6 +111,19 @@ def test_credentials_parsing() -> None:
     assert "--clear-groups" in hostexec.privilege_words(hostexec.Credentials(1000, 1000))
 
 
+def test_a_vm_cgroup_outside_the_agents_namespace_is_refused(tmp_path: Path) -> None:
+    vm = hostexec.Credentials(0, 0, cgroups=(("0:", "/../../machine.slice/vm1.scope"),))
+    with pytest.raises(hostexec.HostExecError, match="outside the agent's cgroup namespace"):
+        hostexec.cgroup_files(vm, hostexec.Credentials(0, 0, cgroups=(("0:", "/"),)),
+                              str(tmp_path))
+    (tmp_path / "cgroup.controllers").write_text("")
+    (tmp_path / "vm1.scope").mkdir()
+    (tmp_path / "vm1.scope" / "cgroup.procs").write_text("")
+    vm = hostexec.Credentials(0, 0, cgroups=(("0:", "/vm1.scope"),))
+    assert hostexec.cgroup_files(vm, hostexec.Credentials(0, 0, cgroups=(("0:", "/"),)),
+                                 str(tmp_path)) == [str(tmp_path / "vm1.scope" / "cgroup.procs")]
+
+
 async def test_probes_of_a_root_vm_run_as_nobody(rig: Rig, vm_factory: VMFactory,
                                                  runtime_dir: Path, built_guard: Path) -> None:
     """The target's -version and probe read nothing of the VM's: they run as nobody with
