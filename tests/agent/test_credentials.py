@@ -10,10 +10,11 @@ import secrets
 import shlex
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import pytest_asyncio
 
 from e2e.rig import Rig, TestVM
 from e2e.rig.fixtures import VMFactory
@@ -29,18 +30,15 @@ NOBODY, NOGROUP, USERS = 65534, 65534, 100
 CGROUP = Path("/sys/fs/cgroup/pids")
 
 
-@pytest.fixture
-def vm_cgroup() -> Iterator[Path]:
-    """A cgroup of its own for the VM (pids hierarchy), removed at teardown."""
+@pytest_asyncio.fixture
+async def vm_cgroup(vm_factory: VMFactory) -> AsyncIterator[Path]:
+    """A cgroup of its own for the VM (pids hierarchy); at teardown the VMs are stopped
+    first (a cgroup with processes cannot be removed), then it is removed."""
     path = CGROUP / f"vmupdate-test-{secrets.token_hex(3)}"
     path.mkdir()
     yield path
-    for _ in range(100):
-        try:
-            path.rmdir()
-            return
-        except OSError:
-            time.sleep(0.1)
+    await vm_factory.close()
+    path.rmdir()
 
 
 async def start_unprivileged_vm(rig: Rig, factory: VMFactory, cgroup: Path, name: str
