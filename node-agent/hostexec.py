@@ -96,6 +96,11 @@ def cgroup_files(vm: Credentials, mine: Credentials, root: str = CGROUP_ROOT) ->
     for hierarchy, path in vm.cgroups:
         if own.get(hierarchy) == path:
             continue
+        if ".." in path.split("/"):
+            raise HostExecError(
+                f"the VM's cgroup {path} lies outside the agent's cgroup namespace: run the "
+                "agent in the host's cgroup namespace, or the new QEMU would not be placed "
+                "where the VM is")
         controllers = hierarchy.split(":", 1)[1]
         if not controllers:
             if not v2:
@@ -158,6 +163,7 @@ class HostContext:
         start processes there after the VM's own process has exited (cpr-reboot)."""
         creds = credentials_of(pid)
         _check_setpriv(pid, creds)
+        cgroup_files(creds, credentials_of("self"))  # refuses now, while the VM still runs
         root_fd = os.open(f"/proc/{pid}/root", os.O_PATH | os.O_DIRECTORY)
         mnt_fd = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY)
         return PinnedContext(self, pid, root_fd, mnt_fd, creds)

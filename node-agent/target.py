@@ -207,7 +207,9 @@ async def binary_facts(vm: VMInfo, path: str, *, want_sha256: bool, ctx: hostexe
         executable_here = executable
     if executable_here:
         try:
-            done = await hostexec.run(ctx.wrap(vm.pid, [runs, "-version"]), timeout=timeout)
+            done = await hostexec.run(
+                ctx.wrap(vm.pid, [runs, "-version"], probe_credentials(vm.pid)),
+                timeout=timeout)
             version_out = (done.stdout + done.stderr).strip()
             version = parse_version_output(done.stdout)
             if done.returncode != 0:
@@ -230,8 +232,9 @@ def _sha256(path: Path) -> str:
 
 
 async def _start_and_connect(vm: VMInfo, argv: list[str], sock: str, ctx: hostexec.HostContext,
-                             timeout: float) -> tuple[hostexec.Spawned, QmpSession | None, str]:
-    proc = await hostexec.spawn(ctx.wrap(vm.pid, argv))
+                             timeout: float, creds: hostexec.Credentials
+                             ) -> tuple[hostexec.Spawned, QmpSession | None, str]:
+    proc = await hostexec.spawn(ctx.wrap(vm.pid, argv, creds))
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
         if proc.exited:
@@ -256,11 +259,23 @@ async def _finish(proc: hostexec.Spawned, session: QmpSession | None) -> None:
     await proc.stop()
 
 
-def _vm_private_dir(runtime_dir: str, kind: str, vm_pid: int) -> str:
-    """A fresh folder for a probe's sockets that the VM's user (who runs the probe) owns."""
+NOBODY = 65534
+
+
+def probe_credentials(vm_pid: int) -> hostexec.Credentials:
+    """Who runs the target's `-version` and its probe: the VM's user, or nobody (with
+    no_new_privs) when the VM runs as root — they read nothing of the VM's. The dry run
+    runs as the VM itself (it opens the VM's disks and files as the new QEMU will)."""
+    creds = hostexec.credentials_of(vm_pid)
+    if creds.uid != 0:
+        return creds
+    return hostexec.Credentials(NOBODY, NOBODY, (), True, creds.cgroups)
+
+
+def _private_dir(runtime_dir: str, kind: str, creds: hostexec.Credentials) -> str:
+    """A fresh folder for a probe's sockets, owned by whoever runs the probe."""
     d = os.path.join(runtime_dir, f"{kind}-{secrets.token_hex(4)}")
     os.mkdir(d, 0o700)
-    creds = hostexec.credentials_of(vm_pid)
     if not creds.privileged:
         os.chown(d, creds.uid, creds.gid)
     return d
@@ -268,11 +283,12 @@ def _vm_private_dir(runtime_dir: str, kind: str, vm_pid: int) -> str:
 
 async def probe(vm: VMInfo, path: str, *, runtime_dir: str, ctx: hostexec.HostContext,
                 timeout: float = 20.0) -> ProbeFacts:
-    folder = _vm_private_dir(runtime_dir, "probe", vm.pid)
+    creds = probe_credentials(vm.pid)
+    folder = _private_dir(runtime_dir, "probe", creds)
     sock = os.path.join(folder, "qmp.sock")
     argv = [path, "-machine", "none", "-nodefaults", "-display", "none", "-S",
             "-qmp", f"unix:{sock},server=on,wait=off"]
-    proc, session, err = await _start_and_connect(vm, argv, sock, ctx, timeout)
+    proc, session, err = await _start_and_connect(vm, argv, sock, ctx, timeout, creds)
     try:
         if session is None:
             return ProbeFacts(ok=False, error=f"`{path}` did not start as QEMU: {err}")
@@ -299,10 +315,11 @@ async def probe(vm: VMInfo, path: str, *, runtime_dir: str, ctx: hostexec.HostCo
 async def dry_run(vm: VMInfo, new_argv: qargv.QemuArgv, *, runtime_dir: str,
                   ctx: hostexec.HostContext, timeout: float = 30.0) -> DryRunFacts:
     probe_id = secrets.token_hex(4)
-    folder = _vm_private_dir(runtime_dir, "dry-run", vm.pid)
+    creds = hostexec.credentials_of(vm.pid)
+    folder = _private_dir(runtime_dir, "dry-run", creds)
     sock = os.path.join(folder, "qmp.sock")
     argv = qargv.dry_run_argv(new_argv, sock, probe_id).render()
-    proc, session, err = await _start_and_connect(vm, argv, sock, ctx, timeout)
+    proc, session, err = await _start_and_connect(vm, argv, sock, ctx, timeout, creds)
     try:
         if session is None:
             return DryRunFacts(ok=False, error=err, argv=tuple(argv))

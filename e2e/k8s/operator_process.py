@@ -32,6 +32,9 @@ class OperatorProcess:
                 "--agent-ca-file", str(self.pki.ca_cert),
                 "--agent-cert-file", str(self.pki.operator.cert),
                 "--agent-key-file", str(self.pki.operator.key),
+                # Each agent serves a certificate for its node (e2e/k8s/pki.py): the operator
+                # checks the agent it reached is the node it meant.
+                "--agent-server-name", "{node}",
                 "--metrics-port", str(self.metrics_port), "--metrics-address", "127.0.0.1",
                 "--peering-lifetime", str(PEERING_LIFETIME_S),
                 "--host-stale-after", str(HOST_STALE_AFTER_S),

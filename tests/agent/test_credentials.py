@@ -10,10 +10,11 @@ import secrets
 import shlex
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import pytest_asyncio
 
 from e2e.rig import Rig, TestVM
 from e2e.rig.fixtures import VMFactory
@@ -29,18 +30,15 @@ NOBODY, NOGROUP, USERS = 65534, 65534, 100
 CGROUP = Path("/sys/fs/cgroup/pids")
 
 
-@pytest.fixture
-def vm_cgroup() -> Iterator[Path]:
-    """A cgroup of its own for the VM (pids hierarchy), removed at teardown."""
+@pytest_asyncio.fixture
+async def vm_cgroup(vm_factory: VMFactory) -> AsyncIterator[Path]:
+    """A cgroup of its own for the VM (pids hierarchy); at teardown the VMs are stopped
+    first (a cgroup with processes cannot be removed), then it is removed."""
     path = CGROUP / f"vmupdate-test-{secrets.token_hex(3)}"
     path.mkdir()
     yield path
-    for _ in range(100):
-        try:
-            path.rmdir()
-            return
-        except OSError:
-            time.sleep(0.1)
+    await vm_factory.close()
+    path.rmdir()
 
 
 async def start_unprivileged_vm(rig: Rig, factory: VMFactory, cgroup: Path, name: str
@@ -109,3 +107,44 @@ def test_credentials_parsing() -> None:
     assert hostexec.privilege_words(hostexec.Credentials(0, 0, (0, 1))) == []
     assert hostexec.privilege_words(hostexec.Credentials(0, 0, (), True))[-2:] == ["--nnp", "--"]
     assert "--clear-groups" in hostexec.privilege_words(hostexec.Credentials(1000, 1000))
+
+
+def test_a_vm_cgroup_outside_the_agents_namespace_is_refused(tmp_path: Path) -> None:
+    vm = hostexec.Credentials(0, 0, cgroups=(("0:", "/../../machine.slice/vm1.scope"),))
+    with pytest.raises(hostexec.HostExecError, match="outside the agent's cgroup namespace"):
+        hostexec.cgroup_files(vm, hostexec.Credentials(0, 0, cgroups=(("0:", "/"),)),
+                              str(tmp_path))
+    (tmp_path / "cgroup.controllers").write_text("")
+    (tmp_path / "vm1.scope").mkdir()
+    (tmp_path / "vm1.scope" / "cgroup.procs").write_text("")
+    vm = hostexec.Credentials(0, 0, cgroups=(("0:", "/vm1.scope"),))
+    assert hostexec.cgroup_files(vm, hostexec.Credentials(0, 0, cgroups=(("0:", "/"),)),
+                                 str(tmp_path)) == [str(tmp_path / "vm1.scope" / "cgroup.procs")]
+
+
+async def test_probes_of_a_root_vm_run_as_nobody(rig: Rig, vm_factory: VMFactory,
+                                                 runtime_dir: Path, built_guard: Path) -> None:
+    """The target's -version and probe read nothing of the VM's: they run as nobody with
+    no_new_privs. The dry run opens what the new QEMU will open, so it runs as the VM ran."""
+    vm = await vm_factory("sid", name="probed")
+    await vm.wait_ticking(90)
+    bin_dir = runtime_dir / "opt-qemu"
+    bin_dir.mkdir(mode=0o755)
+    seen = runtime_dir / "seen"
+    seen.mkdir()
+    seen.chmod(0o777)  # the probes write here as nobody
+    script = bin_dir / "qemu-system-x86_64"
+    script.write_text(f'#!/bin/sh\necho "$(id -u) $(grep NoNewPrivs /proc/self/status | '
+                      f'cut -f2) $1 $2" >> {seen}/calls\nexec {rig.qemu("sid").wrapper} "$@"\n')
+    script.chmod(0o755)
+    agent = make_engine(rig, runtime_dir, built_guard, allowed=(str(bin_dir),))
+    report = await agent.preflight(str(vm.qmp_path), Target(binary=str(script)),
+                                   RequestedMode.CPR_EXEC)
+    assert report.passed, [c for c in report.checks if not c.passed]
+    calls = [line.split(" ", 2) for line in (seen / "calls").read_text().splitlines()]
+    probes = {args.strip(): (uid, nnp) for uid, nnp, args in calls
+              if args.strip() in ("-version", "-machine none")}
+    assert probes == {"-version": ("65534", "1"), "-machine none": ("65534", "1")}, calls
+    dry = [c for c in calls if c[2].strip() not in probes]
+    assert [(uid, nnp) for uid, nnp, _ in dry] == [("0", "0")], calls
+    vm.serial.assert_continuous()
