@@ -347,6 +347,7 @@ _ROLLBACK_REASONS = {
     "new-exited": "the new QEMU exited before the commit",
     "abort": "the update was aborted before the commit",
     "exec-new-failed": "the new QEMU could not be exec'd",
+    "agent-gone": "the agent died before the commit",
 }
 
 
