@@ -9,17 +9,16 @@ import pytest
 
 from vmupdate_agent import guard
 from vmupdate_agent.models import CprMode, Outcome, Phase, ProgressEvent, RequestedMode
-from vmupdate_agent.service import (
+from vmupdate_agent.recovery import (
     Action,
     Expected,
     QemuFacts,
     RecoveryFacts,
     decide_recovery,
     infer_mode,
-    outside_allowed,
     pause_bounds,
-    resolve_in_root,
 )
+from vmupdate_agent.service import outside_allowed, resolve_in_root
 from vmupdate_agent.tls import identity_allowed, peer_identities
 from vmupdate_operator.agent_client import RetryPolicy, pick_api_version
 
