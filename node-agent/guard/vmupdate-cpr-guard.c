@@ -771,6 +771,8 @@ static void after_commit(char *acc, size_t *acc_n, size_t cap)
     if (agent_fd < 0 || !opt_qmp)
         _exit(0);
     int64_t end = now_ns(CLOCK_MONOTONIC) + (int64_t)(opt_timeout * 1e9);
+    *acc_n = 0; /* read_fifo returned on the commit line, leaving it in the buffer */
+    acc[0] = 0;
     for (;;) {
         struct pollfd pf[2] = {{.fd = fifo_rd, .events = POLLIN},
                                {.fd = agent_fd, .events = POLLIN}};

@@ -563,3 +563,114 @@ def test_keeper_exits_when_told_done(guard: Path, tmp_path: Path) -> None:
         keeper.wait()
         old.kill()
         old.wait()
+
+
+class FakeQmp:
+    """A QMP monitor that answers like a paused QEMU after a load, and records commands."""
+
+    def __init__(self, path: Path, runstate: str = "paused") -> None:
+        import socket
+        import threading
+
+        self.path, self.runstate = path, runstate
+        self.commands: list[str] = []
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(str(path))
+        self.sock.listen(4)
+        self.sock.settimeout(0.2)
+        self.stopped = False
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.stopped:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            with conn, conn.makefile("rw") as f:
+                f.write('{"QMP": {"version": {}, "capabilities": []}}\r\n')
+                f.flush()
+                for line in f:
+                    cmd = json.loads(line)["execute"]
+                    self.commands.append(cmd)
+                    answer: dict[str, Any] = {}
+                    if cmd == "query-status":
+                        answer = {"status": self.runstate, "running": False}
+                    elif cmd == "query-migrate":
+                        answer = {"status": "completed"}
+                    elif cmd == "cont":
+                        self.runstate = "running"
+                        f.write('{"timestamp": {"seconds": 1, "microseconds": 2}, '
+                                '"event": "RESUME"}\r\n')
+                    f.write(json.dumps({"return": answer}) + "\r\n")
+                    f.flush()
+
+    def close(self) -> None:
+        self.stopped = True
+        self.thread.join(5)
+        self.sock.close()
+
+
+def test_agent_dies_after_the_commit_the_watcher_resumes_the_guest(guard: Path,
+                                                                   tmp_path: Path) -> None:
+    agent = subprocess.Popen(["sleep", "3600"])
+    qmp = FakeQmp(tmp_path / "qmp.sock")
+    cmd = guardmod.guard_command(guard, status=tmp_path / "status.json",
+                                 commit=tmp_path / "commit.fifo",
+                                 old_argv=standin(tmp_path, "old", "exit7"),
+                                 new_argv=standin(tmp_path, "new", "sleep"), commit_timeout=30,
+                                 log=tmp_path / "guard.log",
+                                 agent=(agent.pid, procfs.start_time(agent.pid)),
+                                 qmp=str(tmp_path / "qmp.sock"))
+
+    def die_after_the_commit(r: Run) -> None:  # the harness commits
+        guardmod.wait_status(tmp_path / "status.json", frozenset({"committed"}), timeout=10)
+        agent.kill()
+        agent.wait()
+
+    try:
+        r = run(guard, tmp_path, cmd=cmd, during=die_after_the_commit, action="commit",
+                timeout=30)
+    finally:
+        agent.kill()
+        agent.wait()
+        qmp.close()
+    st = r.status
+    assert st is not None and st["phase"] == "committed", st
+    assert st["reason"] == "resumed-by-watcher" and st["t_resumed_ns"] >= st["t_agent_gone_ns"]
+    assert qmp.commands[-1] == "cont" and qmp.runstate == "running"
+    assert r.old == []  # committed: never rolled back
+    assert not r.fifo.exists()
+
+
+def test_after_the_commit_resumed_lets_the_watcher_go(guard: Path, tmp_path: Path) -> None:
+    agent = subprocess.Popen(["sleep", "3600"])
+    qmp = FakeQmp(tmp_path / "qmp.sock")
+    cmd = guardmod.guard_command(guard, status=tmp_path / "status.json",
+                                 commit=tmp_path / "commit.fifo",
+                                 old_argv=standin(tmp_path, "old", "exit7"),
+                                 new_argv=standin(tmp_path, "new", "sleep"), commit_timeout=30,
+                                 agent=(agent.pid, procfs.start_time(agent.pid)),
+                                 qmp=str(tmp_path / "qmp.sock"))
+
+    def resumed_after_the_commit(r: Run) -> None:  # the harness commits
+        guardmod.wait_status(tmp_path / "status.json", frozenset({"committed"}), timeout=10)
+        guardmod.send(tmp_path / "commit.fifo", "resumed")
+        deadline = time.monotonic() + 10
+        while (tmp_path / "commit.fifo").exists():  # the watcher unlinks it as it leaves
+            assert time.monotonic() < deadline, "the watcher stayed"
+            time.sleep(0.005)
+        agent.kill()
+        agent.wait()
+
+    try:
+        r = run(guard, tmp_path, cmd=cmd, during=resumed_after_the_commit, action="commit",
+                timeout=30)
+    finally:
+        agent.kill()
+        agent.wait()
+        qmp.close()
+    st = r.status
+    assert st is not None and st["phase"] == "committed" and st["reason"] == "commit", st
+    assert qmp.commands == []  # the agent resumed the guest; the watcher touched nothing
