@@ -175,19 +175,32 @@ def blockers_by_mode(raw: RawFacts) -> dict[str, list[str]]:
     return dict(raw.get("blockers", {}))
 
 
+# A device section of a -readconfig file: [device "ID"].
+_CONFIG_DEVICE = re.compile(r'^\s*\[\s*device\s+"([^"]+)"\s*\]', re.MULTILINE)
+
+
+def readconfig_device_ids(text: str) -> list[str]:
+    """The ids of the devices a -readconfig file declares (its `[device "ID"]` sections)."""
+    return _CONFIG_DEVICE.findall(text)
+
+
+def _declared_ids(raw: RawFacts) -> set[str]:
+    """Device ids the command line declares, those in its -readconfig files included (the
+    new QEMU reads the same files)."""
+    argv = qargv.parse(raw["argv"])
+    return set(qargv.declared(argv).device_ids) | set(raw.get("readconfig-device-ids", []))
+
+
 def hotplugged_devices(raw: RawFacts) -> list[str]:
     """Devices QEMU has that its argv does not declare: the new QEMU would not create them."""
-    argv = qargv.parse(raw["argv"])
-    declared_ids = set(qargv.declared(argv).device_ids)
-    return sorted(set(raw.get("peripherals", [])) - declared_ids)
+    return sorted(set(raw.get("peripherals", [])) - _declared_ids(raw))
 
 
 def unplugged_devices(raw: RawFacts) -> list[str]:
     """Devices the argv declares that QEMU no longer has: the new QEMU would create them."""
     if "peripherals" not in raw:
         return []
-    argv = qargv.parse(raw["argv"])
-    return sorted(set(qargv.declared(argv).device_ids) - set(raw["peripherals"]))
+    return sorted(_declared_ids(raw) - set(raw["peripherals"]))
 
 
 # --- I/O: asking QEMU -----------------------------------------------------------------------
@@ -237,7 +250,20 @@ async def gather_raw(session: QmpSession) -> RawFacts:
     raw["peripherals"] = sorted(p["name"] for p in peri
                                 if str(p.get("type", "")).startswith("child<"))
     raw["tun-fds"] = procfs.tun_fds(pid)
+    raw["readconfig-device-ids"] = await asyncio.to_thread(_read_configs, pid, raw["argv"])
     return raw
+
+
+def _read_configs(pid: int, argv: Sequence[str]) -> list[str]:
+    ids: list[str] = []
+    for path in qargv.parse(argv).values("readconfig"):
+        # As QEMU sees it (its root); relative paths are from its working directory.
+        where = path if path.startswith("/") else os.path.join(f"/proc/{pid}/cwd", path)
+        target = procfs.in_root(pid, where) if path.startswith("/") else where
+        with contextlib.suppress(OSError, UnicodeDecodeError), \
+                open(target, encoding="utf-8") as f:
+            ids += readconfig_device_ids(f.read(1 << 20))
+    return ids
 
 
 async def _blockers(session: QmpSession, modes: list[str],

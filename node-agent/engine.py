@@ -210,7 +210,8 @@ class Engine:
         workdir = workdirs.workdir(s.runtime_dir, op_id)
         os.makedirs(workdir, exist_ok=True)
         hostexec.give_to_vm(workdir, vm.pid)  # the VM's QEMUs write and listen there
-        guard = s.guard_path if (use_guard and mode == CprMode.CPR_EXEC) else None
+        # cpr-exec's guard; for cpr-transfer and cpr-reboot the same binary is the keeper.
+        guard = s.guard_path if use_guard else None
         op = Operation(op_id=op_id, vm=vm, target=run, mode=mode, session=session,
                        workdir=workdir, host=s.host, timeouts=s.timeouts, guard_path=guard,
                        progress=progress)

@@ -146,17 +146,18 @@ def keeper_command(
     agent: tuple[int, int],
     old: tuple[int, int],
     vm_qmp: str,
-    new_qmp: str,
+    workdir: str,
     state: str | None = None,
     log: str | os.PathLike[str] | None = None,
 ) -> list[str]:
     """The guard as the keeper of a cpr-transfer or cpr-reboot (README.md): started in the
     VM's host context before the guest stops; if the agent dies before it says ``done``,
     the keeper brings the guest back on its own. ``old``: the old QEMU's (pid, start time);
+    ``workdir``: the operation's folder, where the new QEMU listens on ``qmp.sock``;
     ``state``: cpr-reboot's saved state file."""
     cmd = [os.fspath(guard), "--keep", "--status", os.fspath(status), "--commit",
            os.fspath(fifo), *_agent_options(agent), "--old-pid", str(old[0]),
-           "--old-start", str(old[1]), "--vm-qmp", vm_qmp, "--new-qmp", new_qmp]
+           "--old-start", str(old[1]), "--vm-qmp", vm_qmp, "--workdir", workdir]
     if state is not None:
         cmd += ["--state", state]
     if log is not None:

@@ -771,6 +771,8 @@ static void after_commit(char *acc, size_t *acc_n, size_t cap)
     if (agent_fd < 0 || !opt_qmp)
         _exit(0);
     int64_t end = now_ns(CLOCK_MONOTONIC) + (int64_t)(opt_timeout * 1e9);
+    *acc_n = 0; /* read_fifo returned on the commit line, leaving it in the buffer */
+    acc[0] = 0;
     for (;;) {
         struct pollfd pf[2] = {{.fd = fifo_rd, .events = POLLIN},
                                {.fd = agent_fd, .events = POLLIN}};
@@ -1045,7 +1047,7 @@ static int keeper_main(const char *bad)
     signal(SIGHUP, SIG_IGN);
     if (!*bad && (!opt_status || !opt_commit || !opt_vm_qmp || !opt_new_qmp ||
                   !opt_agent_pid || !opt_old_pid))
-        bad = "--keep needs --status, --commit, --vm-qmp, --new-qmp, --agent-pid, --old-pid";
+        bad = "--keep needs --status, --commit, --vm-qmp, --workdir, --agent-pid, --old-pid";
     if (*bad) {
         set_error("bad arguments: %s", bad);
         return 2;
@@ -1220,15 +1222,20 @@ int main(int argc, char **argv)
                 opt_agent_start = v;
             else
                 opt_old_start = v;
-        } else if (OPT("--qmp") || OPT("--vm-qmp") || OPT("--new-qmp") || OPT("--state")) {
+        } else if (OPT("--qmp") || OPT("--vm-qmp") || OPT("--workdir") || OPT("--state")) {
             if (val[0] != '/')
                 snprintf(bad, sizeof(bad), "%.*s must be an absolute path", (int)klen, a);
             else if (OPT("--qmp"))
                 opt_qmp = val;
             else if (OPT("--vm-qmp"))
                 opt_vm_qmp = val;
-            else if (OPT("--new-qmp"))
-                opt_new_qmp = val;
+            else if (OPT("--workdir")) {
+                /* The new QEMU's own QMP socket is <workdir>/qmp.sock. Not given whole, so
+                 * that the keeper is not taken for the new QEMU by its command line. */
+                static char newq[PATH_MAX];
+                if (snprintf(newq, sizeof(newq), "%s/qmp.sock", val) < (int)sizeof(newq))
+                    opt_new_qmp = newq;
+            }
             else
                 opt_state = val;
         } else if (OPT("--act-timeout")) {

@@ -316,12 +316,12 @@ def agent_identity() -> tuple[int, int]:
 
 
 @contextlib.asynccontextmanager
-async def kept(op: Operation, new_qmp: str, *, state: str | None = None
-               ) -> AsyncIterator[None]:
+async def kept(op: Operation, *, state: str | None = None) -> AsyncIterator[None]:
     """Run a cpr-transfer or cpr-reboot under a keeper: the guard binary started in the VM's
     host context (as the new QEMU is), which brings the guest back if this agent dies
     before the operation is over, and exits when told `done`. Entered before the guest is
-    stopped; a keeper that does not start aborts the update (nothing was touched yet)."""
+    stopped; a keeper that does not start aborts the update (nothing was touched yet). The
+    new QEMU must listen on the work folder's `qmp.sock` until the handover."""
     if op.guard_path is None:
         yield
         return
@@ -329,7 +329,7 @@ async def kept(op: Operation, new_qmp: str, *, state: str | None = None
     cmd = cpr_guard.keeper_command(
         op.guard_path, status=status, fifo=fifo, agent=agent_identity(),
         old=(op.vm.pid, procfs.start_time(op.vm.pid)), vm_qmp=op.vm.qmp_path,
-        new_qmp=new_qmp, state=state, log=op.path("keeper.log"))
+        workdir=op.workdir, state=state, log=op.path("keeper.log"))
     try:
         await hostexec.spawn_detached(op.host, op.vm.pid, cmd, log_path=op.path("keeper.log"))
         await poll_until(lambda: _keeper_phase(status), timeout=op.timeouts.command,

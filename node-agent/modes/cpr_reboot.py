@@ -40,7 +40,7 @@ STATE_FILE = "state"
 
 
 async def run(op: Operation) -> ModeResult:
-    async with kept(op, op.path("qmp.sock"), state=op.path(STATE_FILE)):
+    async with kept(op, state=op.path(STATE_FILE)):
         return await _run(op)
 
 

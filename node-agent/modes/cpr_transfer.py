@@ -52,7 +52,7 @@ def new_command(op: Operation) -> tuple[list[str], str, str, str]:
 
 
 async def run(op: Operation) -> ModeResult:
-    async with kept(op, op.path("qmp.sock")):
+    async with kept(op):
         return await _run(op)
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from tests.agent_service.pki import Issued, Pki
+from vmupdate_agent import workdirs
 from vmupdate_operator.agent_client import AgentClient, ClientTls
 
 
@@ -240,6 +241,11 @@ class CuttableProxy:
 def journal_files(agent: AgentProcess) -> list[str]:
     d = agent.state_dir / "operations"
     return sorted(p.name for p in d.iterdir()) if d.is_dir() else []
+
+
+def op_workdir(agent: AgentProcess, op_id: str) -> Path:
+    """Where the agent keeps an operation's files (a short folder named after its id)."""
+    return Path(workdirs.workdir(str(agent.runtime_dir), op_id))
 
 
 def op_workdirs(agent: AgentProcess) -> list[str]:

@@ -19,6 +19,7 @@ import time
 import pytest
 
 from tests.agent_service.conftest import QemuEnv
+from tests.agent_service.harness import AgentProcess, op_workdir
 from tests.agent_service.test_restart import frozen_at
 from tests.agent_service.test_update import check_stream
 from vmupdate_api.gen import agent_v1_pb2 as pb
@@ -47,6 +48,12 @@ ROWS = [
 ]
 
 
+def workdir_notes(agent: AgentProcess) -> str:
+    workdir = op_workdir(agent, "op-death")
+    return "\n".join(f"--- {f.name}\n{f.read_text(errors='replace')[-1500:]}"
+                     for f in sorted(workdir.glob("*")) if f.suffix in (".log", ".status"))
+
+
 def row_id(row: tuple[int, int, set[int]]) -> str:
     mode, phase, _ = row
     return (f"{pb.Mode.Name(mode).removeprefix('MODE_').lower()}-at-"
@@ -67,7 +74,10 @@ async def test_guest_runs_again_when_the_agent_dies(qemu_env: QemuEnv,
     await agent.kill()
 
     # No agent now. The guest must tick again within the bound.
-    first = await vm.serial.wait_ticks(1, after=killed, timeout=30)
+    try:
+        first = await vm.serial.wait_ticks(1, after=killed, timeout=30)
+    except TimeoutError as exc:
+        raise AssertionError(f"the guest stays stopped: {workdir_notes(agent)}") from exc
     back_ms = (first.t_ns - killed) / 1e6
     await vm.serial.wait_ticks(20, after=first.t_ns, timeout=30)
     blackout = vm.serial.max_gap_ms(since=mark)

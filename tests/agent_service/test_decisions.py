@@ -9,17 +9,17 @@ import pytest
 
 from vmupdate_agent import guard
 from vmupdate_agent.authz import identity_allowed, peer_identities
-from vmupdate_agent.models import CprMode, Outcome, RequestedMode
-from vmupdate_agent.service import (
+from vmupdate_agent.models import CprMode, Outcome, Phase, ProgressEvent, RequestedMode
+from vmupdate_agent.recovery import (
     Action,
     Expected,
     QemuFacts,
     RecoveryFacts,
     decide_recovery,
     infer_mode,
-    outside_allowed,
-    resolve_in_root,
+    pause_bounds,
 )
+from vmupdate_agent.service import outside_allowed, resolve_in_root
 from vmupdate_operator.agent_client import RetryPolicy, pick_api_version
 
 # --- allowed directories ----------------------------------------------------------------
@@ -203,3 +203,34 @@ def test_a_lost_reboot_says_how_to_bring_the_vm_back() -> None:
     timed_out = decide_recovery(RecoveryFacts(mode=REBOOT, old_alive=False, saved_state=STATE,
                                               transfer_target_pids=(300,)), BEFORE, final=True)
     assert timed_out.outcome == Outcome.LOST and "never answered" in timed_out.message
+
+
+def test_a_restarted_agent_waits_while_the_keeper_acts() -> None:
+    acting = RecoveryFacts(keeper_acting=True, vm=qemu("postmigrate", "completed"))
+    assert decide_recovery(acting, BEFORE).action == Action.WAIT
+    # Time up: the keeper is not waited for any more; the ordinary rules apply.
+    assert decide_recovery(acting, BEFORE, final=True).action == Action.CONT
+
+
+def _event(phase: Phase, t: int, stopped: int | None = None) -> ProgressEvent:
+    return ProgressEvent(phase=phase, time_ns=t, message="m", guest_stopped_ns=stopped)
+
+
+def test_pause_bounds_of_an_interrupted_operation() -> None:
+    stopping = _event(Phase.STOPPING, 100)
+    execed = _event(Phase.EXECED, 200, stopped=150)
+    # Nothing journaled the STOP and no guard started: no pause is claimed.
+    assert pause_bounds([stopping], RecoveryFacts(resumed_ns=900), [950]) == (None, None)
+    # The guard's start bounds the STOP when the agent died before journaling it.
+    assert pause_bounds([stopping], RecoveryFacts(guard_started_ns=160, resumed_ns=400),
+                        []) == (160, 400)
+    # The journaled STOP wins; then the agent's own RESUMED, the watcher's or keeper's resume,
+    # then the recovery's own cont.
+    resumed = _event(Phase.RESUMED, 300, stopped=150)
+    assert pause_bounds([stopping, execed, resumed], RecoveryFacts(resumed_ns=500), [600]
+                        ) == (150, 300)
+    assert pause_bounds([stopping, execed], RecoveryFacts(resumed_ns=500), [600]) == (150, 500)
+    assert pause_bounds([stopping, execed], RecoveryFacts(), [600]) == (150, 600)
+    assert pause_bounds([stopping, execed], RecoveryFacts(), []) == (150, None)
+    # A resume from before the STOP is not this pause's end.
+    assert pause_bounds([stopping, execed], RecoveryFacts(resumed_ns=120), []) == (150, None)

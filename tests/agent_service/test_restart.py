@@ -17,9 +17,9 @@ import pytest
 from e2e.rig import TestVM
 from e2e.rig.vm import launch_detached, qmp_peer_pid, wait_gone
 from tests.agent_service.conftest import QemuEnv
-from tests.agent_service.harness import AgentProcess
+from tests.agent_service.harness import AgentProcess, op_workdir
 from tests.agent_service.test_update import check_stream, phases, update_request
-from vmupdate_agent import guard, procfs, workdirs
+from vmupdate_agent import guard, procfs
 from vmupdate_agent.modes.common import pids_with_arg
 from vmupdate_agent.qmp import QmpError, QmpSession
 from vmupdate_api.gen import agent_v1_pb2 as pb
@@ -60,74 +60,42 @@ async def frozen_at(env: QemuEnv, agent: AgentProcess, op_id: str, vm_name: str,
     return waiting, seen
 
 
-async def freeze_then_kill(env: QemuEnv, agent: AgentProcess, op_id: str, vm_name: str,
-                           **request_fields: Any
-                           ) -> tuple[asyncio.Task[pb.UpdateResult], list[pb.OperationEvent]]:
-    """Freeze the agent as soon as it reports STOPPING (the migrate command is already on
-    its way to QEMU), wait until the guard has exec'd the new QEMU, then SIGKILL the agent.
-    QEMU and the guard carry on without it."""
-    waiting, seen = await frozen_at(env, agent, op_id, vm_name, pb.PHASE_STOPPING,
-                                    **request_fields)
-    await guard_phase(Path(workdirs.workdir(str(agent.runtime_dir), op_id)) / "guard.status",
-                      {guard.PHASE_WATCHING}, 30)
-    os.kill(agent.pid, signal.SIGKILL)
-    await agent.kill()
-    return waiting, seen
+async def kill_keeper(agent: AgentProcess, op_id: str) -> None:
+    """SIGKILL the operation's keeper (cpr-transfer, cpr-reboot), as a host that lost it
+    would: then only a restarted agent can resolve the operation."""
+    status = guard.read_status(op_workdir(agent, op_id) / "keeper.status")
+    assert status is not None and status["phase"] == guard.KEEPER_WATCHING, status
+    os.kill(status["keeper_pid"], signal.SIGKILL)
+    # A zombie until the agent (its subreaper, frozen now) reaps it.
+    deadline = time.monotonic() + 30
+    while procfs.alive(status["keeper_pid"]):
+        assert time.monotonic() < deadline, "the keeper did not die"
+        await asyncio.sleep(0.01)
 
 
-async def test_killed_agent_commits_the_update_after_restart(qemu_env: QemuEnv) -> None:
-    vm = await qemu_env.vm("crash")
-    pid = vm.pid
-    mark = time.monotonic_ns()
-    agent = await qemu_env.agent()
-    waiting, seen = await freeze_then_kill(qemu_env, agent, "op-crash", "crash")
-    # The new QEMU loaded the state and waits paused for a commit nobody sends.
-    assert await vm.query_status() == "paused"
-    assert not waiting.done()  # the client keeps trying to reattach
-
-    await agent.start()  # the same host, the same configuration
-    result = await asyncio.wait_for(waiting, 300)
-    assert result.outcome == pb.OUTCOME_UPDATED, result.message
-    assert result.pid_before == result.pid_after == pid
-    assert result.mode == pb.MODE_CPR_EXEC
-    check_stream(seen, "op-crash")  # every event once, the numbering unbroken by the restart
-    assert pb.PHASE_STOPPING in phases(seen) and phases(seen)[-2:] == [pb.PHASE_RESUMED,
-                                                                       pb.PHASE_FINISHED]
-    client = await agent.client()
-    op = await client.get_operation("op-crash")
-    assert op.state == pb.OPERATION_STATE_DONE and op.resolved_after_restart
-    assert op.result == result
-    status = guard.read_status(
-        Path(workdirs.workdir(str(agent.runtime_dir), "op-crash")) / "guard.status")
-    assert status is not None and status["phase"] == guard.PHASE_COMMITTED
-
-    assert await vm.query_status() == "running" and vm.pid == pid
-    await vm.serial.wait_ticks(20, after=time.monotonic_ns(), timeout=30)
-    vm.serial.assert_continuous(since=mark)
-    # Asking again returns the recorded operation.
-    again = await client.update(update_request(qemu_env, "op-crash", "crash"), timeout=60)
-    assert again == result
-
-
-async def test_killed_agent_records_the_guards_rollback(qemu_env: QemuEnv) -> None:
+async def test_hung_agent_gets_the_guards_rollback_recorded(qemu_env: QemuEnv) -> None:
+    """The agent hangs (alive, so its watcher waits) after the exec: no commit comes, the
+    guard rolls back after its timeout; the agent killed and restarted records that."""
     vm = await qemu_env.vm("rollback")
     pid = vm.pid
     mark = time.monotonic_ns()
     agent = await qemu_env.agent()
     timeouts = pb.Timeouts(guard_commit_seconds=2)
-    waiting, seen = await freeze_then_kill(qemu_env, agent, "op-rb", "rollback",
-                                           timeouts=timeouts)
-    # No commit comes: the guard rolls back to the old QEMU on the preserved state.
-    rb_dir = Path(workdirs.workdir(str(agent.runtime_dir), "op-rb"))
-    status = await guard_phase(rb_dir / "guard.status",
+    waiting, seen = await frozen_at(qemu_env, agent, "op-rb", "rollback", pb.PHASE_STOPPING,
+                                    timeouts=timeouts)
+    status = await guard_phase(op_workdir(agent, "op-rb") / "guard.status",
                                {guard.PHASE_ROLLED_BACK, guard.PHASE_ROLLBACK_FAILED}, 60)
     assert status["phase"] == guard.PHASE_ROLLED_BACK, status
+    assert status["reason"] == "commit-timeout", status
+    os.kill(agent.pid, signal.SIGKILL)
+    await agent.kill()
 
     await agent.start()
     result = await asyncio.wait_for(waiting, 300)
     assert result.outcome == pb.OUTCOME_ROLLED_BACK, result.message
     assert "no commit came within the guard's timeout" in result.message
     assert result.pid_before == pid and result.pid_after == status["qemu_pid"] != pid
+    assert result.pause_ms >= 2000  # the guest waited for the commit timeout
     client = await agent.client()
     op = await client.get_operation("op-rb")
     assert op.resolved_after_restart and op.result == result
@@ -156,13 +124,14 @@ async def cut_a_reboot_after_the_quit(env: QemuEnv, vm: TestVM, *, start_new: bo
     the agent would have been a moment later: the new QEMU up on its own socket, waiting for
     the state (the agent may have started it just before it froze), or no new QEMU at all
     (`start_new=False`: it died, or the agent died before starting it); and the old QEMU
-    quit."""
+    quit. Its keeper is lost too, or it would have resumed the old QEMU."""
     agent = await env.agent()
     waiting, seen = await frozen_at(env, agent, "op-reboot", vm.name, pb.PHASE_SAVED,
                                     mode=pb.MODE_CPR_REBOOT)
-    workdir = Path(workdirs.workdir(str(agent.runtime_dir), "op-reboot"))
+    workdir = op_workdir(agent, "op-reboot")
     temp_qmp = workdir / "qmp.sock"
     await asyncio.sleep(1.0)  # a new QEMU the agent launched as it froze shows up by now
+    await kill_keeper(agent, "op-reboot")
     os.kill(agent.pid, signal.SIGKILL)
     await agent.kill()
     new_pid = None
@@ -258,9 +227,11 @@ async def test_a_reboot_cut_with_no_new_qemu_is_lost_and_says_how_to_restart_it(
 async def killed_at(env: QemuEnv, vm: TestVM, op_id: str, phase: int, **request_fields: Any
                     ) -> tuple[AgentProcess, asyncio.Task[pb.UpdateResult],
                                list[pb.OperationEvent]]:
-    """Start an update, SIGKILL the agent as soon as it reports `phase`."""
+    """Start an update, SIGKILL the agent as soon as it reports `phase`, and its keeper
+    before it (so that the restarted agent finds the host as the dead one left it)."""
     agent = await env.agent()
     waiting, seen = await frozen_at(env, agent, op_id, vm.name, phase, **request_fields)
+    await kill_keeper(agent, op_id)
     os.kill(agent.pid, signal.SIGKILL)
     await agent.kill()
     return agent, waiting, seen
@@ -275,7 +246,7 @@ async def test_killed_agent_resumes_the_old_qemu_when_the_transfer_target_never_
     mark = time.monotonic_ns()
     agent, waiting, seen = await killed_at(qemu_env, vm, "op-tr", pb.PHASE_TRANSFERRED,
                                            mode=pb.MODE_CPR_TRANSFER)
-    target_qmp = Path(workdirs.workdir(str(agent.runtime_dir), "op-tr")) / "qmp.sock"
+    target_qmp = op_workdir(agent, "op-tr") / "qmp.sock"
     targets = pids_with_arg(str(target_qmp))
     assert len(targets) == 1, targets
 

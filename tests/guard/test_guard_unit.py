@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from vmupdate_agent import guard as guardmod
+from vmupdate_agent import procfs
 
 HERE = Path(__file__).resolve().parent
 HARNESS = HERE / "_harness.py"
@@ -457,3 +458,219 @@ def test_cost_on_the_pause(guard: Path, tmp_path: Path) -> None:
     print(f"\nguard cost (ms, median of 12): {med}, "
           f"extra vs direct exec: {med['guarded'] - med['direct']:.3f} ms")
     assert med["guard-internal"] < 5
+
+
+# ---------------------------------------------------------------- the agent's death
+
+
+def _agent_cmd(guard: Path, tmp: Path, agent: tuple[int, int], timeout: float,
+               new_act: str = "sleep") -> list[str]:
+    return guardmod.guard_command(guard, status=tmp / "status.json", commit=tmp / "commit.fifo",
+                                  old_argv=standin(tmp, "old", "exit7"),
+                                  new_argv=standin(tmp, "new", new_act),
+                                  commit_timeout=timeout, log=tmp / "guard.log", agent=agent)
+
+
+def test_agent_gone_before_the_guard_starts_falls_back_in_place(guard: Path,
+                                                                 tmp_path: Path) -> None:
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    r = run(guard, tmp_path, cmd=_agent_cmd(guard, tmp_path, (dead.pid, 1), 30))
+    st = r.status
+    assert st is not None and st["phase"] == "rolled-back" and st["reason"] == "agent-gone"
+    assert st["qemu_pid"] == r.p and st["new_execed"] is False
+    assert r.new == [] and [o["pid"] for o in r.old] == [r.p]
+
+
+def test_an_agent_with_another_start_time_is_not_the_agent(guard: Path,
+                                                           tmp_path: Path) -> None:
+    """A reused pid: alive, but not the process the agent was."""
+    me = os.getpid()
+    r = run(guard, tmp_path, cmd=_agent_cmd(guard, tmp_path, (me, procfs.start_time(me) + 1),
+                                            30))
+    assert r.status is not None and r.status["reason"] == "agent-gone"
+
+
+def test_agent_dies_before_the_commit_rolls_back_at_once(guard: Path, tmp_path: Path) -> None:
+    agent = subprocess.Popen(["sleep", "3600"])
+    killed: list[int] = []
+
+    def kill_agent(r: Run) -> None:
+        deadline = time.monotonic() + 10
+        while not (tmp_path / "new.out").exists():
+            assert time.monotonic() < deadline, "the new program never started"
+            time.sleep(0.005)
+        killed.append(time.time_ns())
+        agent.kill()
+        agent.wait()
+
+    try:
+        r = run(guard, tmp_path, during=kill_agent, timeout=60,
+                cmd=_agent_cmd(guard, tmp_path, (agent.pid, procfs.start_time(agent.pid)), 60))
+    finally:
+        agent.kill()
+        agent.wait()
+    st = r.status
+    assert st is not None and st["phase"] == "rolled-back" and st["reason"] == "agent-gone", st
+    assert st["t_agent_gone_ns"] >= killed[0]
+    # At once, not after the 60 s commit timeout.
+    assert st["t_rollback_ns"] - killed[0] < 5e9
+    [old] = r.old
+    assert old["pid"] == st["watcher_pid"] and old["state_offset"] == 0
+    assert_clean(r)
+
+
+def test_keeper_refuses_an_incomplete_command_line(guard: Path, tmp_path: Path) -> None:
+    res = subprocess.run([str(guard), "--keep", "--status", str(tmp_path / "k.status")],
+                         capture_output=True, text=True, timeout=10, check=False)
+    assert res.returncode == 2
+    assert "--keep needs --status, --commit, --vm-qmp, --workdir" in res.stderr
+
+
+def test_keeper_without_its_old_qemu_says_so(guard: Path, tmp_path: Path) -> None:
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    me = os.getpid()
+    cmd = guardmod.keeper_command(guard, status=tmp_path / "k.status", fifo=tmp_path / "k.fifo",
+                                  agent=(me, procfs.start_time(me)), old=(dead.pid, 0),
+                                  vm_qmp=str(tmp_path / "vm.sock"), workdir=str(tmp_path))
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False)
+    assert res.returncode == 2
+    st = guardmod.read_status(tmp_path / "k.status")
+    assert st is not None and st["phase"] == guardmod.KEEPER_FAILED
+    assert st["action"] == "no-old-qemu" and "is gone" in st["error"]
+
+
+def test_keeper_exits_when_told_done(guard: Path, tmp_path: Path) -> None:
+    old = subprocess.Popen(["sleep", "3600"])
+    me = os.getpid()
+    status = tmp_path / "k.status"
+    cmd = guardmod.keeper_command(guard, status=status, fifo=tmp_path / "k.fifo",
+                                  agent=(me, procfs.start_time(me)),
+                                  old=(old.pid, procfs.start_time(old.pid)),
+                                  vm_qmp=str(tmp_path / "vm.sock"), workdir=str(tmp_path))
+    keeper = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    try:
+        guardmod.wait_status(status, frozenset({guardmod.KEEPER_WATCHING}), timeout=10)
+        guardmod.send(tmp_path / "k.fifo", "done")
+        assert keeper.wait(10) == 0
+        st = guardmod.read_status(status)
+        assert st is not None and st["phase"] == guardmod.KEEPER_DONE
+        assert not (tmp_path / "k.fifo").exists()
+        assert old.poll() is None  # the old QEMU is none of its business then
+    finally:
+        keeper.kill()
+        keeper.wait()
+        old.kill()
+        old.wait()
+
+
+class FakeQmp:
+    """A QMP monitor that answers like a paused QEMU after a load, and records commands."""
+
+    def __init__(self, path: Path, runstate: str = "paused") -> None:
+        import socket
+        import threading
+
+        self.path, self.runstate = path, runstate
+        self.commands: list[str] = []
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(str(path))
+        self.sock.listen(4)
+        self.sock.settimeout(0.2)
+        self.stopped = False
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.stopped:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            with conn, conn.makefile("rw") as f:
+                f.write('{"QMP": {"version": {}, "capabilities": []}}\r\n')
+                f.flush()
+                for line in f:
+                    cmd = json.loads(line)["execute"]
+                    self.commands.append(cmd)
+                    answer: dict[str, Any] = {}
+                    if cmd == "query-status":
+                        answer = {"status": self.runstate, "running": False}
+                    elif cmd == "query-migrate":
+                        answer = {"status": "completed"}
+                    elif cmd == "cont":
+                        self.runstate = "running"
+                        f.write('{"timestamp": {"seconds": 1, "microseconds": 2}, '
+                                '"event": "RESUME"}\r\n')
+                    f.write(json.dumps({"return": answer}) + "\r\n")
+                    f.flush()
+
+    def close(self) -> None:
+        self.stopped = True
+        self.thread.join(5)
+        self.sock.close()
+
+
+def test_agent_dies_after_the_commit_the_watcher_resumes_the_guest(guard: Path,
+                                                                   tmp_path: Path) -> None:
+    agent = subprocess.Popen(["sleep", "3600"])
+    qmp = FakeQmp(tmp_path / "qmp.sock")
+    cmd = guardmod.guard_command(guard, status=tmp_path / "status.json",
+                                 commit=tmp_path / "commit.fifo",
+                                 old_argv=standin(tmp_path, "old", "exit7"),
+                                 new_argv=standin(tmp_path, "new", "sleep"), commit_timeout=30,
+                                 log=tmp_path / "guard.log",
+                                 agent=(agent.pid, procfs.start_time(agent.pid)),
+                                 qmp=str(tmp_path / "qmp.sock"))
+
+    def die_after_the_commit(r: Run) -> None:  # the harness commits
+        guardmod.wait_status(tmp_path / "status.json", frozenset({"committed"}), timeout=10)
+        agent.kill()
+        agent.wait()
+
+    try:
+        r = run(guard, tmp_path, cmd=cmd, during=die_after_the_commit, action="commit",
+                timeout=30)
+    finally:
+        agent.kill()
+        agent.wait()
+        qmp.close()
+    st = r.status
+    assert st is not None and st["phase"] == "committed", st
+    assert st["reason"] == "resumed-by-watcher" and st["t_resumed_ns"] >= st["t_agent_gone_ns"]
+    assert qmp.commands[-1] == "cont" and qmp.runstate == "running"
+    assert r.old == []  # committed: never rolled back
+    assert not r.fifo.exists()
+
+
+def test_after_the_commit_resumed_lets_the_watcher_go(guard: Path, tmp_path: Path) -> None:
+    agent = subprocess.Popen(["sleep", "3600"])
+    qmp = FakeQmp(tmp_path / "qmp.sock")
+    cmd = guardmod.guard_command(guard, status=tmp_path / "status.json",
+                                 commit=tmp_path / "commit.fifo",
+                                 old_argv=standin(tmp_path, "old", "exit7"),
+                                 new_argv=standin(tmp_path, "new", "sleep"), commit_timeout=30,
+                                 agent=(agent.pid, procfs.start_time(agent.pid)),
+                                 qmp=str(tmp_path / "qmp.sock"))
+
+    def resumed_after_the_commit(r: Run) -> None:  # the harness commits
+        guardmod.wait_status(tmp_path / "status.json", frozenset({"committed"}), timeout=10)
+        guardmod.send(tmp_path / "commit.fifo", "resumed")
+        deadline = time.monotonic() + 10
+        while (tmp_path / "commit.fifo").exists():  # the watcher unlinks it as it leaves
+            assert time.monotonic() < deadline, "the watcher stayed"
+            time.sleep(0.005)
+        agent.kill()
+        agent.wait()
+
+    try:
+        r = run(guard, tmp_path, cmd=cmd, during=resumed_after_the_commit, action="commit",
+                timeout=30)
+    finally:
+        agent.kill()
+        agent.wait()
+        qmp.close()
+    st = r.status
+    assert st is not None and st["phase"] == "committed" and st["reason"] == "commit", st
+    assert qmp.commands == []  # the agent resumed the guest; the watcher touched nothing

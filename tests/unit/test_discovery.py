@@ -456,3 +456,19 @@ def test_blockers_are_kept_per_mode(load_raw: RawLoader) -> None:
     vm = discovery.build_vm_info(load_raw("aux-ram-share-off"))
     assert vm.blockers_by_mode["cpr-exec"] == () and vm.blockers_by_mode["cpr-reboot"] == ()
     assert set(vm.blockers_by_mode["cpr-transfer"]) == set(vm.migration_blockers)
+
+
+def test_readconfig_device_ids() -> None:
+    text = ('# a comment [device "no"]\n[device "rng0"]\n  driver = "virtio-rng-pci"\n'
+            '[drive "d0"]\n  file = "x"\n [ device "disk-1" ]\n[machine]\n')
+    assert discovery.readconfig_device_ids(text) == ["rng0", "disk-1"]
+    assert discovery.readconfig_device_ids("") == []
+
+
+def test_devices_from_readconfig_count_as_declared(load_raw: RawLoader) -> None:
+    raw = load_raw(BASE)
+    raw["peripherals"] = ["rng0"]
+    assert discovery.hotplugged_devices(raw) == ["rng0"]
+    raw["readconfig-device-ids"] = ["rng0", "gone0"]
+    assert discovery.hotplugged_devices(raw) == []
+    assert discovery.unplugged_devices(raw) == ["gone0"]
