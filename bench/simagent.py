@@ -22,8 +22,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer as AsyncHealthServicer
 
+from vmupdate_agent.authz import AuthorizationInterceptor, Role, role_table
 from vmupdate_agent.config import TlsConfig
-from vmupdate_agent.tls import CertificateFiles, ClientIdentityInterceptor
+from vmupdate_agent.tls import CertificateFiles
 from vmupdate_api.gen import agent_v1_pb2 as pb
 from vmupdate_api.gen import agent_v1_pb2_grpc as pb_grpc
 
@@ -274,8 +275,10 @@ class SimAgent(pb_grpc.NodeAgentServicer):
 
 async def serve(agent: SimAgent, tls: TlsConfig, allowlist: Sequence[str], *,
                 address: str = "127.0.0.1:0") -> tuple[grpc.aio.Server, int]:
-    """Start `agent` on `address` with the real agent's mTLS and allowlist; (server, port)."""
-    server = grpc.aio.server(interceptors=[ClientIdentityInterceptor(list(allowlist))])
+    """Start `agent` on `address` with the real agent's mTLS and authorization, `allowlist`
+    holding the operator role; (server, port)."""
+    roles = role_table({Role.OPERATOR: list(allowlist)})
+    server = grpc.aio.server(interceptors=[AuthorizationInterceptor(roles)])
     pb_grpc.add_NodeAgentServicer_to_server(agent, server)
     health = AsyncHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
