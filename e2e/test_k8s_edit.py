@@ -21,7 +21,7 @@ from e2e.k8s.fixtures import Placement
 from e2e.k8s.nodes import Fleet
 from e2e.k8s.operator_process import OperatorProcess
 from e2e.rig import Rig
-from e2e.rig.vm import running_build
+from e2e.rig.vm import target_path
 
 pytestmark = [pytest.mark.k8s, pytest.mark.qemu]
 
@@ -63,7 +63,7 @@ def check_generation(obj: Any, generation: int, binary: str, placement: Placemen
         assert row["phase"] == "Updated", row
         assert f"-g{generation}-" in row.get("operationId", ""), (row, obj["status"])
         assert row["mode"] == "CprExec" and row["pidBefore"] == row["pidAfter"] == vm.pid
-        assert running_build(vm.pid)[0] == binary
+        assert target_path(vm.pid) == binary
     assert obj["status"]["target"]["binary"] == binary
     assert obj["status"]["updated"] == 2
 

@@ -23,15 +23,9 @@ from e2e.k8s.fixtures import ACTIVE_PRIORITY, Placement
 from e2e.k8s.nodes import Fleet
 from e2e.k8s.operator_process import HOST_STALE_AFTER_S, PEERING_LIFETIME_S, OperatorProcess
 from e2e.rig import Rig
-from vmupdate_agent import pathpolicy, procfs
+from e2e.rig.vm import target_path
 from vmupdate_api.gen import agent_v1_pb2 as pb
 from vmupdate_operator.agent_client import AgentClient, ClientTls
-
-
-def procfs_exe(pid: int) -> str:
-    """The binary a VM runs, as its inventory reports it (a pinned copy: its target's path)."""
-    return pathpolicy.origin(procfs.exe(pid))
-
 
 pytestmark = [pytest.mark.k8s, pytest.mark.qemu]
 
@@ -75,7 +69,7 @@ def assert_all_updated(obj: Any, placement: Placement, rig: Rig, pids: dict[str,
         assert row["fromVersion"] == row["toVersion"] == rig.sid.version
         assert row["pauseMs"] >= 0 and row["operationId"].startswith("vmu-")
         # The process runs the target binary now (same pid: cpr-exec).
-        assert procfs_exe(vm.pid) == rig.sid.alt_binary
+        assert target_path(vm.pid) == rig.sid.alt_binary
 
 
 async def test_three_vms_on_two_hosts_converge(vmupdates: Kubectl, three_vms: Placement,
@@ -144,7 +138,7 @@ async def test_three_vms_on_two_hosts_converge(vmupdates: Kubectl, three_vms: Pl
                         "web-03 to be selected")
     obj = await wait_ready(kubectl, "two-hosts", operator_process)
     assert kube.rows(obj)["web-03"]["phase"] == "Updated"
-    assert procfs_exe(web03.pid) == rig.sid.alt_binary
+    assert target_path(web03.pid) == rig.sid.alt_binary
     web03.serial.assert_continuous()
 
     # Desired state: a VM put back on its old binary (here by a person calling its agent
@@ -152,7 +146,7 @@ async def test_three_vms_on_two_hosts_converge(vmupdates: Kubectl, three_vms: Pl
     web01 = three_vms.vms["web-01"]
     first_op = kube.rows(obj)["web-01"]["operationId"]
     await revert_to_old_binary(fleet, "node-a", web01.uuid, rig)
-    assert procfs_exe(web01.pid) == rig.sid.binary
+    assert target_path(web01.pid) == rig.sid.binary
 
     def updated_again() -> Any:
         o = ready(kubectl, "two-hosts")
@@ -163,7 +157,7 @@ async def test_three_vms_on_two_hosts_converge(vmupdates: Kubectl, three_vms: Pl
     row = kube.rows(obj)["web-01"]
     assert row["operationId"] == first_op.removesuffix("-a0") + "-a1"
     assert row["phase"] == "Updated" and row["pidAfter"] == pids["web-01"] == web01.pid
-    assert procfs_exe(web01.pid) == rig.sid.alt_binary
+    assert target_path(web01.pid) == rig.sid.alt_binary
     web01.serial.assert_continuous(since=mark)
     reasons = [e["reason"] for e in kube.events(kubectl, "two-hosts")]
     assert "VMLeftTarget" in reasons
@@ -189,7 +183,7 @@ async def test_dry_run_changes_nothing_and_reports_readiness(
         vmupdates: Kubectl, three_vms: Placement, rig: Rig, fleet: Fleet,
         operator_process: OperatorProcess) -> None:
     kubectl = vmupdates
-    before = {name: (vm.pid, procfs_exe(vm.pid)) for name, vm in three_vms.vms.items()}
+    before = {name: (vm.pid, target_path(vm.pid)) for name, vm in three_vms.vms.items()}
     journals = fleet.journals()
     manifest, _ = kube.example("vmupdate-two-hosts-dryrun.yaml", **target(rig))
     kube.apply(kubectl, manifest)
@@ -204,7 +198,7 @@ async def test_dry_run_changes_nothing_and_reports_readiness(
         assert row["phase"] == "DryRunPassed", row
         assert row["mode"] == "CprExec" and "would use CprExec" in row["message"]
         assert "operationId" not in row
-    assert {n: (vm.pid, procfs_exe(vm.pid)) for n, vm in three_vms.vms.items()} == before
+    assert {n: (vm.pid, target_path(vm.pid)) for n, vm in three_vms.vms.items()} == before
     assert fleet.journals() == journals  # no agent operation
 
     # A wrong checksum: every preflight fails, and says which check and why.
@@ -222,7 +216,7 @@ async def test_dry_run_changes_nothing_and_reports_readiness(
     assert kube.condition(obj, "Degraded")["status"] == "True"
     for row in kube.rows(obj).values():
         assert row["phase"] == "DryRunFailed" and "sha256" in row["message"], row
-    assert {n: (vm.pid, procfs_exe(vm.pid)) for n, vm in three_vms.vms.items()} == before
+    assert {n: (vm.pid, target_path(vm.pid)) for n, vm in three_vms.vms.items()} == before
     assert fleet.journals() == journals  # no agent operation
 
 

@@ -23,7 +23,7 @@ from e2e.k8s.fixtures import Placement
 from e2e.k8s.nodes import Fleet
 from e2e.k8s.operator_process import OperatorProcess
 from e2e.rig import Rig
-from vmupdate_agent.procfs import exe as procfs_exe
+from e2e.rig.vm import target_path
 
 pytestmark = [pytest.mark.k8s, pytest.mark.qemu]
 
@@ -53,7 +53,7 @@ async def test_two_overlapping_vmupdates_update_a_vm_once(
     web01 = three_vms.vms["web-01"]
     known = {op for journal in fleet.journals().values() for op in journal}
     mark = time.monotonic_ns()
-    assert procfs_exe(web01.pid) == rig.sid.binary
+    assert target_path(web01.pid) == rig.sid.binary
 
     kube.apply(kubectl, manifest("overlap-a", rig.sid.alt_binary, rig.sid.version))
     await asyncio.sleep(1.5)  # a later creationTimestamp (the names order them too)
@@ -72,7 +72,7 @@ async def test_two_overlapping_vmupdates_update_a_vm_once(
     b_phases: set[str] = set()
     deadline = time.monotonic() + OBSERVE_S
     while time.monotonic() < deadline:
-        exes.add(procfs_exe(web01.pid))
+        exes.add(target_path(web01.pid))
         b_row = kube.rows(kube.get(kubectl, "vmupdate", "overlap-b")).get("web-01")
         if b_row:
             b_phases.add(b_row["phase"])
@@ -110,6 +110,6 @@ async def test_two_overlapping_vmupdates_update_a_vm_once(
     row = kube.rows(b)["web-01"]
     assert row["phase"] == "Updated" and row["operationId"].startswith("vmu-")
     assert kube.condition(b, "Degraded")["status"] == "False"
-    assert procfs_exe(web01.pid) == rig.sid.binary
+    assert target_path(web01.pid) == rig.sid.binary
     assert len(new_operations(fleet, known)) == 2
     web01.serial.assert_continuous(since=mark)

@@ -58,17 +58,22 @@ def proc_state(pid: int) -> tuple[str, int, str] | None:
     return rest[0], int(rest[1]), comm
 
 
-def running_build(pid: int) -> tuple[str, str]:
-    """The target path a process runs (its binary, or the target a pinned private copy was
-    made from) and the sha256 of the file it really runs: the agent runs a private copy of
-    the target it hashed, so the path alone no longer says which build runs."""
+def target_path(pid: int) -> str:
+    """The binary a VM runs, as its inventory reports it: the agent runs a pinned private
+    copy of the target it hashed, reported as the target's path."""
     from vmupdate_agent import pathpolicy, procfs  # the agent's own reading of both
 
+    return pathpolicy.origin(procfs.exe(pid))
+
+
+def running_build(pid: int) -> tuple[str, str]:
+    """`target_path` and the sha256 of the file the process really runs: the path alone no
+    longer says which build runs."""
     digest = hashlib.sha256()
     with open(f"/proc/{pid}/exe", "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
-    return pathpolicy.origin(procfs.exe(pid)), digest.hexdigest()
+    return target_path(pid), digest.hexdigest()
 
 
 def runs(pid: int, qemu: QemuInfo) -> bool:
