@@ -7,8 +7,13 @@ with the reason, and no certificate is written on them."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import json
+import os
 import secrets
+import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +23,14 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from e2e.cluster.sandbox import CertificateAuthority, Sandbox, make_kubeconfig
-from e2e.k8s.chart import find, template
+from e2e.cluster.sandbox import (
+    CertificateAuthority,
+    ManagedProcess,
+    Sandbox,
+    free_port,
+    make_kubeconfig,
+)
+from e2e.k8s.chart import CHART, find, template
 from vmupdate_agent import certificate
 from vmupdate_api.signer import SIGNER_NAME
 from vmupdate_operator.csr_signer import SigningCA, review
@@ -201,3 +212,142 @@ def test_a_request_for_another_nodes_name_is_denied(actors: Actors) -> None:
             certificate.outcome(obj)
     # Settled requests are left alone on the next pass.
     assert all(d is None for d in asyncio.run(run()).values())
+
+
+# --- the chart, installed: its CA, its operator container, its certificate sidecar -----------
+
+
+def _wait(probe: Any, timeout: float, what: str, describe: Any) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = probe()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} within {timeout:.0f} s:\n{describe()}")
+        time.sleep(0.3)
+
+
+def test_helm_install_issues_each_node_its_own_certificate(vmupdate_api: Sandbox,
+                                                           tmp_path: Path) -> None:
+    """`helm install` with certificates.agentServing=csr and create=selfSigned: the chart's
+    generated CA and client certificates; the Deployment's operator container (as a process,
+    with its ServiceAccount's token) signs what node A's certificate sidecar (the DaemonSet's
+    own command line, with a token bound to a pod on node A) asks for; a sidecar of node A
+    asking for node B's name is denied. No kubelet runs here: the containers are processes
+    (e2e/k8s/chart.py)."""
+    from e2e.k8s.chart import LocalPod, helm, values_args
+    from e2e.k8s.fixtures import operator_stopped
+    from vmupdate_agent.config import TlsConfig
+    from vmupdate_agent.tls import CertificateFiles
+
+    sandbox = vmupdate_api
+    suffix = secrets.token_hex(3)
+    release, ns = f"vmupdate-csr-{suffix}", f"vmupdate-csr-e2e-{suffix}"  # fullname: release
+    node_a, node_b = f"csr-node-a-{suffix}", f"csr-node-b-{suffix}"
+    admin = str(sandbox.kubeconfig)
+    values = {"certificates": {"agentServing": "csr", "create": "selfSigned",
+                               "caSecret": "vmupdate-ca", "agentTtlSeconds": 3600},
+              "operator": {"replicas": 1, "peering": {"name": release, "create": True},
+                           "metrics": {"port": free_port()}, "healthPort": free_port()}}
+    search_path = os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])
+    processes: list[ManagedProcess] = []
+    try:
+        res = helm("install", release, str(CHART), "--namespace", ns, "--create-namespace",
+                   *values_args(values, tmp_path), kubeconfig=admin)
+        assert res.returncode == 0, res.stderr
+        items = json.loads(sandbox.kubectl("-n", ns, "get", "secrets", "-o", "json",
+                                           check=True).stdout)["items"]
+        secrets_ = {s["metadata"]["name"]: {k: base64.b64decode(v) for k, v in
+                                            (s.get("data") or {}).items()} for s in items}
+        ca_cert = x509.load_pem_x509_certificate(secrets_["vmupdate-ca"]["tls.crt"])
+        agent_sa, operator_sa = f"{release}-agent", f"{release}-operator"
+        sandbox.kubectl("create", "-f", "-", check=True, input=json.dumps(
+            {"apiVersion": "v1", "kind": "Node", "metadata": {"name": node_a}}))
+        sandbox.kubectl("create", "-f", "-", check=True, input=json.dumps({
+            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "agent-a", "namespace": ns},
+            "spec": {"nodeName": node_a, "serviceAccountName": agent_sa,
+                     "automountServiceAccountToken": False,
+                     "tolerations": [{"operator": "Exists"}],
+                     "containers": [{"name": "agent", "image": "vmupdate-test-none"}]}}))
+        agent_kc = _token(sandbox, ns, agent_sa, tmp_path / "agent.kubeconfig", "agent-a")
+        operator_kc = _token(sandbox, ns, operator_sa, tmp_path / "op.kubeconfig", None)
+
+        deployment = json.loads(sandbox.kubectl("-n", ns, "get", "deployment",
+                                                f"{release}-operator", "-o", "json",
+                                                check=True).stdout)
+        daemonset = json.loads(sandbox.kubectl("-n", ns, "get", "daemonset",
+                                               f"{release}-agent", "-o", "json",
+                                               check=True).stdout)
+        operator_pod = LocalPod(deployment["spec"]["template"]["spec"], tmp_path / "op-pod",
+                                secrets=secrets_)
+        agent_pod = LocalPod(daemonset["spec"]["template"]["spec"], tmp_path / "agent-pod",
+                             secrets=secrets_, fields={"spec.nodeName": node_a})
+        with operator_stopped():
+            operator = ManagedProcess("chart-operator", operator_pod.argv("operator"),
+                                      tmp_path / "logs" / "operator.log",
+                                      env={"KUBECONFIG": str(operator_kc),
+                                           "PATH": search_path})
+            operator.start(die_with_parent=True)
+            processes.append(operator)
+            sidecar_argv = agent_pod.argv("certificate", skip_volumes=["kube-api-access"])
+            sidecar = ManagedProcess("chart-certificate", sidecar_argv,
+                                     tmp_path / "logs" / "certificate.log",
+                                     env={"KUBECONFIG": str(agent_kc), "PATH": search_path})
+            sidecar.start(die_with_parent=True)
+            processes.append(sidecar)
+            cert_path = agent_pod.local_path("certificate", "/etc/vmupdate/tls/tls.crt")
+            _wait(lambda: cert_path.exists() and cert_path.stat().st_size, 90,
+                  "node A's sidecar got no certificate",
+                  lambda: f"{sidecar.tail(40)}\n{operator.tail(40)}")
+            # Node A's token asking for node B's name: denied by the running operator.
+            liar_dir = tmp_path / "liar"
+            liar = ManagedProcess(
+                "liar-certificate", [*[a for a in sidecar_argv if not a.startswith(
+                    ("--node-name=", "--dir="))], f"--node-name={node_b}", f"--dir={liar_dir}"],
+                tmp_path / "logs" / "liar.log",
+                env={"KUBECONFIG": str(agent_kc), "PATH": search_path})
+            liar.start(die_with_parent=True)
+            processes.append(liar)
+
+            def denied() -> Any:
+                out = json.loads(sandbox.kubectl("get", "csr", "-o", "json",
+                                                 check=True).stdout)["items"]
+                return [c for c in out if c["metadata"]["name"].startswith(
+                    f"vmupdate-agent-{node_b}-") and any(
+                    x["type"] == "Denied" for x in (c.get("status") or {}).get(
+                        "conditions") or [])]
+
+            [refused] = _wait(denied, 60, "node B's name was not denied",
+                              lambda: f"{liar.tail(20)}\n{operator.tail(40)}")
+            assert f"node {node_a}'s agent asked for a certificate for CN='{node_b}'" in (
+                refused["status"]["conditions"][0]["message"])
+            assert not refused["status"].get("certificate")
+            assert not (liar_dir / "tls.crt").exists()
+            operator.stop(30)
+        # What node A's agent serves: its own name, from the chart's CA; the agent's TLS
+        # loads it with the client CA the chart mounts (the CA of the chart's operator and
+        # registrar certificates).
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        cert.verify_directly_issued_by(ca_cert)
+        assert cert.subject.rfc4514_string() == f"CN={node_a}"
+        client_ca = agent_pod.local_path("agent", "/etc/vmupdate/client-ca/ca.crt")
+        files = CertificateFiles(TlsConfig(cert_file=str(cert_path),
+                                           key_file=str(cert_path.with_name("tls.key")),
+                                           client_ca_file=str(client_ca)))
+        files.read()
+        for who in ("vmupdate-operator-tls", "vmupdate-registrar-tls"):
+            x509.load_pem_x509_certificate(secrets_[who]["tls.crt"]).verify_directly_issued_by(
+                x509.load_pem_x509_certificate(client_ca.read_bytes()))
+    finally:
+        for p in processes:
+            with contextlib.suppress(Exception):
+                p.stop(30)
+        helm("uninstall", release, "--namespace", ns, "--wait", "--timeout=60s",
+             kubeconfig=admin)
+        for name in json.loads(sandbox.kubectl("get", "csr", "-o", "json").stdout or
+                               '{"items": []}')["items"]:
+            if suffix in name["metadata"]["name"]:
+                sandbox.kubectl("delete", "csr", name["metadata"]["name"], "--wait=false")
+        sandbox.kubectl("delete", "namespace", ns, "--ignore-not-found", "--wait=false")
+        sandbox.kubectl("delete", "node", node_a, "--ignore-not-found", "--wait=false")
