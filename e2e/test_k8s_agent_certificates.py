@@ -256,6 +256,8 @@ def test_helm_install_issues_each_node_its_own_certificate(vmupdate_api: Sandbox
         res = helm("install", release, str(CHART), "--namespace", ns, "--create-namespace",
                    *values_args(values, tmp_path), kubeconfig=admin)
         assert res.returncode == 0, res.stderr
+        assert "kubectl get csr" in res.stdout and "made by the chart (selfSigned)" in (
+            res.stdout), res.stdout  # NOTES
         items = json.loads(sandbox.kubectl("-n", ns, "get", "secrets", "-o", "json",
                                            check=True).stdout)["items"]
         secrets_ = {s["metadata"]["name"]: {k: base64.b64decode(v) for k, v in
