@@ -93,7 +93,9 @@ def actors(vmupdate_api: Sandbox, tmp_path: Path) -> Iterator[Actors]:
         _token(sandbox, ns, operator_sa, a.operator, None)
         yield a
     finally:
-        for name in a.csrs:
+        listed = json.loads(sandbox.kubectl("get", "csr", "-o", "json").stdout or '{"items":[]}')
+        ours = {c["metadata"]["name"] for c in listed["items"] if suffix in c["metadata"]["name"]}
+        for name in {*a.csrs, *ours}:
             sandbox.kubectl("delete", "csr", name, "--ignore-not-found", "--wait=false")
         for kind in ("clusterrolebinding", "clusterrole"):
             for who in ("agent", "operator"):
@@ -353,3 +355,78 @@ def test_helm_install_issues_each_node_its_own_certificate(vmupdate_api: Sandbox
                 sandbox.kubectl("delete", "csr", name["metadata"]["name"], "--wait=false")
         sandbox.kubectl("delete", "namespace", ns, "--ignore-not-found", "--wait=false")
         sandbox.kubectl("delete", "node", node_a, "--ignore-not-found", "--wait=false")
+
+
+def test_unsigned_request_times_out_and_renewal_replaces_a_due_certificate(
+        actors: Actors, tmp_path: Path) -> None:
+    """No signer running: the agent's request fails after its timeout, naming the CSR. A
+    certificate past two thirds of its life is replaced by a new key and certificate; a fresh
+    one is kept (no request made)."""
+    import datetime as dt
+
+    from vmupdate_operator.csr_signer import issue
+
+    a = actors
+    _, signing = _signing_ca()
+
+    async def unsigned() -> None:
+        api = await _client(a.agent_a)
+        try:
+            with pytest.raises(certificate.CertificateError, match="was not signed within 2 s"):
+                await certificate.request_certificate(api, a.node_a, ttl_s=3600, timeout=2,
+                                                      poll_s=0.2)
+        finally:
+            await api.close()
+
+    asyncio.run(unsigned())
+    folder = tmp_path / "tls"
+    old_key = certificate.make_key()
+    now = dt.datetime.now(dt.UTC)
+    request = base64.b64encode(certificate.csr_pem(old_key, a.node_a)).decode()
+    due = issue(signing, {"request": request, "expirationSeconds": 3600}, a.node_a,
+                now - dt.timedelta(minutes=50))  # 55 of its 65 minutes gone
+    certificate.write_pair(folder, due, old_key)
+
+    def mine() -> set[str]:
+        out = json.loads(a.sandbox.kubectl("get", "csr", "-o", "json", check=True).stdout)
+        return {c["metadata"]["name"] for c in out["items"]
+                if c["metadata"]["name"].startswith(f"vmupdate-agent-{a.node_a}-")}
+
+    async def keep(expect_new: bool) -> None:
+        api = await _client(a.agent_a)
+        stop = asyncio.Event()
+        before = (folder / "tls.crt").read_bytes()
+        task = asyncio.ensure_future(certificate.keep_certificate(
+            a.node_a, folder, stop, ttl_s=3600, timeout=60, api=api))
+        try:
+            if expect_new:
+                done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                op = asyncio.ensure_future(_operator_until(done, a, signing))
+                for _ in range(300):
+                    if (folder / "tls.crt").read_bytes() != before:
+                        break
+                    await asyncio.sleep(0.2)
+                done.set_result(None)
+                await op
+            else:
+                await asyncio.sleep(2)
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 30)
+            await api.close()
+
+    asked = mine()
+    asyncio.run(keep(expect_new=True))
+    renewed = (folder / "tls.crt").read_bytes()
+    assert renewed != due
+    certificate.certificate_for(renewed, _load_key(folder / "tls.key"), a.node_a)
+    assert _load_key(folder / "tls.key").private_numbers() != old_key.private_numbers()
+    asked_after_renewal = mine()
+    assert len(asked_after_renewal - asked) == 1
+    # Fresh now: kept as it is, nothing asked.
+    asyncio.run(keep(expect_new=False))
+    assert (folder / "tls.crt").read_bytes() == renewed and mine() == asked_after_renewal
+
+
+def _load_key(path: Path) -> Any:
+    return serialization.load_pem_private_key(path.read_bytes(), password=None)
