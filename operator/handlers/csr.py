@@ -28,7 +28,13 @@ def register(ca: SigningCA, agent_user: str) -> None:
         ctx: OperatorContext | None = memo.get("ctx")
         if ctx is None:
             return
+        name = body.get("metadata", {}).get("name")
         try:
             await review(ctx.api, dict(body), agent_user, ca)
-        except Exception as exc:  # a conflict or an outage: the next event retries
-            log.warning("CSR %s not settled: %r", body.get("metadata", {}).get("name"), exc)
+        except Exception as exc:  # an outage: the next event retries
+            if getattr(exc, "status", None) == 409:
+                # The event was older than the object (settled by the write of an earlier
+                # event): the newer event settles it, or finds it settled.
+                log.debug("CSR %s changed meanwhile: %r", name, exc)
+                return
+            log.warning("CSR %s not settled: %r", name, exc)
