@@ -201,6 +201,12 @@ def values_schema() -> dict[str, Any]:
                       required=["repository"]),
         "imagePullSecrets": _ANY_LIST,
         "agentServerName": _str("the name checked on the agents' serving certificate"),
+        "certificates": _obj({
+            "agentServing": {"type": "string", "enum": ["secret", "csr"]},
+            "create": {"type": "string", "enum": ["none", "selfSigned", "certManager"]},
+            "caSecret": _NAME,
+            "agentTtlSeconds": _int(600),
+        }, required=["agentServing", "create"]),
         "operator": operator,
         "agent": agent,
         "registrar": registrar,

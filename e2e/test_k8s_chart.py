@@ -205,22 +205,24 @@ def get_json(kubectl: Kubectl, *args: str) -> Any:
     return json.loads(res.stdout)
 
 
-def create_tls_secret(kubectl: Kubectl, name: str, cert: Path, key: Path, ca: Path) -> None:
-    res = kubectl("-n", NAMESPACE, "create", "secret", "generic", name,
+def create_tls_secret(kubectl: Kubectl, name: str, cert: Path, key: Path, ca: Path,
+                      namespace: str = NAMESPACE) -> None:
+    res = kubectl("-n", namespace, "create", "secret", "generic", name,
                   "--type=kubernetes.io/tls", f"--from-file=tls.crt={cert}",
                   f"--from-file=tls.key={key}", f"--from-file=ca.crt={ca}", timeout=30)
     assert res.returncode == 0, res.stderr
 
 
-def secrets_of(kubectl: Kubectl) -> dict[str, dict[str, bytes]]:
+def secrets_of(kubectl: Kubectl, namespace: str = NAMESPACE) -> dict[str, dict[str, bytes]]:
     """The namespace's Secrets as the kubelet would mount them (decoded)."""
-    items = get_json(kubectl, "-n", NAMESPACE, "secrets")["items"]
+    items = get_json(kubectl, "-n", namespace, "secrets")["items"]
     return {s["metadata"]["name"]: {k: base64.b64decode(v) for k, v in
                                     (s.get("data") or {}).items()} for s in items}
 
 
 def token_kubeconfig(kubectl: Kubectl, proxy: RecordingProxy, service_account: str,
-                     folder: Path, *, node: str | None = None) -> Path:
+                     folder: Path, *, node: str | None = None,
+                     namespace: str = NAMESPACE) -> Path:
     """A kubeconfig for the service account (a TokenRequest token), through the proxy. With
     `node`: bound to a pod of that service account on that node, as the kubelet's projected
     token of a DaemonSet pod is (the chart's VMHost admission policy reads the node from it)."""
@@ -230,7 +232,7 @@ def token_kubeconfig(kubectl: Kubectl, proxy: RecordingProxy, service_account: s
         for manifest in (
                 {"apiVersion": "v1", "kind": "Node", "metadata": {"name": node}},
                 {"apiVersion": "v1", "kind": "Pod",
-                 "metadata": {"name": pod, "namespace": NAMESPACE},
+                 "metadata": {"name": pod, "namespace": namespace},
                  "spec": {"nodeName": node, "serviceAccountName": service_account,
                           "automountServiceAccountToken": False,
                           # No kubelet: never evicted from the NotReady node.
@@ -239,13 +241,13 @@ def token_kubeconfig(kubectl: Kubectl, proxy: RecordingProxy, service_account: s
             made = kubectl("create", "-f", "-", input=json.dumps(manifest), timeout=30)
             assert made.returncode == 0 or "AlreadyExists" in made.stderr, made.stderr
         bound = ["--bound-object-kind", "Pod", "--bound-object-name", pod]
-    res = kubectl("-n", NAMESPACE, "create", "token", service_account, "--duration=2h",
+    res = kubectl("-n", namespace, "create", "token", service_account, "--duration=2h",
                   *bound, timeout=30)
     assert res.returncode == 0, res.stderr
     token = res.stdout.strip()
     proxy.identities[token] = service_account
-    path = folder / f"{service_account}.kubeconfig"
-    path.write_text(make_kubeconfig(proxy.url, b"", f"system:serviceaccount:{NAMESPACE}:"
+    path = folder / f"{service_account}-{node or 'unbound'}.kubeconfig"
+    path.write_text(make_kubeconfig(proxy.url, b"", f"system:serviceaccount:{namespace}:"
                                     f"{service_account}", token=token))
     return path
 
@@ -481,3 +483,150 @@ async def test_chart_installs_and_its_service_accounts_are_sufficient_and_minima
                        ("clusterrolebinding", f"{RELEASE}-operator"),
                        ("clusterkopfpeering", PEERING)):
         assert kube.get(kubectl, kind, name) is None, f"{kind}/{name} left after uninstall"
+
+
+# --- per-node agent certificates (certificates.agentServing=csr) -----------------------------
+
+CSR_NAMESPACE = "vmupdate-chart-csr-e2e"
+
+
+async def test_chart_with_per_node_certificates_converges(
+        vmupdates: Kubectl, three_vms: Placement, rig: Rig, fleet: Fleet,
+        fleet_pki: FleetPki, k8s_cluster: Sandbox, api_proxy: RecordingProxy,
+        tmp_path: Path) -> None:
+    """The chart in csr mode: each node's certificate sidecar (the DaemonSet's own command
+    line, with a token bound to a pod on its node) gets a certificate for its node from the
+    chart's operator container, the node's agent serves it (written where it loads its TLS
+    files; it reloads them at the next handshake), the chart's registrars check it against
+    their node's name, and the chart's operator converges the two-hosts VMUpdate, checking
+    each agent against the node it meant. The CA (pre-made Secret, certificates.create=none)
+    is the fleet's, whose clients the agents already trust."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    kubectl, ns = vmupdates, CSR_NAMESPACE
+    search_path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    port_a = fleet.node(NODE).port
+    values = {
+        "certificates": {"agentServing": "csr", "create": "none", "caSecret": "vmupdate-ca",
+                         "agentTtlSeconds": 3600},
+        "operator": {"replicas": 1,
+                     "peering": {"name": PEERING, "lifetimeSeconds": PEERING_LIFETIME_S},
+                     "metrics": {"port": free_port()}, "healthPort": free_port(),
+                     "hostStaleAfterSeconds": HOST_STALE_AFTER_S, "resyncSeconds": 3},
+        "agent": {"config": {
+            "socket_globs": ["/run/vms/*/qmp.sock"], "allowed_binary_dirs": ["/opt/qemu/bin"],
+            "listen_address": f"0.0.0.0:{port_a}",
+            "client_roles": {"operator": ["vmupdate-operator"],
+                             "registrar": ["vmupdate-registrar"]}}},
+        "registrar": {"intervalSeconds": HEARTBEAT_S, "labels": {QEMU_HOST_LABEL: "true"}},
+    }
+    admin = str(k8s_cluster.kubeconfig)
+    processes: list[ManagedProcess] = []
+    saved: dict[Path, bytes] = {}
+    stopped_registrars = []
+    try:
+        install = helm("install", RELEASE, str(CHART), "--namespace", ns, "--create-namespace",
+                       *values_args(values, tmp_path), kubeconfig=admin)
+        assert install.returncode == 0, install.stderr
+        ca_key = tmp_path / "ca.key"
+        ca_key.write_bytes(fleet_pki._ca.key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption()))
+        for name, cert, key in (
+                ("vmupdate-operator-tls", fleet_pki.operator.cert, fleet_pki.operator.key),
+                ("vmupdate-registrar-tls", fleet_pki.registrar.cert, fleet_pki.registrar.key),
+                ("vmupdate-ca", fleet_pki.ca_cert, ca_key)):
+            create_tls_secret(kubectl, name, cert, key, fleet_pki.ca_cert, namespace=ns)
+        secrets = secrets_of(kubectl, ns)
+        operator_sa, agent_sa = f"{RELEASE}-operator", f"{RELEASE}-agent"
+        operator_kc = token_kubeconfig(kubectl, api_proxy, operator_sa, tmp_path, namespace=ns)
+        deployment = get_json(kubectl, "-n", ns, "deployment", f"{RELEASE}-operator")
+        daemonset = get_json(kubectl, "-n", ns, "daemonset", f"{RELEASE}-agent")
+        operator_pod = LocalPod(deployment["spec"]["template"]["spec"],
+                                tmp_path / "operator-pod", secrets=secrets)
+        operator_argv = operator_pod.argv("operator")
+        assert "--agent-server-name={node}" in operator_argv
+        with operator_stopped():
+            operator = ManagedProcess(
+                "chart-operator", operator_argv, tmp_path / "logs" / "operator.log",
+                env={"KUBECONFIG": str(operator_kc), "PATH": search_path})
+            operator.start(die_with_parent=True)
+            processes.append(operator)
+            for n in fleet.nodes.values():
+                agent_kc = token_kubeconfig(kubectl, api_proxy, agent_sa, tmp_path,
+                                            node=n.name, namespace=ns)
+                pod = LocalPod(daemonset["spec"]["template"]["spec"],
+                               tmp_path / f"agent-pod-{n.name}", secrets=secrets,
+                               fields={"spec.nodeName": n.name, "status.podIP": "127.0.0.1"})
+                sidecar = ManagedProcess(
+                    f"chart-certificate-{n.name}",
+                    pod.argv("certificate", skip_volumes=["kube-api-access"]),
+                    tmp_path / "logs" / f"certificate-{n.name}.log",
+                    env={"KUBECONFIG": str(agent_kc), "PATH": search_path})
+                sidecar.start(die_with_parent=True)
+                processes.append(sidecar)
+                issued = pod.local_path("certificate", "/etc/vmupdate/tls/tls.crt")
+                await kube.wait_for(lambda p=issued: p.exists() and p.stat().st_size, 90,
+                                    f"{n.name}'s certificate",
+                                    describe=lambda s=sidecar: s.tail(30) + operator.tail(30))
+                cert = x509.load_pem_x509_certificate(issued.read_bytes())
+                assert cert.subject.rfc4514_string() == f"CN={n.name}"
+                # The node's agent serves it: written over the files its TLS loads.
+                serving = fleet_pki.agent(n.name)
+                for path in (serving.key, serving.cert):
+                    saved.setdefault(path, path.read_bytes())
+                serving.key.write_bytes(issued.with_name("tls.key").read_bytes())
+                serving.cert.write_bytes(issued.read_bytes())
+                # The chart's registrar for this node, instead of the fleet's.
+                argv = [a.replace(f"127.0.0.1:{port_a}", n.endpoint)
+                        for a in pod.argv("registrar", skip_volumes=["kube-api-access"])]
+                assert f"--server-name={n.name}" in argv
+                n.stop_registrar()
+                stopped_registrars.append(n)
+                registrar = ManagedProcess(
+                    f"chart-registrar-{n.name}", argv,
+                    tmp_path / "logs" / f"registrar-{n.name}.log",
+                    env={"KUBECONFIG": str(agent_kc), "PATH": search_path})
+                registrar.start(die_with_parent=True)
+                processes.append(registrar)
+            started = datetime.now(UTC)
+            for n in fleet.nodes.values():
+                await kube.wait_for(
+                    lambda n=n: (b := heartbeat(kubectl, n.name)) and b[1] > started, 60,
+                    f"the chart's registrar to report {n.name} over its per-node certificate",
+                    describe=lambda: "\n".join(p.tail(15) for p in processes))
+            await kube.wait_for(lambda: three_vms.listed(kubectl), 60, "the VMs listed")
+            converge_s = await converge_and_delete(kubectl, three_vms, rig, operator)
+            operator.stop(30)
+        approved = [c for c in get_json(kubectl, "csr")["items"]
+                    if c["spec"]["signerName"] == "vmupdate.dev/agent-serving"
+                    and c["status"].get("certificate")]
+        assert {c["spec"]["extra"]["authentication.kubernetes.io/node-name"][0]
+                for c in approved} >= set(fleet.nodes)
+        for who in (operator_sa, agent_sa):
+            refused = [r for r in api_proxy.of(who) if r.status in (401, 403)]
+            assert not refused, f"{who} was refused: {refused}"
+        # Every CSR permission granted was used (signers' approve/sign are checked by the API
+        # server on the approval and status updates, which succeeded above).
+        csr_granted = {p for p in granted(kubectl, ("clusterrole", f"{RELEASE}-operator"))
+                       if p[0] == "certificates.k8s.io" and p[1] != "signers"}
+        assert csr_granted <= used(api_proxy.of(operator_sa)), csr_granted
+        assert {p for p in granted(kubectl, ("clusterrole", f"{RELEASE}-agent"))
+                if p[0] == "certificates.k8s.io"} <= used(api_proxy.of(agent_sa))
+        print(f"\nchart csr e2e: converge {converge_s:.1f}s with per-node certificates")
+    finally:
+        for process in processes:
+            with contextlib.suppress(Exception):
+                process.stop(30)
+        for path, content in saved.items():  # the fleet's own certificates back
+            path.write_bytes(content)
+        for n in stopped_registrars:
+            if n.registrar is None or n.registrar.exited() is not None:
+                n.start_registrar()
+        helm("uninstall", RELEASE, "--namespace", ns, "--wait", "--timeout=60s",
+             kubeconfig=admin)
+        kubectl("delete", "namespace", ns, "--wait=false", timeout=30)
+        for c in get_json(kubectl, "csr")["items"]:
+            if c["spec"]["signerName"] == "vmupdate.dev/agent-serving":
+                kubectl("delete", "csr", c["metadata"]["name"], "--wait=false", timeout=30)

@@ -38,6 +38,10 @@ class OperatorConfig:
     update_timeout_s: float = 900.0
     deletion_wait_s: float = 900.0
     log_level: str = "INFO"
+    signer_ca_dir: str | None = None
+    """tls.crt and tls.key of the CA that signs the agents' serving certificates."""
+    agent_user: str | None = None
+    """The agents' ServiceAccount user (system:serviceaccount:NS:NAME): the only requester."""
 
 
 def _env(environ: Mapping[str, str], name: str, default: str | None = None) -> str | None:
@@ -60,6 +64,14 @@ def parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     tls.add_argument("--agent-server-name", default=_env(env, "AGENT_SERVER_NAME"),
                      help="name to verify agents' certificates against; {node} is the "
                           "VMHost name (default: the endpoint's host)")
+    signer = p.add_argument_group("agents' serving certificates (CSR signer "
+                                  "vmupdate.dev/agent-serving)")
+    signer.add_argument("--agent-signer-ca-dir", default=_env(env, "AGENT_SIGNER_CA_DIR"),
+                        help="folder with tls.crt and tls.key of the signing CA; sign the "
+                             "agents' CSRs (off when not given)")
+    signer.add_argument("--agent-service-account", default=_env(env, "AGENT_SERVICE_ACCOUNT"),
+                        help="NAMESPACE/NAME of the agents' ServiceAccount (the only "
+                             "requester whose CSRs are approved)")
     p.add_argument("--metrics-port", type=int,
                    default=int(_env(env, "METRICS_PORT", "8080") or 0),
                    help="Prometheus /metrics port; 0 turns it off")
@@ -113,6 +125,13 @@ def from_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | No
             raise ConfigError(f"--{name.replace('_', '-')} must be positive")
     if args.peering_lifetime < 5:
         raise ConfigError("--peering-lifetime must be at least 5 seconds")
+    agent_user = None
+    if args.agent_signer_ca_dir:
+        ns, sep, name = (args.agent_service_account or "").partition("/")
+        if not (sep and ns and name and "/" not in name):
+            raise ConfigError("--agent-signer-ca-dir needs --agent-service-account "
+                              "NAMESPACE/NAME (the agents' ServiceAccount)")
+        agent_user = f"system:serviceaccount:{ns}:{name}"
     priority = args.priority if args.priority is not None else random.randint(*PRIORITY_RANGE)
     return OperatorConfig(
         agent_tls=agent_tls, metrics_port=args.metrics_port,
@@ -121,4 +140,5 @@ def from_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | No
         peering_lifetime_s=args.peering_lifetime,
         host_stale_after=timedelta(seconds=args.host_stale_after), resync_s=args.resync,
         update_timeout_s=args.update_timeout, deletion_wait_s=args.deletion_wait,
-        log_level=args.log_level)
+        log_level=args.log_level, signer_ca_dir=args.agent_signer_ca_dir,
+        agent_user=agent_user)

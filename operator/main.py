@@ -44,6 +44,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Importing registers the handlers with kopf's default registry.
     from vmupdate_operator import handlers  # noqa: F401
 
+    if cfg.signer_ca_dir and cfg.agent_user:
+        from pathlib import Path
+
+        from vmupdate_operator.csr_signer import SigningCA
+        from vmupdate_operator.handlers import csr
+
+        ca_dir = Path(cfg.signer_ca_dir)
+        try:
+            ca = SigningCA.from_pem((ca_dir / "tls.crt").read_bytes(),
+                                    (ca_dir / "tls.key").read_bytes())
+        except (OSError, ValueError) as exc:
+            print(f"vmupdate-operator: --agent-signer-ca-dir: {exc}", file=sys.stderr)
+            return 2
+        csr.register(ca, cfg.agent_user)
+
     liveness = f"http://0.0.0.0:{cfg.health_port}/healthz" if cfg.health_port else None
     asyncio.run(kopf.operator(
         clusterwide=True,

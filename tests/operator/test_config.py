@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -41,3 +43,38 @@ def test_flags_and_environment() -> None:
 def test_bad_settings(argv: list[str]) -> None:
     with pytest.raises(config.ConfigError):
         config.from_args(argv, environ={})
+
+
+@pytest.mark.parametrize(("account", "message"), [
+    (None, "--agent-service-account NAMESPACE/NAME"),
+    ("vmupdate-agent", "--agent-service-account NAMESPACE/NAME"),
+    ("/vmupdate-agent", "--agent-service-account NAMESPACE/NAME"),
+    ("ns/", "--agent-service-account NAMESPACE/NAME"),
+    ("ns/a/b", "--agent-service-account NAMESPACE/NAME"),
+])
+def test_signer_needs_the_agents_service_account(account: str | None, message: str) -> None:
+    argv = ["--agent-signer-ca-dir", "/etc/vmupdate/signer"]
+    if account is not None:
+        argv += ["--agent-service-account", account]
+    with pytest.raises(config.ConfigError, match=message):
+        config.from_args(argv, environ={})
+
+
+def test_signer_settings() -> None:
+    cfg = config.from_args(["--agent-signer-ca-dir", "/ca", "--agent-service-account",
+                            "vmupdate/vmupdate-agent"], environ={})
+    assert (cfg.signer_ca_dir, cfg.agent_user) == (
+        "/ca", "system:serviceaccount:vmupdate:vmupdate-agent")
+    assert config.from_args([], environ={}).signer_ca_dir is None
+
+
+def test_an_unreadable_signing_ca_stops_the_operator_at_start(tmp_path: Path,
+                                                               capsys: Any) -> None:
+    from vmupdate_operator import main
+
+    (tmp_path / "tls.crt").write_text("not a certificate")
+    (tmp_path / "tls.key").write_text("not a key")
+    for folder in (tmp_path, tmp_path / "missing"):
+        assert main.main(["--agent-signer-ca-dir", str(folder), "--agent-service-account",
+                          "ns/sa"]) == 2
+        assert "--agent-signer-ca-dir" in capsys.readouterr().err

@@ -370,6 +370,8 @@ SCHEMA_REFUSED: list[tuple[dict[str, Any], str]] = [
     ({"operator": {"peering": {"lifetimeSeconds": 2}}}, "/operator/peering/lifetimeSeconds"),
     ({"operator": {"tlsSecret": "Not_A_Name"}}, "/operator/tlsSecret"),
     ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
+    ({"certificates": {"agentServing": "cert-manager-csi"}}, "/certificates/agentServing"),
+    ({"certificates": {"agentTtlSeconds": 60}}, "/certificates/agentTtlSeconds"),
 ]
 # Refused by the templates (`fail`): `helm template` and install; `helm lint` only reports
 # template failures as [INFO] (lint mode), so it is not asked.
@@ -377,6 +379,10 @@ TEMPLATE_REFUSED: list[tuple[dict[str, Any], str]] = [
     ({"agent": {"config": {"listen_address": "9443"}}}, "agent.config.listen_address"),
     ({"agent": {"config": {"socket_globs": ["/*/qmp.sock"]}}}, "agent.config.socket_globs"),
     ({"operator": {"replicas": 2, "peering": {"enabled": False}}}, "operator.replicas"),
+    ({"certificates": {"create": "selfSigned"}}, "set certificates.agentServing=csr"),
+    ({"certificates": {"create": "certManager"}}, "set certificates.agentServing=csr"),
+    ({"certificates": {"agentServing": "csr"}, "registrar": {"enabled": False}},
+     "keep registrar.enabled=true"),
 ]
 
 
@@ -472,3 +478,110 @@ def test_a_bad_config_file_is_refused_by_the_agent_too(tmp_path: Path) -> None:
                                     "allowed_binary_dirs": ["/opt/../etc"]}))
     with pytest.raises(ConfigError, match="allowed_binary_dirs"):
         load(path)
+
+
+# --- per-node agent certificates (certificates.agentServing=csr) -----------------------------
+
+CSR_SELF_SIGNED = {"certificates": {"agentServing": "csr", "create": "selfSigned"}}
+
+
+def _secret_pem(secret: dict[str, Any], key: str) -> bytes:
+    import base64
+
+    return base64.b64decode(secret["data"][key])
+
+
+def test_self_signed_mode_creates_the_ca_and_client_certificates(workdir: Path) -> None:
+    from cryptography import x509
+
+    from vmupdate_operator.csr_signer import SigningCA
+
+    objs = template(CSR_SELF_SIGNED, workdir=workdir, namespace=NAMESPACE)
+    ca_secret = find(objs, "Secret", "vmupdate-ca")
+    assert ca_secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    ca = SigningCA.from_pem(_secret_pem(ca_secret, "tls.crt"), _secret_pem(ca_secret, "tls.key"))
+    for name, identity in (("vmupdate-operator-tls", "vmupdate-operator"),
+                           ("vmupdate-registrar-tls", "vmupdate-registrar")):
+        secret = find(objs, "Secret", name)
+        assert _secret_pem(secret, "ca.crt") == _secret_pem(ca_secret, "tls.crt")
+        cert = x509.load_pem_x509_certificate(_secret_pem(secret, "tls.crt"))
+        cert.verify_directly_issued_by(ca.cert)
+        assert cert.subject.get_attributes_for_oid(
+            x509.oid.NameOID.COMMON_NAME)[0].value == identity
+    # The operator signs with the CA and checks each agent against its node.
+    op = pod_spec(objs, "Deployment")
+    args = op["containers"][0]["args"]
+    assert "--agent-server-name={node}" in args
+    assert "--agent-signer-ca-dir=/etc/vmupdate/signer" in args
+    assert f"--agent-service-account={NAMESPACE}/vmupdate-agent" in args
+    [signer] = [v for v in op["volumes"] if v["name"] == "signer-ca"]
+    assert signer["secret"]["secretName"] == "vmupdate-ca"
+    cfg = operator_config.from_args([a for a in args if a.startswith("--agent-")])
+    assert cfg.agent_user == f"system:serviceaccount:{NAMESPACE}:vmupdate-agent"
+
+
+def test_csr_mode_agents_make_their_own_key_and_never_mount_the_ca(workdir: Path) -> None:
+    objs = template(CSR_SELF_SIGNED, workdir=workdir, namespace=NAMESPACE)
+    spec = pod_spec(objs, "DaemonSet")
+    [sidecar] = [c for c in spec["initContainers"] if c["name"] == "certificate"]
+    assert sidecar["restartPolicy"] == "Always"  # a sidecar, started before the agent
+    assert sidecar["command"] + sidecar["args"][:2] == [
+        "python", "-m", "vmupdate_agent.certificate", "--node-name=$(NODE_NAME)",
+        "--dir=/etc/vmupdate/tls"]
+    assert "startupProbe" in sidecar  # the agent starts once the first certificate is there
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["agent-tls"] == {"name": "agent-tls",
+                                    "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}}
+    assert volumes["client-ca"]["secret"] == {"secretName": "vmupdate-registrar-tls",
+                                              "items": [{"key": "ca.crt", "path": "ca.crt"}],
+                                              "defaultMode": 0o444}
+    # No Secret with a key the node must not hold: the CA's, the operator's.
+    mounted = {v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v}
+    assert mounted == {"vmupdate-registrar-tls"}
+    registrar = next(c for c in spec["containers"] if c["name"] == "registrar")
+    assert "--server-name=$(NODE_NAME)" in registrar["args"]
+    assert "client_ca_file: /etc/vmupdate/client-ca/ca.crt" in agent_yaml(objs)
+
+
+def test_csr_mode_rbac(workdir: Path) -> None:
+    objs = template({"certificates": {"agentServing": "csr"}}, workdir=workdir,
+                    namespace=NAMESPACE)
+    csr = "certificatesigningrequests"
+    assert rules(find(objs, "ClusterRole", "-agent")) >= {
+        ("certificates.k8s.io", csr, "create", ""), ("certificates.k8s.io", csr, "get", "")}
+    assert {r for r in rules(find(objs, "ClusterRole", "-operator"))
+            if r[0] == "certificates.k8s.io"} == {
+        ("certificates.k8s.io", csr, "list", ""), ("certificates.k8s.io", csr, "watch", ""),
+        ("certificates.k8s.io", f"{csr}/approval", "update", ""),
+        ("certificates.k8s.io", f"{csr}/status", "update", ""),
+        ("certificates.k8s.io", "signers", "approve", "vmupdate.dev/agent-serving"),
+        ("certificates.k8s.io", "signers", "sign", "vmupdate.dev/agent-serving")}
+    # Pre-made Secrets: nothing generated.
+    assert not [o for o in objs if o["kind"] == "Secret"]
+
+
+def test_secret_mode_is_unchanged(default_objects: list[dict[str, Any]]) -> None:
+    spec = pod_spec(default_objects, "DaemonSet")
+    assert [c["name"] for c in spec["initContainers"]] == ["config"]
+    assert {v["name"]: v for v in spec["volumes"]}["agent-tls"]["secret"]["secretName"] == (
+        "vmupdate-agent-tls")
+    assert not [o for o in default_objects if o["kind"] == "Secret"]
+    assert not [r for r in rules(find(default_objects, "ClusterRole", "-operator"))
+                if r[0] == "certificates.k8s.io"]
+
+
+def test_cert_manager_mode_renders_issuers_and_certificates(workdir: Path) -> None:
+    """Render-tested only: cert-manager is not installed in the test cluster."""
+    objs = template({"certificates": {"agentServing": "csr", "create": "certManager"}},
+                    workdir=workdir, namespace=NAMESPACE)
+    assert not [o for o in objs if o["kind"] == "Secret"]
+    assert find(objs, "Issuer", "-selfsigned")["spec"] == {"selfSigned": {}}
+    ca = find(objs, "Certificate", "-ca")["spec"]
+    assert ca["isCA"] is True and ca["secretName"] == "vmupdate-ca"
+    assert find(objs, "Issuer", "vmupdate-ca")["spec"] == {"ca": {"secretName": "vmupdate-ca"}}
+    for who, secret, cn in (("operator", "vmupdate-operator-tls", "vmupdate-operator"),
+                            ("registrar", "vmupdate-registrar-tls", "vmupdate-registrar")):
+        spec = find(objs, "Certificate", f"-{who}")["spec"]
+        assert (spec["secretName"], spec["commonName"]) == (secret, cn)
+        assert spec["usages"] == ["digital signature", "client auth"]
+        assert spec["issuerRef"]["name"] == "vmupdate-ca"

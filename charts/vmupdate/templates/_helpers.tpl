@@ -112,6 +112,28 @@ sockets in its own mount namespace, so they must be there at the same path.
 {{/* The agent's configuration as the ConfigMap holds it (node_name is added per node). */}}
 {{- define "vmupdate.agent.config" -}}
 {{- $cfg := deepCopy .Values.agent.config -}}
-{{- $_ := set $cfg "tls" (dict "cert_file" "/etc/vmupdate/tls/tls.crt" "key_file" "/etc/vmupdate/tls/tls.key" "client_ca_file" "/etc/vmupdate/tls/ca.crt") -}}
+{{- $clientCA := ternary "/etc/vmupdate/client-ca/ca.crt" "/etc/vmupdate/tls/ca.crt" (eq .Values.certificates.agentServing "csr") -}}
+{{- $_ := set $cfg "tls" (dict "cert_file" "/etc/vmupdate/tls/tls.crt" "key_file" "/etc/vmupdate/tls/tls.key" "client_ca_file" $clientCA) -}}
 {{- toYaml $cfg -}}
+{{- end -}}
+
+{{/* The name the operator and the registrar check on an agent's serving certificate:
+"{node}" (the VMHost's node) when each agent has its own (certificates.agentServing=csr). */}}
+{{- define "vmupdate.agentServerName" -}}
+{{- if eq .Values.certificates.agentServing "csr" -}}
+{node}
+{{- else -}}
+{{- .Values.agentServerName -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Refuse certificate settings that do not go together. */}}
+{{- define "vmupdate.certificates.check" -}}
+{{- $c := .Values.certificates -}}
+{{- if and (ne $c.create "none") (ne $c.agentServing "csr") -}}
+{{- fail (printf "certificates.create=%s makes no agent serving certificate: set certificates.agentServing=csr (each agent asks for its own node's), or certificates.create=none with pre-made Secrets" $c.create) -}}
+{{- end -}}
+{{- if and (eq $c.agentServing "csr") (not .Values.registrar.enabled) -}}
+{{- fail "certificates.agentServing=csr: the agents take their client CA from registrar.tlsSecret's ca.crt; keep registrar.enabled=true" -}}
+{{- end -}}
 {{- end -}}
