@@ -126,6 +126,12 @@ def test_pod_gets_an_address_and_reaches_the_api_in_cluster(
 # --------------------------------------------------------------------------- the chart
 
 
+def exe_name(pid: int) -> str:
+    """The name of the binary ``pid`` runs; an updated VM runs the agent's pinned private copy
+    of the target, which may be unlinked since ("(deleted)")."""
+    return Path(f"/proc/{pid}/exe").readlink().name.removesuffix(" (deleted)")
+
+
 @pytest.fixture(scope="module")
 def installed(real_node: tuple[Sandbox, Node, str], rig: Rig,
               tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
@@ -179,9 +185,7 @@ async def test_vmupdate_updates_a_host_vm_and_a_pod_vm_in_place(
             row = rows[name]
             assert row["phase"] == "Updated" and row["host"] == installed.node.name, row
             assert row["pidBefore"] == row["pidAfter"] == pid, row
-            # The agent's pinned private copy of the target (removed once exec'd: "(deleted)").
-            exe = Path(f"/proc/{pid}/exe").readlink().name.removesuffix(" (deleted)")
-            assert exe == Path(rig.sid.alt_binary).name, exe
+            assert exe_name(pid) == Path(rig.sid.alt_binary).name
             await serial.wait_ticks(10, after=time.monotonic_ns(), timeout=30)
             serial.assert_continuous(since=mark)
             assert serial.token == tokens[name]
@@ -239,7 +243,8 @@ async def test_vm_pod_killed_during_a_rollout(installed: Installed, rig: Rig,
         assert rows["b-host"]["pidAfter"] == pid == vm.pid
         await vm.serial.wait_ticks(10, after=time.monotonic_ns(), timeout=30)
         vm.serial.assert_continuous(since=mark)
-        assert pod.phase() == "Failed"  # restartPolicy Never: the kubelet did not reboot it
+        # restartPolicy Never: the kubelet does not boot it again.
+        await kube.wait_for(lambda: pod.phase() == "Failed", 60, "the VM pod to be Failed")
     finally:
         await asyncio.to_thread(kube.delete_vmupdates, installed.kubectl, 120)
         if pod is not None:
@@ -308,7 +313,7 @@ async def test_agent_killed_mid_update(installed: Installed, rig: Rig) -> None:
         # Whatever the end, the VM runs in the same pid (cpr-exec), on the target (Updated) or
         # on its own QEMU (killed before the point of no return: Failed, "as before"; or
         # RolledBack), and the guest never rebooted nor lost memory.
-        exe = Path(f"/proc/{pid}/exe").readlink().name
+        exe = exe_name(pid)
         if row["phase"] == "Updated":
             assert exe == Path(rig.sid.alt_binary).name, row
         else:
@@ -355,7 +360,7 @@ async def test_helm_upgrade_during_a_rollout(installed: Installed, rig: Rig) -> 
         for name, vm, pid in zip(names, vms, pids, strict=True):
             assert rows[name]["phase"] == "Updated", rows[name]
             assert vm.pid == pid and rows[name]["pidAfter"] == pid
-            assert Path(f"/proc/{pid}/exe").readlink().name == Path(rig.sid.alt_binary).name
+            assert exe_name(pid) == Path(rig.sid.alt_binary).name
             await vm.serial.wait_ticks(10, after=time.monotonic_ns(), timeout=30)
             vm.serial.assert_continuous(since=mark)
     finally:
