@@ -12,21 +12,23 @@ COPY node-agent/guard/ /src/guard/
 # Static, so it runs unchanged inside any VM root (chroot, container image).
 RUN sh /src/guard/build.sh /out
 
-# The wheels are built here, so the final stage needs no build tools.
+# The wheels are built and installed here (into /install, as if it were /), so the final stage
+# needs no build tools and gets the installed files by a COPY, which every builder's layer
+# cache keys by content (buildah's does not look into a RUN's bind mount of another stage).
 FROM python:3.11-slim-bookworm AS wheels
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY api/ api/
 COPY operator/ operator/
 COPY node-agent/ node-agent/
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+RUN pip wheel --no-cache-dir --wheel-dir /wheels . \
+    && pip install --no-cache-dir --no-index --find-links /wheels --root /install vmupdate
 
 FROM python:3.11-slim-bookworm
 # util-linux: nsenter and setsid, the agent's default host_exec_prefix and detach_prefix.
 RUN apt-get update && apt-get install -y --no-install-recommends util-linux \
     && rm -rf /var/lib/apt/lists/*
-RUN --mount=type=bind,from=wheels,source=/wheels,target=/wheels \
-    pip install --no-cache-dir --no-index --find-links /wheels vmupdate
+COPY --from=wheels /install/ /
 COPY --from=guard /out/vmupdate-cpr-guard /usr/lib/vmupdate/vmupdate-cpr-guard
 # The agent installs this prebuilt guard into its runtime dir (agent.yaml: guard_binary).
 ENV VMUPDATE_GUARD_BINARY=/usr/lib/vmupdate/vmupdate-cpr-guard

@@ -5,17 +5,18 @@ kube-proxy and kube-scheduler, in a network namespace of its own.
 * a pod of the project's image is scheduled, gets an address from the pod network, and reaches
   the API server through the ``kubernetes`` Service with in-cluster config, authenticated as
   its ServiceAccount;
-* ``helm install`` as the README says (TLS Secrets made beforehand) runs the operator
-  Deployment (2 replicas, kopf peering, in-cluster config) and the agent DaemonSet (privileged,
-  hostPID, hostPaths at the same paths) as pods of the built image, all Ready;
-* a VMUpdate applied with kubectl updates a VM on the host in place through those pods
-  (cpr-exec: same pid, now the target binary; guest counter continuous, token unchanged, RAM
-  checksums good).
+* ``helm install`` as the README says (TLS Secrets made beforehand, the agent's per node)
+  runs the operator Deployment (2 replicas, kopf peering, in-cluster config) and the agent
+  DaemonSet (privileged, hostPID, hostPaths at the same paths) as pods of the built image;
+* one VMUpdate applied with kubectl updates in place both a VM on the host and a VM in a pod
+  (QEMU as an unprivileged container of the VM pod image, the target from a hostPath):
+  cpr-exec, same pid, now the target binary; guest counter continuous, token unchanged, RAM
+  checksums good.
 
-Drills: the agent's container killed mid-update; ``helm upgrade`` during a rollout; a cordoned
-node. One module past the usual length on purpose: the node, the release and the drills share
-one node and one installed chart (module-scoped fixtures); split, each module would bring up
-its own.
+Drills: the agent's container killed mid-update; the VM pod's container killed during a
+rollout; ``helm upgrade`` during a rollout; a cordoned node. One module on purpose: they share
+one node and one installed chart (module-scoped fixtures); the chart and VM pod helpers are in
+``e2e/node/release.py`` and ``e2e/node/vmpod.py``.
 
 The node is its own cluster's (a sandbox started here), so its scheduler never runs the other
 tests' Pending pods. The node's host paths are made shared mounts first (see
@@ -29,13 +30,9 @@ import contextlib
 import ipaddress
 import json
 import os
-import secrets
-import shutil
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +41,10 @@ import yaml
 
 from e2e.cluster.sandbox import Sandbox, versions
 from e2e.k8s import kube
-from e2e.k8s.pki import make_fleet_pki
-from e2e.node.containerd import umount_below
 from e2e.node.node import POD_CIDR, Node
+from e2e.node.release import CHART, NAMESPACE, RELEASE, Installed, get, helm, install
+from e2e.node.vmpod import VMPod, build_qemu_image
 from e2e.rig import Rig, start_vm
-from e2e.test_k8s_node_image import TOP as REPO
 from e2e.test_k8s_node_image import build_image
 
 pytestmark = pytest.mark.k8s
@@ -57,21 +53,19 @@ pytestmark = pytest.mark.k8s
 @pytest.fixture(scope="module")
 def real_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Sandbox, Node, str]]:
     archive, image = build_image()
+    qemu_archive, _ = build_qemu_image()
     # A cluster of its own: its scheduler and node must not run other tests' Pending pods.
     sandbox = Sandbox.start(tmp_path_factory.mktemp("node-k8s"))
     try:
         node = Node.start(sandbox, tmp_path_factory.mktemp("node"))
         try:
             node.import_image(archive)
+            node.import_image(qemu_archive)
             yield sandbox, node, image
         finally:
             node.stop()
     finally:
         sandbox.stop()
-
-
-def get(sandbox: Sandbox, *args: str) -> Any:
-    return json.loads(sandbox.kubectl("get", *args, "-o", "json", check=True).stdout)
 
 
 def wait_pod_done(sandbox: Sandbox, ns: str, name: str, timeout: float) -> dict[str, Any]:
@@ -128,64 +122,14 @@ def test_pod_gets_an_address_and_reaches_the_api_in_cluster(
                       "user": "system:serviceaccount:default:default"}
 
 
+
 # --------------------------------------------------------------------------- the chart
 
-RELEASE, NAMESPACE = "vmupdate", "vmupdate"
-CHART = REPO / "charts" / "vmupdate"
 
-
-def create_tls_secret(sandbox: Sandbox, name: str, cert: Path, key: Path, ca: Path) -> None:
-    sandbox.kubectl("-n", NAMESPACE, "create", "secret", "generic", name,
-                    f"--from-file=tls.crt={cert}", f"--from-file=tls.key={key}",
-                    f"--from-file=ca.crt={ca}", check=True)
-
-
-def helm(sandbox: Sandbox, *args: str, timeout: float = 600) -> str:
-    env = {**os.environ, "KUBECONFIG": str(sandbox.kubeconfig),
-           "HELM_CACHE_HOME": str(sandbox.workdir / "helm" / "cache"),
-           "HELM_CONFIG_HOME": str(sandbox.workdir / "helm" / "config"),
-           "HELM_DATA_HOME": str(sandbox.workdir / "helm" / "data")}
-    res = subprocess.run([str(sandbox.helm_path), *args], capture_output=True, text=True,
-                         timeout=timeout, env=env, check=False)
-    assert res.returncode == 0, f"helm {' '.join(args)}:\n{res.stderr}{res.stdout}"
-    return res.stdout
-
-
-@dataclass
-class Installed:
-    sandbox: Sandbox
-    node: Node
-    vm_dir: Path
-    state_dir: Path
-    runtime_dir: Path
-    values_file: Path
-
-    def kubectl(self, *args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
-        return self.sandbox.kubectl(*args, **kw)
-
-    def wait_pods_ready(self, timeout: float) -> None:
-        """Both operator replicas and the node's agent pod (every container) Ready."""
-        deadline = time.monotonic() + timeout
-        while True:
-            deploy = get(self.sandbox, "deployment", "-n", NAMESPACE, f"{RELEASE}-operator")
-            ds = get(self.sandbox, "daemonset", "-n", NAMESPACE, f"{RELEASE}-agent")
-            if (deploy["status"].get("readyReplicas") == 2
-                    and deploy["status"].get("updatedReplicas") == 2
-                    and ds["status"].get("numberReady") == 1
-                    and ds["status"].get("updatedNumberScheduled") == 1):
-                return
-            if time.monotonic() > deadline:
-                pods = get(self.sandbox, "pods", "-n", NAMESPACE)["items"]
-                states = [(p["metadata"]["name"], p["status"].get("phase"),
-                           [c.get("state") for c in p["status"].get("containerStatuses") or []])
-                          for p in pods]
-                raise AssertionError(f"pods not ready: {json.dumps(states, indent=1)}\n"
-                                     f"{self.logs()}")
-            time.sleep(1)
-
-    def logs(self) -> str:
-        return "\n".join(self.node.pod_logs(NAMESPACE, p) for p in (
-            f"{RELEASE}-operator", f"{RELEASE}-agent"))
+def exe_name(pid: int) -> str:
+    """The name of the binary ``pid`` runs; an updated VM runs the agent's pinned private copy
+    of the target, which may be unlinked since ("(deleted)")."""
+    return Path(f"/proc/{pid}/exe").readlink().name.removesuffix(" (deleted)")
 
 
 @pytest.fixture(scope="module")
@@ -193,47 +137,13 @@ def installed(real_node: tuple[Sandbox, Node, str], rig: Rig,
               tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
     """The chart installed as the README says, onto the real node, for the host's VMs."""
     sandbox, node, _ = real_node
-    work = tmp_path_factory.mktemp("chart")
-    token = secrets.token_hex(3)
-    inst = Installed(sandbox, node, vm_dir=rig.vms_dir / f"node-{token}",
-                     state_dir=work / "state", values_file=work / "values.yaml",
-                     # Below the rig's share: the chrooted QEMU sees it at the same path.
-                     runtime_dir=rig.share / "at" / f"node-{token}")
-    pki = make_fleet_pki(work / "pki")
-    sandbox.kubectl("create", "namespace", NAMESPACE, check=True)
-    agent = pki.agent("vmupdate-agent")  # the chart's agentServerName
-    for name, pair in (("vmupdate-operator-tls", pki.operator),
-                       ("vmupdate-registrar-tls", pki.registrar),
-                       ("vmupdate-agent-tls", agent)):
-        create_tls_secret(sandbox, name, pair.cert, pair.key, pki.ca_cert)
-    assert rig.sid.alt_binary is not None
-    values = {
-        "agent": {"config": {
-            "socket_globs": [f"{inst.vm_dir}/*/qmp.sock"],
-            "allowed_binary_dirs": [str(Path(rig.sid.alt_binary).parent),
-                                    str(Path(rig.sid.binary).parent)],
-            "state_dir": str(inst.state_dir), "runtime_dir": str(inst.runtime_dir)}},
-        "registrar": {"intervalSeconds": 2},
-        "operator": {"resyncSeconds": 3},
-    }
-    values_file = inst.values_file
-    values_file.write_text(yaml.safe_dump(values))
-    for path in (inst.vm_dir, inst.state_dir, inst.runtime_dir):
-        node.share_host_path(path)
-    try:
-        t0 = time.monotonic()
-        # README: helm install vmupdate charts/vmupdate -n vmupdate --create-namespace
-        helm(sandbox, "install", RELEASE, str(CHART), "-n", NAMESPACE, "--create-namespace",
-             "-f", str(values_file), "--wait", "--timeout", "5m")
-        inst.wait_pods_ready(180)
-        print(f"helm install, all pods ready: {time.monotonic() - t0:.1f} s")
+    with install(sandbox, node, rig, tmp_path_factory.mktemp("chart")) as inst:
         yield inst
-    finally:
-        with contextlib.suppress(AssertionError, subprocess.TimeoutExpired):
-            helm(sandbox, "uninstall", RELEASE, "-n", NAMESPACE, "--wait", "--timeout", "3m")
-        for path in (inst.vm_dir, inst.runtime_dir):
-            umount_below(path)
-            shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def qemu_image() -> str:
+    return build_qemu_image()[1]  # cached: imported by real_node
 
 
 def test_chart_runs_its_pods_on_the_node(installed: Installed) -> None:
@@ -245,63 +155,101 @@ def test_chart_runs_its_pods_on_the_node(installed: Installed) -> None:
     assert {p["spec"]["nodeName"] for p in pods} == {installed.node.name}
     images = {c["image"] for p in pods for c in p["spec"]["containers"]}
     assert images == {"vmupdate:0.1.0"}
+    args = [a for c in installed.agent_pod()["spec"]["containers"] for a in c.get("args", [])]
+    # The per-node serving certificate's name: the chart's "{node}" resolved in the pod.
+    assert "--server-name=$(NODE_NAME)" in args, args
 
 
-async def test_vmupdate_updates_a_host_vm_in_place(installed: Installed, rig: Rig) -> None:
-    vm = await start_vm(rig, "sid", name="host-vm",
-                        workdir=installed.vm_dir / f"host-vm-{secrets.token_hex(3)}",
-                        wait_ticking=True)
+async def test_vmupdate_updates_a_host_vm_and_a_pod_vm_in_place(
+        installed: Installed, rig: Rig, qemu_image: str) -> None:
+    """One VMUpdate, applied with kubectl, updates a VM on the host (the rig's sid QEMU in
+    its root) and a VM in a pod (the same QEMU build as the pod's image), both with cpr-exec
+    to the target build, which the pod gets from a hostPath."""
     assert rig.sid.alt_binary is not None
+    vm = await start_vm(rig, "sid", name="host-vm", workdir=installed.vm_workdir("host-vm"),
+                        wait_ticking=True)
+    pod: VMPod | None = None
     try:
-        pid, token = vm.pid, vm.serial.token
-        node = installed.node.name
-
-        def listed() -> bool:
-            host = kube.get(installed.kubectl, "vmhost", node) or {}
-            return any(v.get("uuid") == vm.uuid
-                       for v in (host.get("status") or {}).get("vms") or [])
-
-        await kube.wait_for(listed, 90, f"VMHost {node} to list the VM",
-                            describe=installed.logs)
-        manifest = {
-            "apiVersion": "vmupdate.dev/v1alpha1", "kind": "VMUpdate",
-            "metadata": {"name": "host-vm"},
-            "spec": {"selector": {"vmNames": ["host-vm"]},
-                     "target": {"binary": rig.sid.alt_binary, "version": rig.sid.version},
-                     "mode": "CprExec"}}
+        pod = await VMPod.start(installed.sandbox, installed.node, rig, name="pod-vm",
+                                image=qemu_image, workdir=installed.vm_workdir("pod-vm"),
+                                runtime_dir=installed.runtime_dir)
+        assert Path(f"/proc/{pod.pid}/exe").readlink().name == Path(rig.sid.binary).name
+        guests = {"host-vm": (vm.pid, vm.serial), "pod-vm": (pod.pid, pod.serial)}
+        tokens = {n: serial.token for n, (_, serial) in guests.items()}
+        await installed.wait_listed(vm.uuid, pod.uuid)
         mark = time.monotonic_ns()
-        kube.apply(installed.kubectl, yaml.safe_dump(manifest))
-
-        def ready() -> Any:
-            obj = kube.get(installed.kubectl, "vmupdate", "host-vm")
-            return obj if kube.condition(obj, "Ready").get("status") == "True" else None
-
-        obj = await kube.wait_for(ready, 240, "VMUpdate host-vm Ready",
-                                  describe=installed.logs)
-        row = kube.rows(obj)["host-vm"]
-        assert row["phase"] == "Updated" and row["host"] == node, row
-        assert row["pidBefore"] == row["pidAfter"] == pid == vm.pid
-        assert Path(f"/proc/{pid}/exe").readlink().name == Path(rig.sid.alt_binary).name
-        await vm.serial.wait_ticks(10, after=time.monotonic_ns(), timeout=30)
-        vm.serial.assert_continuous(since=mark)
-        assert vm.serial.token == token
+        installed.apply_update("both", list(guests), rig.sid.alt_binary, rig.sid.version)
+        obj = await installed.wait_update_ready("both")
+        rows = kube.rows(obj)
+        for name, (pid, serial) in guests.items():
+            row = rows[name]
+            assert row["phase"] == "Updated" and row["host"] == installed.node.name, row
+            assert row["pidBefore"] == row["pidAfter"] == pid, row
+            assert exe_name(pid) == Path(rig.sid.alt_binary).name
+            await serial.wait_ticks(10, after=time.monotonic_ns(), timeout=30)
+            serial.assert_continuous(since=mark)
+            assert serial.token == tokens[name]
+        assert pod.phase() == "Running"
     finally:
         await asyncio.to_thread(kube.delete_vmupdates, installed.kubectl, 120)
+        if pod is not None:
+            await pod.stop()
         await vm.stop()
 
 
 # --------------------------------------------------------------------------- drills
 
-TERMINAL = {"Updated", "Failed", "RolledBack"}
 
+async def test_vm_pod_killed_during_a_rollout(installed: Installed, rig: Rig,
+                                              qemu_image: str) -> None:
+    """The VM pod's container killed (SIGKILL to its QEMU) while the rollout updates it: the
+    operator reports that VM as failed (or, killed before its turn, as no longer found),
+    and goes on with the others (failurePolicy Continue): the host VM after it is updated."""
+    assert rig.sid.alt_binary is not None
+    # Rows run in (host, name) order, one at a time: the pod's VM first.
+    vm = await start_vm(rig, "sid", name="b-host", workdir=installed.vm_workdir("b-host"),
+                        wait_ticking=True)
+    pod: VMPod | None = None
+    ops = installed.state_dir / "operations"
+    try:
+        pod = await VMPod.start(installed.sandbox, installed.node, rig, name="a-pod",
+                                image=qemu_image, workdir=installed.vm_workdir("a-pod"),
+                                runtime_dir=installed.runtime_dir)
+        await installed.wait_listed(vm.uuid, pod.uuid)
+        qemu_pid, pid = pod.container_pid(), vm.pid
+        assert qemu_pid == pod.pid  # QEMU is the container's process
+        before = set(ops.glob("*.json"))
+        mark = time.monotonic_ns()
+        installed.apply_update("lost", ["a-pod", "b-host"], rig.sid.alt_binary,
+                               rig.sid.version,
+                               strategy={"maxParallel": 1, "failurePolicy": "Continue"})
 
-def agent_pod(installed: Installed) -> dict[str, Any]:
-    pods = get(installed.sandbox, "pods", "-n", NAMESPACE, "-l",
-               "app.kubernetes.io/component=agent")["items"]
-    live = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
-    assert len(live) == 1, [p["metadata"]["name"] for p in pods]
-    return dict(live[0])
+        def pod_op() -> Path | None:
+            for path in set(ops.glob("*.json")) - before:
+                with contextlib.suppress(ValueError, OSError, KeyError):
+                    if json.loads(path.read_text())["vm"]["uuid"] == pod.uuid:
+                        return path
+            return None
 
+        record = await kube.wait_for(pod_op, 120, "the agent to journal a-pod's update",
+                                     interval=0.01, describe=installed.logs)
+        os.kill(qemu_pid, signal.SIGKILL)
+        rows = await installed.wait_rows_end("lost", ["a-pod", "b-host"])
+        journal = json.loads(record.read_text())
+        print(f"VM pod killed: row {rows['a-pod']}, journal {journal['state']}")
+        assert rows["a-pod"]["phase"] in ("Failed", "Skipped"), (rows["a-pod"], journal)
+        assert rows["a-pod"]["message"], rows["a-pod"]
+        assert rows["b-host"]["phase"] == "Updated", rows["b-host"]
+        assert rows["b-host"]["pidAfter"] == pid == vm.pid
+        await vm.serial.wait_ticks(10, after=time.monotonic_ns(), timeout=30)
+        vm.serial.assert_continuous(since=mark)
+        # restartPolicy Never: the kubelet does not boot it again.
+        await kube.wait_for(lambda: pod.phase() == "Failed", 60, "the VM pod to be Failed")
+    finally:
+        await asyncio.to_thread(kube.delete_vmupdates, installed.kubectl, 120)
+        if pod is not None:
+            await pod.stop()
+        await vm.stop()
 
 async def test_agent_killed_mid_update(installed: Installed, rig: Rig) -> None:
     """The agent's container killed (SIGKILL: no drain) while its journal holds the running
@@ -309,30 +257,19 @@ async def test_agent_killed_mid_update(installed: Installed, rig: Rig) -> None:
     finishes or rolls back the operation, the operator follows it to an end, and the guest
     never notices beyond the pause."""
     vm = await start_vm(rig, "sid", name="drill-vm",
-                        workdir=installed.vm_dir / f"drill-vm-{secrets.token_hex(3)}",
+                        workdir=installed.vm_workdir("drill-vm"),
                         wait_ticking=True)
     assert rig.sid.alt_binary is not None
     ops = installed.state_dir / "operations"
     try:
-        node = installed.node.name
-        await kube.wait_for(
-            lambda: any(v.get("uuid") == vm.uuid for v in
-                        ((kube.get(installed.kubectl, "vmhost", node) or {}).get("status")
-                         or {}).get("vms") or []),
-            90, "the VMHost to list drill-vm", describe=installed.logs)
+        await installed.wait_listed(vm.uuid)
         pid = vm.pid
-        old = agent_pod(installed)
+        old = installed.agent_pod()
         status = next(c for c in old["status"]["containerStatuses"] if c["name"] == "agent")
         agent_pid = installed.node.task_pid(status["containerID"])
         before = set(ops.glob("*.json"))
-        manifest = {
-            "apiVersion": "vmupdate.dev/v1alpha1", "kind": "VMUpdate",
-            "metadata": {"name": "drill-vm"},
-            "spec": {"selector": {"vmNames": ["drill-vm"]},
-                     "target": {"binary": rig.sid.alt_binary, "version": rig.sid.version},
-                     "mode": "CprExec"}}
         mark = time.monotonic_ns()
-        kube.apply(installed.kubectl, yaml.safe_dump(manifest))
+        installed.apply_update("drill-vm", ["drill-vm"], rig.sid.alt_binary, rig.sid.version)
 
         def running() -> Path | None:
             for path in set(ops.glob("*.json")) - before:
@@ -350,7 +287,7 @@ async def test_agent_killed_mid_update(installed: Installed, rig: Rig) -> None:
         # The kubelet restarts the container in the same pod; its agent resolves the operation.
 
         def restarted() -> Any:
-            pod = agent_pod(installed)
+            pod = installed.agent_pod()
             agent = next(c for c in pod["status"]["containerStatuses"] if c["name"] == "agent")
             return (pod if agent["restartCount"] > status["restartCount"] and agent.get("ready")
                     else None)
@@ -366,7 +303,7 @@ async def test_agent_killed_mid_update(installed: Installed, rig: Rig) -> None:
         def row_end() -> Any:
             obj = kube.get(installed.kubectl, "vmupdate", "drill-vm") or {}
             row = kube.rows(obj).get("drill-vm") or {}
-            return row if row.get("phase") in TERMINAL else None
+            return row if row.get("phase") in ("Updated", "Failed", "RolledBack") else None
 
         row = await kube.wait_for(row_end, 240, "the operator to follow drill-vm to an end",
                                   describe=installed.logs)
@@ -376,7 +313,7 @@ async def test_agent_killed_mid_update(installed: Installed, rig: Rig) -> None:
         # Whatever the end, the VM runs in the same pid (cpr-exec), on the target (Updated) or
         # on its own QEMU (killed before the point of no return: Failed, "as before"; or
         # RolledBack), and the guest never rebooted nor lost memory.
-        exe = Path(f"/proc/{pid}/exe").readlink().name
+        exe = exe_name(pid)
         if row["phase"] == "Updated":
             assert exe == Path(rig.sid.alt_binary).name, row
         else:
@@ -398,42 +335,24 @@ async def test_helm_upgrade_during_a_rollout(installed: Installed, rig: Rig) -> 
     assert rig.sid.alt_binary is not None
     names = ["roll-a", "roll-b"]
     vms = await asyncio.gather(*(start_vm(
-        rig, "sid", name=n, workdir=installed.vm_dir / f"{n}-{secrets.token_hex(3)}",
+        rig, "sid", name=n, workdir=installed.vm_workdir(n),
         wait_ticking=True) for n in names))
     ops = installed.state_dir / "operations"
     try:
-        node = installed.node.name
-
-        def listed() -> bool:
-            host = kube.get(installed.kubectl, "vmhost", node) or {}
-            found = {v.get("uuid") for v in (host.get("status") or {}).get("vms") or []}
-            return {vm.uuid for vm in vms} <= found
-
-        await kube.wait_for(listed, 90, "the VMHost to list both VMs", describe=installed.logs)
+        await installed.wait_listed(*(vm.uuid for vm in vms))
         pids = [vm.pid for vm in vms]
-        old = agent_pod(installed)
+        old = installed.agent_pod()
         before = set(ops.glob("*.json"))
-        manifest = {
-            "apiVersion": "vmupdate.dev/v1alpha1", "kind": "VMUpdate",
-            "metadata": {"name": "rolling"},
-            "spec": {"selector": {"vmNames": names},
-                     "target": {"binary": rig.sid.alt_binary, "version": rig.sid.version},
-                     "mode": "CprExec",
-                     "strategy": {"maxParallel": 1, "maxParallelPerHost": 1}}}
         mark = time.monotonic_ns()
-        kube.apply(installed.kubectl, yaml.safe_dump(manifest))
+        installed.apply_update("rolling", names, rig.sid.alt_binary, rig.sid.version,
+                               strategy={"maxParallel": 1, "maxParallelPerHost": 1})
         await kube.wait_for(lambda: set(ops.glob("*.json")) - before, 120,
                             "the first operation", interval=0.01, describe=installed.logs)
         helm(installed.sandbox, "upgrade", RELEASE, str(CHART), "-n", NAMESPACE,
              "-f", str(installed.values_file), "--set", "agent.verbose=true")
-
-        def ready() -> Any:
-            obj = kube.get(installed.kubectl, "vmupdate", "rolling")
-            return obj if kube.condition(obj, "Ready").get("status") == "True" else None
-
-        obj = await kube.wait_for(ready, 300, "VMUpdate rolling Ready", describe=installed.logs)
+        obj = await installed.wait_update_ready("rolling", 300)
         await asyncio.to_thread(installed.wait_pods_ready, 180)
-        new = agent_pod(installed)
+        new = installed.agent_pod()
         assert new["metadata"]["uid"] != old["metadata"]["uid"]
         agent = next(c for c in new["spec"]["containers"] if c["name"] == "agent")
         assert "--verbose" in agent["args"]
@@ -441,7 +360,7 @@ async def test_helm_upgrade_during_a_rollout(installed: Installed, rig: Rig) -> 
         for name, vm, pid in zip(names, vms, pids, strict=True):
             assert rows[name]["phase"] == "Updated", rows[name]
             assert vm.pid == pid and rows[name]["pidAfter"] == pid
-            assert Path(f"/proc/{pid}/exe").readlink().name == Path(rig.sid.alt_binary).name
+            assert exe_name(pid) == Path(rig.sid.alt_binary).name
             await vm.serial.wait_ticks(10, after=time.monotonic_ns(), timeout=30)
             vm.serial.assert_continuous(since=mark)
     finally:
@@ -457,11 +376,11 @@ async def test_cordoned_node_keeps_its_agent_and_updates(installed: Installed, r
     assert rig.sid.alt_binary is not None
     node = installed.node.name
     vm = await start_vm(rig, "sid", name="cordon-vm",
-                        workdir=installed.vm_dir / f"cordon-vm-{secrets.token_hex(3)}",
+                        workdir=installed.vm_workdir("cordon-vm"),
                         wait_ticking=True)
     installed.kubectl("cordon", node, check=True)
     try:
-        old = agent_pod(installed)
+        old = installed.agent_pod()
         installed.kubectl("-n", NAMESPACE, "delete", "pod", old["metadata"]["name"],
                           "--wait=false", check=True)
 
@@ -476,26 +395,10 @@ async def test_cordoned_node_keeps_its_agent_and_updates(installed: Installed, r
                                   describe=installed.logs)
         assert new["spec"]["nodeName"] == node
         assert get(installed.sandbox, "node", node)["spec"].get("unschedulable") is True
-        await kube.wait_for(
-            lambda: any(v.get("uuid") == vm.uuid for v in
-                        ((kube.get(installed.kubectl, "vmhost", node) or {}).get("status")
-                         or {}).get("vms") or []),
-            90, "the VMHost to list cordon-vm", describe=installed.logs)
+        await installed.wait_listed(vm.uuid)
         pid, mark = vm.pid, time.monotonic_ns()
-        manifest = {
-            "apiVersion": "vmupdate.dev/v1alpha1", "kind": "VMUpdate",
-            "metadata": {"name": "cordon-vm"},
-            "spec": {"selector": {"vmNames": ["cordon-vm"]},
-                     "target": {"binary": rig.sid.alt_binary, "version": rig.sid.version},
-                     "mode": "CprExec"}}
-        kube.apply(installed.kubectl, yaml.safe_dump(manifest))
-
-        def ready() -> Any:
-            obj = kube.get(installed.kubectl, "vmupdate", "cordon-vm")
-            return obj if kube.condition(obj, "Ready").get("status") == "True" else None
-
-        obj = await kube.wait_for(ready, 240, "VMUpdate cordon-vm Ready",
-                                  describe=installed.logs)
+        installed.apply_update("cordon-vm", ["cordon-vm"], rig.sid.alt_binary, rig.sid.version)
+        obj = await installed.wait_update_ready("cordon-vm", 240)
         row = kube.rows(obj)["cordon-vm"]
         assert row["phase"] == "Updated" and row["pidAfter"] == pid == vm.pid, row
         await vm.serial.wait_ticks(10, after=time.monotonic_ns(), timeout=30)

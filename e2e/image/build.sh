@@ -2,7 +2,7 @@
 # Build the project's image from the Dockerfile with buildah, as a user would with any builder:
 #   1. e2e/image/base.sh provides the FROM images from Debian packages (no registry here);
 #   2. buildah build --pull=never --layers (a warm run reuses every unchanged step);
-#   3. an OCI archive of it for a node's containerd: ${VMUPDATE_CACHE}/image/vmupdate.oci.tar.
+#   3. an OCI archive of it for a node's containerd: ${VMUPDATE_CACHE}/image/vmupdate-<id>.oci.tar.
 # The image is docker.io/library/vmupdate:<version from pyproject.toml>: the name the chart's
 # default `image.repository: vmupdate` resolves to. Prints the archive's path last.
 # Root only; the build's RUN steps reach the apt mirror and the Python index through the
@@ -30,12 +30,15 @@ buildah build --pull=never --layers --network=host --runtime=runc \
 id=$(buildah inspect --type image --format '{{.FromImageID}}' "$ref")
 echo "e2e/image/build.sh: built $ref (${id:0:12}) in $(($(date +%s) - t0)) s" >&2
 
-archive="$CACHE/vmupdate.oci.tar"
-if [ "$(cat "$archive.id" 2>/dev/null)" != "$id" ]; then
+# Keyed by the image's id: several source trees may build on one machine (same tag, shared
+# storage); each test imports the archive of the image its own build made.
+archive="$CACHE/vmupdate-${id:0:16}.oci.tar"
+if [ ! -f "$archive" ]; then
   rm -f "$archive.tmp"
   podman save --format oci-archive -o "$archive.tmp" "$ref" >/dev/null
   mv -f "$archive.tmp" "$archive"
-  echo "$id" >"$archive.id"
 fi
+touch "$archive"
+find "$CACHE" -maxdepth 1 -name 'vmupdate-*.oci.tar' -mmin +1440 -delete
 echo "e2e/image/build.sh: $ref $(podman image inspect --format '{{.Size}}' "$ref") bytes" >&2
 echo "$archive"
