@@ -109,7 +109,7 @@ class Engine:
 
     def _allowed(self, path: str, real_path: str) -> bool:
         dirs = self.settings.allowed_dirs
-        return target.is_allowed(path, dirs) and target.is_allowed(real_path or path, dirs)
+        return pathpolicy.outside_allowed(path, dirs, resolved=real_path or None) is None
 
     def _host_facts(self, vm: VMInfo, raw: discovery.RawFacts) -> preflight.HostFacts:
         s = self.settings
