@@ -37,8 +37,6 @@ from vmupdate_agent import guard as cpr_guard
 from vmupdate_agent.config import AgentConfig
 from vmupdate_agent.convert import (
     InvalidRequest,
-    PreflightSpec,
-    UpdateSpec,
     event_to_pb,
     phase_durations,
     record_to_pb,
@@ -77,6 +75,7 @@ from vmupdate_agent.recovery import (
     infer_mode,
     pause_bounds,
 )
+from vmupdate_agent.specs import PreflightSpec, UpdateSpec
 from vmupdate_api.gen import agent_v1_pb2 as pb
 from vmupdate_api.gen import agent_v1_pb2_grpc as pb_grpc
 
