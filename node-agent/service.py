@@ -6,9 +6,9 @@ them into one module each is the next step.
 
 - Requests are validated into specs first (convert.py); nothing is looked up, journaled or
   started for a request that fails validation.
-- The binary a request names must lie under the host's allowed directories, checked here on
-  every Preflight and Update before the engine runs anything (also through symlinks inside
-  the VM's root), whatever the engine's own checks say.
+- The binary a request names must lie under the host's allowed directories (pathpolicy's
+  rule, called directly), checked here on every Preflight and Update before the engine runs
+  anything (also through symlinks inside the VM's root), whatever the engine's own checks say.
 - One operation per VM at a time; an operation id names one update forever: the same id
   again follows the journaled operation instead of starting a second one.
 - An operation that was running when the agent died is resolved at start-up: the VM is found
@@ -26,8 +26,7 @@ import importlib.metadata
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from pathlib import Path
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -112,16 +111,6 @@ class Refused(Exception):
 # --- pure decisions -------------------------------------------------------------------------
 
 
-def under(path: str, dirs: Sequence[str]) -> bool:
-    return pathpolicy.lexically_under(path, dirs)
-
-
-def outside_allowed(binary: str, allowed: Sequence[str], *, resolved: str | None = None
-                    ) -> str | None:
-    """Why `binary` may not be run on this host, or None. `resolved`: its real path."""
-    return pathpolicy.outside_allowed(binary, allowed, resolved=resolved)
-
-
 def timeouts_for(spec: UpdateSpec, base: Timeouts) -> Timeouts:
     t = spec.timeouts
     return Timeouts(command=t.qmp_command_seconds or base.command,
@@ -143,11 +132,6 @@ def vm_matches(vm: VMInfo, ref: str) -> bool:
 
 
 # --- I/O helpers ----------------------------------------------------------------------------
-
-
-def resolve_in_root(root: Path, path: str, *, max_links: int = 40) -> str:
-    """`path` with every symlink resolved as a process whose root is `root` would see it."""
-    return pathpolicy.resolve_in_root(root, path, max_links=max_links)
 
 
 async def ask_qemu(path: str, *, timeout: float) -> tuple[QemuFacts | None, str]:
