@@ -98,7 +98,7 @@ def test_no_import_cycle_among_the_agents_modules() -> None:
     mods = modules()
     known = set(mods)
     graph = {name: runtime_imports(path, known) - {name} for name, path in mods.items()}
-    assert graph[f"{PACKAGE}.service"], "the import graph was not read"
+    assert graph[f"{PACKAGE}.operations"], "the import graph was not read"
     assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph) or [])}"
 
 
@@ -130,3 +130,11 @@ def test_the_journal_does_not_depend_on_the_wire() -> None:
     assert f"{PACKAGE}.specs" in seen, f"the import graph was not read: {sorted(seen)}"
     users = sorted(n for n in seen if runtime_imports(mods[n], known) & wire)
     assert not users, f"the journal depends on the wire through {users}"
+
+
+def test_the_grpc_edge_calls_operations_never_the_modes() -> None:
+    """The servicer reaches the engine through operations; it imports no mode module."""
+    mods = modules()
+    imports = runtime_imports(mods[f"{PACKAGE}.servicer"], set(mods))
+    assert f"{PACKAGE}.operations" in imports, imports
+    assert not {m for m in imports if m.startswith(f"{PACKAGE}.modes")}, imports

@@ -1,11 +1,11 @@
-"""The NodeAgent gRPC service (grpc.aio): the edge in front of the engine.
+"""Operations: admission, per-VM locks, live operations, journal writes and recovery at start.
 
-Over 450 lines: the servicer, admission with its per-VM locks and live operations, and the
-recovery loop (the I/O around `recovery.decide_recovery`) still share this module; splitting
-them into one module each is the next step.
+Over 450 lines: admission with its per-VM locks and live operations, and the recovery loop
+(the I/O around `recovery.decide_recovery`) still share this module; moving the recovery I/O
+beside recovery.py is the next step. The gRPC edge is servicer.py.
 
-- Requests are validated into specs first (convert.py); nothing is looked up, journaled or
-  started for a request that fails validation.
+- Requests arrive validated into specs (servicer.py, convert.py); nothing is looked up,
+  journaled or started for a request that fails validation.
 - The binary a request names must lie under the host's allowed directories (pathpolicy's
   rule, called directly), checked here on every Preflight and Update before the engine runs
   anything (also through symlinks inside the VM's root), whatever the engine's own checks say.
@@ -22,12 +22,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import importlib.metadata
 import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 
 import grpc
 
@@ -35,16 +33,10 @@ from vmupdate_agent import discovery, pathpolicy, preflight, procfs
 from vmupdate_agent import guard as cpr_guard
 from vmupdate_agent.config import AgentConfig
 from vmupdate_agent.convert import (
-    InvalidRequest,
     event_to_pb,
     phase_durations,
-    record_to_pb,
-    report_to_pb,
     vm_to_pb,
 )
-from vmupdate_agent.convert import operation_id as checked_operation_id
-from vmupdate_agent.convert import preflight_spec as to_preflight_spec
-from vmupdate_agent.convert import update_spec as to_update_spec
 from vmupdate_agent.engine import Engine, EngineSettings
 from vmupdate_agent.journal import Journal, JournalError, OperationRecord, OperationState
 from vmupdate_agent.models import (
@@ -76,11 +68,9 @@ from vmupdate_agent.recovery import (
 )
 from vmupdate_agent.specs import PreflightSpec, UpdateSpec
 from vmupdate_api.gen import agent_v1_pb2 as pb
-from vmupdate_api.gen import agent_v1_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-API_VERSIONS = ("v1",)
 # Followers of an operation re-check its state at least this often.
 FOLLOW_POLL_S = 10.0
 # Waiting for another user of a VM's QMP monitor (a probe, a preflight) to finish.
@@ -90,13 +80,6 @@ ADMISSION_WAIT_S = 120.0
 # Phases after which the engine may have changed the VM.
 TOUCHING_PHASES = frozenset({Phase.STOPPING, Phase.SAVED, Phase.EXECED, Phase.TRANSFERRED,
                              Phase.RESUMED, Phase.VERIFIED})
-
-
-def agent_version() -> str:
-    try:
-        return importlib.metadata.version("vmupdate")
-    except importlib.metadata.PackageNotFoundError:
-        return "0+unknown"
 
 
 class Refused(Exception):
@@ -735,76 +718,3 @@ async def _wait_guard(path: str, phases: frozenset[str], *, timeout: float) -> N
         if status is not None and status.get("phase") in phases:
             return
         await asyncio.sleep(0.005)
-
-
-# --- the gRPC servicer ----------------------------------------------------------------------
-
-
-@contextlib.asynccontextmanager
-async def _answering(context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
-    """Turn refusals into gRPC statuses with their messages."""
-    try:
-        yield
-    except InvalidRequest as exc:
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-    except Refused as exc:
-        await context.abort(exc.code, exc.message)
-
-
-class NodeAgentService(pb_grpc.NodeAgentServicer):
-    def __init__(self, operations: Operations, config: AgentConfig) -> None:
-        self.ops = operations
-        self.config = config
-        self.started_ns = time.time_ns()
-
-    async def GetInfo(self, request: pb.GetInfoRequest,
-                      context: grpc.aio.ServicerContext[pb.GetInfoRequest, pb.GetInfoResponse]
-                      ) -> pb.GetInfoResponse:
-        answer = pb.GetInfoResponse(agent_version=agent_version(),
-                                    node_name=self.config.node_name, api_versions=API_VERSIONS,
-                                    allowed_binary_dirs=self.config.allowed_binary_dirs)
-        answer.started_at.FromNanoseconds(self.started_ns)
-        return answer
-
-    async def ListVMs(self, request: pb.ListVMsRequest,
-                      context: grpc.aio.ServicerContext[pb.ListVMsRequest, pb.ListVMsResponse]
-                      ) -> pb.ListVMsResponse:
-        return await self.ops.list_vms()
-
-    async def Preflight(
-            self, request: pb.PreflightRequest,
-            context: grpc.aio.ServicerContext[pb.PreflightRequest, pb.PreflightResponse]
-    ) -> pb.PreflightResponse:
-        async with _answering(context):
-            report = await self.ops.preflight(to_preflight_spec(request))
-            return pb.PreflightResponse(report=report_to_pb(report))
-        raise AssertionError("unreachable: abort raises")
-
-    async def Update(self, request: pb.UpdateRequest,
-                     context: grpc.aio.ServicerContext[pb.UpdateRequest, pb.OperationEvent]
-                     ) -> AsyncIterator[pb.OperationEvent]:
-        async with _answering(context):
-            spec = to_update_spec(request)
-            # Shielded: a client that goes away mid-admission must not leave a journaled
-            # operation without a task; once admitted, it runs (and can be followed).
-            op_id = await asyncio.shield(self.ops.submit(spec))
-            async for event in self.ops.follow(op_id, 0):
-                yield event
-
-    async def GetOperation(
-            self, request: pb.GetOperationRequest,
-            context: grpc.aio.ServicerContext[pb.GetOperationRequest, pb.Operation]
-    ) -> pb.Operation:
-        async with _answering(context):
-            record = await self.ops.get(checked_operation_id(request.operation_id))
-            return record_to_pb(record)
-        raise AssertionError("unreachable: abort raises")
-
-    async def WatchOperation(
-            self, request: pb.WatchOperationRequest,
-            context: grpc.aio.ServicerContext[pb.WatchOperationRequest, pb.OperationEvent]
-    ) -> AsyncIterator[pb.OperationEvent]:
-        async with _answering(context):
-            op_id = checked_operation_id(request.operation_id)
-            async for event in self.ops.follow(op_id, request.after_sequence):
-                yield event
