@@ -1,8 +1,6 @@
 """Operations: admission, per-VM locks, live operations, journal writes and recovery at start.
 
-Over 450 lines: admission with its per-VM locks and live operations, and the recovery loop
-(the I/O around `recovery.decide_recovery`) still share this module; moving the recovery I/O
-beside recovery.py is the next step. The gRPC edge is servicer.py.
+The gRPC edge is servicer.py; the recovery I/O is recovery_io.py.
 
 - Requests arrive validated into specs (servicer.py, convert.py); nothing is looked up,
   journaled or started for a request that fails validation.
@@ -14,7 +12,7 @@ beside recovery.py is the next step. The gRPC edge is servicer.py.
 - An operation that was running when the agent died is resolved at start-up: the VM is found
   at its QMP socket, the guard's status says how far cpr-exec got, and the VM is finished,
   rolled back or resumed — never left paused — and the outcome journaled
-  (`recovery.decide_recovery` holds the decisions, `Operations._resolve` the I/O).
+  (`recovery.decide_recovery` holds the decisions, `recovery_io.resolve` the I/O).
 """
 
 from __future__ import annotations
@@ -29,16 +27,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 
-from vmupdate_agent import discovery, pathpolicy, preflight, procfs
-from vmupdate_agent import guard as cpr_guard
+from vmupdate_agent import discovery, pathpolicy, preflight, procfs, recovery_io
 from vmupdate_agent.config import AgentConfig
 from vmupdate_agent.convert import (
     event_to_pb,
-    phase_durations,
     vm_to_pb,
 )
 from vmupdate_agent.engine import Engine, EngineSettings
 from vmupdate_agent.journal import Journal, JournalError, OperationRecord, OperationState
+from vmupdate_agent.live import LiveOperation
 from vmupdate_agent.models import (
     Outcome,
     Phase,
@@ -47,32 +44,16 @@ from vmupdate_agent.models import (
     UpdateResult,
     VMInfo,
 )
-from vmupdate_agent.modes import cpr_reboot
 from vmupdate_agent.modes.common import (
     Timeouts,
     UpdateAborted,
-    kill_quietly,
-    pids_with_arg,
-    write_pidfiles,
 )
-from vmupdate_agent.qmp import QmpError, QmpSession
-from vmupdate_agent.recovery import (
-    Action,
-    Expected,
-    QemuFacts,
-    RecoveryFacts,
-    RecoveryStep,
-    decide_recovery,
-    infer_mode,
-    pause_bounds,
-)
+from vmupdate_agent.qmp import QmpError
 from vmupdate_agent.specs import PreflightSpec, UpdateSpec
 from vmupdate_api.gen import agent_v1_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-# Followers of an operation re-check its state at least this often.
-FOLLOW_POLL_S = 10.0
 # Waiting for another user of a VM's QMP monitor (a probe, a preflight) to finish.
 SOCKET_WAIT_S = 60.0
 # Waiting for other admissions (each probes VMs with its own deadlines).
@@ -117,122 +98,7 @@ def vm_matches(vm: VMInfo, ref: str) -> bool:
 # --- I/O helpers ----------------------------------------------------------------------------
 
 
-async def ask_qemu(path: str, *, timeout: float) -> tuple[QemuFacts | None, str]:
-    try:
-        async with await QmpSession.open(path, timeout=timeout,
-                                         command_timeout=timeout) as session:
-            status = await session.cmd("query-status")
-            migration = await session.cmd("query-migrate")
-            version = await session.cmd("query-version")
-            q = version["qemu"]
-            return QemuFacts(pid=session.peer_pid, runstate=str(status.get("status")),
-                             migration=str(migration.get("status", "none")),
-                             version=f"{q['major']}.{q['minor']}.{q['micro']}",
-                             package=str(version.get("package", "")).strip()), ""
-    except (QmpError, OSError, KeyError) as exc:
-        return None, str(exc)
-
-
-async def cont_vm(path: str, *, timeout: float) -> None:
-    async with await QmpSession.open(path, timeout=timeout, command_timeout=timeout) as session:
-        await session.cmd("cont")
-
-
 # --- operations -----------------------------------------------------------------------------
-
-
-class LiveOperation:
-    """An operation running in this process: its events, its followers, its journal record.
-
-    An event is shown to followers only once it is in the journal file. Its sequence number
-    is its position there, so a client that saw event N finds N again after an agent
-    restart and reattaches after it without gaps. These writes skip fsync (a killed process
-    does not lose the page cache; the accepted record and the result are fsynced) and run
-    in a worker thread, so the engine's progress callback never waits for them.
-    """
-
-    def __init__(self, record: OperationRecord, journal: Journal) -> None:
-        self.record = record
-        self.events: list[ProgressEvent] = list(record.events)  # journaled: followers see these
-        self.result: UpdateResult | None = None
-        self.task: asyncio.Task[None] | None = None
-        self._journal = journal
-        self._changed = asyncio.Event()
-        self._pending: list[ProgressEvent] = []
-        self._writer: asyncio.Task[None] | None = None
-
-    @property
-    def id(self) -> str:
-        return self.record.operation_id
-
-    @property
-    def vm(self) -> VMInfo:
-        return self.record.vm
-
-    def add(self, event: ProgressEvent) -> None:
-        """The engine's progress sink: never blocks (it is called inside the guest pause)."""
-        self._pending.append(event)
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.create_task(self._write(), name=f"journal:{self.id}")
-
-    def note(self, phase: Phase, message: str) -> None:
-        log.info("operation %s on %s: %s: %s", self.id, self.vm.name, phase.value, message)
-        self.add(ProgressEvent(phase=phase, time_ns=time.time_ns(), message=message))
-
-    def snapshot(self) -> OperationRecord:
-        return self.record.model_copy(update={"events": tuple(self.events)})
-
-    async def _write(self) -> None:
-        while self._pending:
-            batch = list(self._pending)
-            record = self.record.model_copy(update={"events": (*self.events, *batch)})
-            try:
-                await asyncio.to_thread(self._journal.save, record, durable=False)
-            except JournalError as exc:
-                # Followers still see the events; a restart may then renumber them.
-                log.error("operation %s: events not journaled: %s", self.id, exc)
-            self.events.extend(batch)
-            del self._pending[:len(batch)]
-            self._wake()
-
-    async def finish(self, result: UpdateResult, *, resolved_after_restart: bool) -> None:
-        """Journal the result durably, then tell the followers."""
-        while self._writer is not None and not self._writer.done():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._writer), 30)
-        # One definition of phase durations for every operation: from the event times.
-        result = result.model_copy(update={"phase_ms": phase_durations(self.events)})
-        record = self.snapshot().model_copy(update={
-            "state": OperationState.DONE, "result": result, "finished_ns": time.time_ns(),
-            "resolved_after_restart": resolved_after_restart})
-        try:
-            await asyncio.to_thread(self._journal.save, record)
-        except JournalError as exc:
-            # The followers still learn the result; after a restart the operation is
-            # resolved again from the VM itself.
-            log.error("operation %s: result not journaled: %s", self.id, exc)
-        self.record = record
-        self.result = result
-        self._wake()
-
-    def _wake(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
-
-    async def follow(self, after: int) -> AsyncIterator[tuple[int, ProgressEvent | UpdateResult]]:
-        """(sequence, item) after `after`: the events so far, then live ones, then the result."""
-        sent = after
-        while True:
-            changed = self._changed
-            while sent < len(self.events):
-                sent += 1
-                yield sent, self.events[sent - 1]
-            if self.result is not None:
-                if sent == len(self.events):
-                    yield sent + 1, self.result
-                return
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), FOLLOW_POLL_S)
 
 
 OperationBody = Callable[[LiveOperation], Awaitable[None]]
@@ -507,6 +373,11 @@ class Operations:
                       "what the VM is doing")
             return await self._resolve(live)
 
+    async def _resolve(self, live: LiveOperation) -> UpdateResult:
+        """Bring the VM of an interrupted operation to a running state (recovery_io)."""
+        timeouts = timeouts_for(live.record.request, self.settings.timeouts)
+        return await recovery_io.resolve(live, timeouts)
+
     async def _recover(self, live: LiveOperation) -> None:
         while True:
             with contextlib.suppress(Refused):  # the monitor stayed in use: wait again
@@ -514,156 +385,6 @@ class Operations:
                     result = await self._resolve(live)
                 break
         await live.finish(result, resolved_after_restart=True)
-
-    async def _resolve(self, live: LiveOperation) -> UpdateResult:
-        """Bring the VM of an interrupted operation to a running state and say what it is."""
-        rec = live.record
-        timeouts = timeouts_for(rec.request, self.settings.timeouts)
-        expected = Expected(pid_before=rec.vm.pid, version_before=str(rec.vm.features.version),
-                            was_running=rec.vm.runstate == "running",
-                            expected_version=rec.request.target.expected_version or None)
-        budget = timeouts.handover + timeouts.load + timeouts.guard_commit + timeouts.command
-        deadline = time.monotonic() + budget
-        # Past the deadline decisions stop waiting; past this, failing actions stop retrying.
-        give_up_s = budget + 3 * timeouts.command + 10
-        hard_stop = deadline - budget + give_up_s
-        watcher_gone = False
-        last = ""
-        resumed: list[int] = []
-        while True:
-            facts = await self._recovery_facts(rec, watcher_gone, timeouts.command)
-            now = time.monotonic()
-            step = decide_recovery(facts, expected, final=now >= deadline)
-            if step.action == Action.DONE or now >= hard_stop:
-                if step.action != Action.DONE:
-                    step = RecoveryStep(Action.DONE, f"gave up after {give_up_s:.0f}s: "
-                                        f"{step.message}; last error: {last}", Outcome.LOST)
-                return self._resolved_result(live, facts, step, resumed)
-            if step.action == Action.WAIT:
-                await asyncio.sleep(0.05)
-                continue
-            live.note(_ACTION_PHASES[step.action], step.message)
-            try:
-                watcher_gone = await self._act(step.action, rec, facts, timeouts, resumed
-                                               ) or watcher_gone
-            except (QmpError, OSError, cpr_guard.GuardError) as exc:
-                last = f"{step.action}: {exc}"
-                log.warning("operation %s: %s", rec.operation_id, last)
-                await asyncio.sleep(0.2)
-
-    async def _recovery_facts(self, rec: OperationRecord, watcher_gone: bool,
-                              timeout: float) -> RecoveryFacts:
-        status: dict[str, object] = {}
-        guard_error = ""
-        try:
-            status = cpr_guard.read_status(os.path.join(rec.workdir, "guard.status")) or {}
-        except (cpr_guard.GuardError, ValueError) as exc:
-            guard_error = str(exc)
-        vm, vm_error = await ask_qemu(rec.vm.qmp_path, timeout=min(timeout, 3.0))
-        target_sock = os.path.join(rec.workdir, "qmp.sock")
-        target_pids: tuple[int, ...] = ()
-        target = None
-        if os.path.exists(target_sock):
-            target_pids = tuple(await asyncio.to_thread(pids_with_arg, target_sock))
-            if target_pids:
-                target, _ = await ask_qemu(target_sock, timeout=min(timeout, 3.0))
-        qemu_pid = status.get("qemu_pid")
-        try:
-            files = frozenset(os.listdir(rec.workdir))
-        except OSError:
-            files = frozenset()
-        state = os.path.join(rec.workdir, cpr_reboot.STATE_FILE)
-        keeper: dict[str, object] = {}
-        with contextlib.suppress(cpr_guard.GuardError, ValueError):
-            keeper = cpr_guard.read_status(os.path.join(rec.workdir, "keeper.status")) or {}
-        keeper_pid = keeper.get("keeper_pid")
-        acting = (keeper.get("phase") == cpr_guard.KEEPER_ACTING and isinstance(keeper_pid, int)
-                  and procfs.alive(keeper_pid))
-        back = [v for v in (keeper.get("t_resumed_ns"), status.get("t_resumed_ns"),
-                            status.get("t_rollback_ns")) if isinstance(v, int)]
-        return RecoveryFacts(
-            keeper_acting=acting, resumed_ns=back[0] if back else None,
-            guard_started_ns=t if isinstance(t := status.get("t_guard_ns"), int) else None,
-            mode=infer_mode(rec.request.mode, files), old_alive=procfs.alive(rec.vm.pid),
-            saved_state=state if cpr_reboot.STATE_FILE in files else "",
-            guard_phase=str(status["phase"]) if "phase" in status else None,
-            guard_qemu_pid=qemu_pid if isinstance(qemu_pid, int) else None,
-            guard_reason=str(status.get("reason") or ""),
-            guard_error=str(status.get("error") or guard_error), watcher_gone=watcher_gone,
-            vm=vm, vm_error=vm_error, transfer_target_pids=target_pids,
-            transfer_target=target)
-
-    async def _act(self, action: Action, rec: OperationRecord, facts: RecoveryFacts,
-                   timeouts: Timeouts, resumed: list[int]) -> bool:
-        """Carry out one step; True when it found the guard's watcher gone."""
-        fifo = os.path.join(rec.workdir, "guard.commit")
-        if action in (Action.COMMIT, Action.ABORT):
-            try:
-                cpr_guard.send(fifo, action.value)
-            except cpr_guard.WatcherGone:
-                return True
-            if action == Action.COMMIT:
-                await _wait_guard(os.path.join(rec.workdir, "guard.status"),
-                                  cpr_guard.FINAL_PHASES, timeout=5.0)
-        elif action == Action.CONT:
-            await cont_vm(rec.vm.qmp_path, timeout=timeouts.command)
-            resumed.append(time.time_ns())
-        elif action == Action.KILL_TRANSFER_TARGET:
-            for pid in facts.transfer_target_pids:
-                await kill_quietly(pid, timeout=timeouts.command)
-        elif action == Action.ADOPT_TRANSFER_TARGET:
-            await self._adopt_transfer_target(rec, facts, timeouts)
-        elif action == Action.LOAD_SAVED_STATE:
-            await self._load_saved_state(rec, facts, timeouts)
-        return False
-
-    async def _load_saved_state(self, rec: OperationRecord, facts: RecoveryFacts,
-                                timeouts: Timeouts) -> None:
-        # As the engine does once the old QEMU is gone: the VM's socket path is the new one's.
-        temp = os.path.join(rec.workdir, "qmp.sock")
-        if facts.transfer_target_pids and os.path.exists(temp):
-            os.replace(temp, rec.vm.qmp_path)
-        async with await QmpSession.open(rec.vm.qmp_path, timeout=timeouts.command,
-                                         command_timeout=timeouts.command) as s:
-            await cpr_reboot.load_saved_state(s, f"file:{facts.saved_state}", timeouts.load)
-            write_pidfiles(rec.vm.argv, s.peer_pid)
-
-    async def _adopt_transfer_target(self, rec: OperationRecord, facts: RecoveryFacts,
-                                     timeouts: Timeouts) -> None:
-        old = rec.vm.pid
-        if procfs.alive(old):
-            with contextlib.suppress(QmpError, OSError):
-                async with await QmpSession.open(rec.vm.qmp_path, timeout=timeouts.command,
-                                                 command_timeout=timeouts.command) as s:
-                    if s.peer_pid == old:
-                        with contextlib.suppress(QmpError):
-                            await s.cmd("quit")
-            await kill_quietly(old, timeout=timeouts.command)
-        # As the engine does once the old QEMU is gone: the VM's socket path is the new one's.
-        os.replace(os.path.join(rec.workdir, "qmp.sock"), rec.vm.qmp_path)
-        if facts.transfer_target is not None:
-            write_pidfiles(rec.vm.argv, facts.transfer_target.pid)
-
-    def _resolved_result(self, live: LiveOperation, facts: RecoveryFacts, step: RecoveryStep,
-                         resumed: list[int]) -> UpdateResult:
-        rec = live.record
-        assert step.outcome is not None
-        phase = {Outcome.UPDATED: Phase.FINISHED, Outcome.ROLLED_BACK: Phase.RECOVERED
-                 }.get(step.outcome, Phase.FAILED)
-        live.note(phase, step.message)
-        try:
-            files = frozenset(os.listdir(rec.workdir))
-        except OSError:
-            files = frozenset()
-        vm = facts.vm
-        stopped, back = pause_bounds(live.events, facts, resumed)
-        return UpdateResult(
-            vm=rec.vm.name, outcome=step.outcome, mode=infer_mode(rec.request.mode, files),
-            mode_reason="found after the operation was interrupted", message=step.message,
-            pid_before=rec.vm.pid, pid_after=vm.pid if vm else None,
-            version_before=str(rec.vm.features.version), version_after=vm.version if vm else None,
-            paused_at_ns=stopped, resumed_at_ns=back,
-            pause_ms=round((back - stopped) / 1e6, 3) if stopped and back else None)
 
     # --- following --------------------------------------------------------------------------
 
@@ -698,23 +419,10 @@ class Operations:
             yield event_to_pb(op_id, seq, item, pause_budget_ms=budget)
 
 
-_ACTION_PHASES = {
-    Action.COMMIT: Phase.SAVED, Action.ABORT: Phase.RECOVERED, Action.CONT: Phase.RESUMED,
-    Action.KILL_TRANSFER_TARGET: Phase.RECOVERED, Action.ADOPT_TRANSFER_TARGET:
-        Phase.TRANSFERRED, Action.LOAD_SAVED_STATE: Phase.TRANSFERRED,
-}
+
 
 
 def _busy_message(live: LiveOperation) -> str:
     since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(live.record.created_ns / 1e9))
     return (f"vm: {live.vm.name} is busy: operation {live.id} has been running on it since "
             f"{since}; follow it with WatchOperation or retry when it is done")
-
-
-async def _wait_guard(path: str, phases: frozenset[str], *, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = cpr_guard.read_status(path)
-        if status is not None and status.get("phase") in phases:
-            return
-        await asyncio.sleep(0.005)
