@@ -21,7 +21,14 @@ from vmupdate_agent import procfs
 from vmupdate_agent.journal import OperationRecord
 from vmupdate_agent.models import Outcome, Phase, UpdateResult
 from vmupdate_agent.modes import cpr_reboot
-from vmupdate_agent.modes.common import Timeouts, kill_quietly, pids_with_arg, write_pidfiles
+from vmupdate_agent.modes.common import (
+    Timeouts,
+    hand_over_qmp,
+    kill_quietly,
+    new_qmp_path,
+    pids_with_arg,
+    write_pidfiles,
+)
 from vmupdate_agent.qmp import QmpError, QmpSession
 from vmupdate_agent.recovery import (
     Action,
@@ -114,7 +121,7 @@ async def _facts(rec: OperationRecord, watcher_gone: bool,
     except (cpr_guard.GuardError, ValueError) as exc:
         guard_error = str(exc)
     vm, vm_error = await ask_qemu(rec.vm.qmp_path, timeout=min(timeout, 3.0))
-    target_sock = os.path.join(rec.workdir, "qmp.sock")
+    target_sock = new_qmp_path(rec.workdir)
     target_pids: tuple[int, ...] = ()
     target = None
     if os.path.exists(target_sock):
@@ -174,9 +181,8 @@ async def _act(action: Action, rec: OperationRecord, facts: RecoveryFacts,
 async def _load_saved_state(rec: OperationRecord, facts: RecoveryFacts,
                             timeouts: Timeouts) -> None:
     # As the engine does once the old QEMU is gone: the VM's socket path is the new one's.
-    temp = os.path.join(rec.workdir, "qmp.sock")
-    if facts.transfer_target_pids and os.path.exists(temp):
-        os.replace(temp, rec.vm.qmp_path)
+    if facts.transfer_target_pids and os.path.exists(new_qmp_path(rec.workdir)):
+        hand_over_qmp(rec.workdir, rec.vm.qmp_path)
     async with await QmpSession.open(rec.vm.qmp_path, timeout=timeouts.command,
                                      command_timeout=timeouts.command) as s:
         await cpr_reboot.load_saved_state(s, f"file:{facts.saved_state}", timeouts.load)
@@ -194,7 +200,7 @@ async def _adopt_transfer_target(rec: OperationRecord, facts: RecoveryFacts,
                         await s.cmd("quit")
         await kill_quietly(old, timeout=timeouts.command)
     # As the engine does once the old QEMU is gone: the VM's socket path is the new one's.
-    os.replace(os.path.join(rec.workdir, "qmp.sock"), rec.vm.qmp_path)
+    hand_over_qmp(rec.workdir, rec.vm.qmp_path)
     if facts.transfer_target is not None:
         write_pidfiles(rec.vm.argv, facts.transfer_target.pid)
 
