@@ -37,10 +37,12 @@ from vmupdate_agent.modes.common import (
     ModeResult,
     Operation,
     ProgressSink,
-    Timeouts,
-    UpdateAborted,
     ensure_running,
 )
+
+# Part of the engine's interface: an edge (the CLI) uses these, never the modes.
+from vmupdate_agent.modes.common import Timeouts as Timeouts
+from vmupdate_agent.modes.common import UpdateAborted as UpdateAborted
 from vmupdate_agent.qmp import QmpError, QmpSession
 from vmupdate_api import extra_args
 

@@ -132,9 +132,11 @@ def test_the_journal_does_not_depend_on_the_wire() -> None:
     assert not users, f"the journal depends on the wire through {users}"
 
 
-def test_the_grpc_edge_calls_operations_never_the_modes() -> None:
-    """The servicer reaches the engine through operations; it imports no mode module."""
+def test_the_edges_call_the_engine_never_the_modes() -> None:
+    """The servicer reaches the engine through operations, the CLI through the engine; neither
+    imports a mode module."""
     mods = modules()
-    imports = runtime_imports(mods[f"{PACKAGE}.servicer"], set(mods))
-    assert f"{PACKAGE}.operations" in imports, imports
-    assert not {m for m in imports if m.startswith(f"{PACKAGE}.modes")}, imports
+    for edge, via in (("servicer", "operations"), ("cli", "engine")):
+        imports = runtime_imports(mods[f"{PACKAGE}.{edge}"], set(mods))
+        assert f"{PACKAGE}.{via}" in imports, (edge, imports)
+        assert not {m for m in imports if m.startswith(f"{PACKAGE}.modes")}, (edge, imports)
