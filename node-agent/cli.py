@@ -24,8 +24,8 @@ from typing import Any
 
 from vmupdate_agent import config as agent_config
 from vmupdate_agent import discovery, engine, hostexec, preflight, reaper
+from vmupdate_agent.engine import Timeouts, UpdateAborted
 from vmupdate_agent.models import Outcome, ProgressEvent, RequestedMode, Target
-from vmupdate_agent.modes.common import Timeouts, UpdateAborted
 from vmupdate_agent.qmp import QmpError
 
 DEFAULT_CONFIG = "/etc/vmupdate/agent.yaml"

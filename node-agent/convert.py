@@ -1,4 +1,4 @@
-"""The edge of the gRPC API: requests validated into pydantic specs, answers built from models.
+"""The edge of the gRPC API: requests validated into specs (specs.py), answers built from models.
 
 Everything a client sends is checked here before anything else looks at it: each rule names
 the proto field it concerns, so a rejected request says what to fix (INVALID_ARGUMENT). The
@@ -8,14 +8,11 @@ are plain functions without I/O.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import os
-import re
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import ValidationError
 
 from vmupdate_agent.models import (
     CprMode,
@@ -25,167 +22,20 @@ from vmupdate_agent.models import (
     ProgressEvent,
     Readiness,
     RequestedMode,
-    Target,
     UpdateResult,
     VMInfo,
 )
-from vmupdate_api import extra_args
+from vmupdate_agent.specs import OPERATION_ID, PreflightSpec, TimeoutsSpec, UpdateSpec
 from vmupdate_api.gen import agent_v1_pb2 as pb
 
 if TYPE_CHECKING:
     from vmupdate_agent.journal import OperationRecord
 
-# The operation id names a journal file and a runtime folder: no '/', no leading dot.
-OPERATION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-MAX_PATH = 4096
-MAX_EXTRA_ARGS = extra_args.MAX_EXTRA_ARGS
-MAX_ARG = 4096
-MAX_TEXT = 256
-# Upper bounds of per-update timeouts: the same as the agent's configuration accepts
-# (TimeoutsConfig; a test keeps them equal).
-MAX_COMMAND_S = 600.0
-MAX_PHASE_S = 600.0
-MAX_PAUSE_BUDGET_MS = 600_000
-
+S = TypeVar("S", PreflightSpec, UpdateSpec)
 
 class InvalidRequest(ValueError):
     """A request field is wrong; the message starts with the field's name."""
 
-
-# --- requests -------------------------------------------------------------------------------
-
-
-class _Spec(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
-
-
-def _plain_text(value: str, *, limit: int) -> str:
-    if len(value) > limit:
-        raise ValueError(f"is {len(value)} characters long; at most {limit} are accepted")
-    if any(ord(c) < 0x20 or c == "\x7f" for c in value):
-        raise ValueError("contains control characters")
-    return value
-
-
-def _absolute_path(value: str, what: str) -> str:
-    if not value:
-        raise ValueError(f"is empty: give the absolute path of {what}")
-    _plain_text(value, limit=MAX_PATH)
-    if not value.startswith("/"):
-        raise ValueError(f"must be an absolute path, got {value!r}")
-    if ".." in value.split("/"):
-        raise ValueError(f"must not contain '..', got {value!r}")
-    return os.path.normpath(value)
-
-
-class TargetSpec(_Spec):
-    binary: str
-    expected_version: str = ""
-    sha256: str = ""
-    extra_args: tuple[str, ...] = Field((), max_length=MAX_EXTRA_ARGS)
-
-    @field_validator("binary")
-    @classmethod
-    def _binary(cls, v: str) -> str:
-        return _absolute_path(v, "the new QEMU inside the VM's root")
-
-    @field_validator("expected_version")
-    @classmethod
-    def _version(cls, v: str) -> str:
-        return _plain_text(v, limit=MAX_TEXT)
-
-    @field_validator("sha256")
-    @classmethod
-    def _sha256(cls, v: str) -> str:
-        if v and not re.fullmatch(r"[0-9a-fA-F]{64}", v):
-            raise ValueError("must be 64 hexadecimal digits (or empty for no check)")
-        return v.lower()
-
-    @field_validator("extra_args")
-    @classmethod
-    def _args(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        for i, arg in enumerate(v):
-            if not arg:
-                raise ValueError(f"[{i}] is empty")
-            if len(arg) > MAX_ARG or "\x00" in arg:
-                raise ValueError(f"[{i}] is longer than {MAX_ARG} characters or holds NUL")
-        problems = extra_args.problems(v, "")
-        if problems:
-            raise ValueError("; ".join(problems))
-        return v
-
-    def to_target(self) -> Target:
-        return Target(binary=self.binary, expected_version=self.expected_version or None,
-                      sha256=self.sha256 or None, extra_args=self.extra_args)
-
-
-class TimeoutsSpec(_Spec):
-    """Per-update overrides of the agent's timeouts (None: the agent's configured value)."""
-
-    qmp_command_seconds: float | None = Field(None, gt=0, le=MAX_COMMAND_S)
-    handover_seconds: float | None = Field(None, gt=0, le=MAX_PHASE_S)
-    load_seconds: float | None = Field(None, gt=0, le=MAX_PHASE_S)
-    guard_commit_seconds: float | None = Field(None, gt=0, le=MAX_PHASE_S)
-
-
-_MODES_IN = {pb.MODE_AUTO: RequestedMode.AUTO, pb.MODE_CPR_EXEC: RequestedMode.CPR_EXEC,
-             pb.MODE_CPR_TRANSFER: RequestedMode.CPR_TRANSFER,
-             pb.MODE_CPR_REBOOT: RequestedMode.CPR_REBOOT}
-
-
-def _requested_mode(v: Any) -> Any:
-    if isinstance(v, RequestedMode):
-        return v
-    if isinstance(v, int):
-        if v == pb.MODE_UNSPECIFIED:
-            raise ValueError("must be set: MODE_AUTO lets the agent choose, or name a mode")
-        if v not in _MODES_IN:
-            known = ", ".join(pb.Mode.Name(m) for m in _MODES_IN)
-            raise ValueError(f"unknown mode {v} (known: {known})")
-        return _MODES_IN[v]  # type: ignore[index]
-    return v  # a string from the journal; pydantic checks it against RequestedMode
-
-
-class PreflightSpec(_Spec):
-    """A Preflight request: which VM, which target, which mode."""
-
-    vm: str
-    target: TargetSpec
-    mode: RequestedMode
-
-    @field_validator("vm")
-    @classmethod
-    def _vm(cls, v: str) -> str:
-        if not v:
-            raise ValueError("is empty: give a VM name, uuid or QMP socket path")
-        return _plain_text(v, limit=MAX_PATH)
-
-    @field_validator("mode", mode="before")
-    @classmethod
-    def _mode(cls, v: Any) -> Any:
-        return _requested_mode(v)
-
-
-class UpdateSpec(PreflightSpec):
-    """An accepted Update request, as journaled: a preflight's questions plus the update's."""
-
-    operation_id: str
-    timeouts: TimeoutsSpec = TimeoutsSpec()
-    pause_budget_ms: int = Field(0, ge=0, le=MAX_PAUSE_BUDGET_MS)
-
-    @field_validator("operation_id")
-    @classmethod
-    def _operation_id(cls, v: str) -> str:
-        if not v:
-            raise ValueError("is empty: every update needs an id chosen by the caller")
-        if not OPERATION_ID.fullmatch(v):
-            raise ValueError(f"{v[:140]!r} is not 1-128 characters of [A-Za-z0-9._-] starting "
-                             "with a letter or digit")
-        return v
-
-    def fingerprint(self) -> str:
-        """Identifies what was asked, to tell a retry from a different request with the same id."""
-        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()
 
 
 def describe(exc: ValidationError) -> str:
@@ -196,6 +46,37 @@ def describe(exc: ValidationError) -> str:
         msg = str(err["msg"]).removeprefix("Value error, ")
         parts.append(f"{where}: {msg}")
     return "; ".join(parts)
+
+
+_MODES_IN = {pb.MODE_AUTO: RequestedMode.AUTO, pb.MODE_CPR_EXEC: RequestedMode.CPR_EXEC,
+             pb.MODE_CPR_TRANSFER: RequestedMode.CPR_TRANSFER,
+             pb.MODE_CPR_REBOOT: RequestedMode.CPR_REBOOT}
+
+
+def _mode_problem(v: int) -> str | None:
+    if v == pb.MODE_UNSPECIFIED:
+        return "must be set: MODE_AUTO lets the agent choose, or name a mode"
+    if v not in _MODES_IN:
+        known = ", ".join(pb.Mode.Name(m) for m in _MODES_IN)
+        return f"unknown mode {v} (known: {known})"
+    return None
+
+
+def _validated(model: type[S], data: dict[str, Any], mode: int) -> S:
+    """`model` from `data` and the request's mode; every wrong field named in one message."""
+    problems = []
+    why = _mode_problem(mode)
+    try:
+        spec = model.model_validate(
+            {**data, "mode": _MODES_IN.get(mode, RequestedMode.AUTO)})  # type: ignore[call-overload]
+    except ValidationError as exc:
+        problems.append(describe(exc))
+    if why is not None:
+        problems.append(f"mode: {why}")
+    if problems:
+        raise InvalidRequest("; ".join(problems))
+    return spec
+
 
 
 def _target_data(msg: pb.UpdateRequest | pb.PreflightRequest) -> dict[str, Any] | None:
@@ -214,10 +95,7 @@ def preflight_spec(msg: pb.PreflightRequest) -> PreflightSpec:
     target = _target_data(msg)
     if target is None:
         raise _missing("target", "at least target.binary")
-    try:
-        return PreflightSpec.model_validate({"vm": msg.vm, "target": target, "mode": msg.mode})
-    except ValidationError as exc:
-        raise InvalidRequest(describe(exc)) from exc
+    return _validated(PreflightSpec, {"vm": msg.vm, "target": target}, msg.mode)
 
 
 def update_spec(msg: pb.UpdateRequest) -> UpdateSpec:
@@ -226,12 +104,9 @@ def update_spec(msg: pb.UpdateRequest) -> UpdateSpec:
         raise _missing("target", "at least target.binary")
     t = msg.timeouts
     timeouts = {name: (getattr(t, name) or None) for name in TimeoutsSpec.model_fields}
-    data = {"operation_id": msg.operation_id, "vm": msg.vm, "target": target, "mode": msg.mode,
+    data = {"operation_id": msg.operation_id, "vm": msg.vm, "target": target,
             "timeouts": timeouts, "pause_budget_ms": msg.pause_budget_ms}
-    try:
-        return UpdateSpec.model_validate(data)
-    except ValidationError as exc:
-        raise InvalidRequest(describe(exc)) from exc
+    return _validated(UpdateSpec, data, msg.mode)
 
 
 def operation_id(value: str, field: str = "operation_id") -> str:

@@ -37,10 +37,12 @@ from vmupdate_agent.modes.common import (
     ModeResult,
     Operation,
     ProgressSink,
-    Timeouts,
-    UpdateAborted,
     ensure_running,
 )
+
+# Part of the engine's interface: an edge (the CLI) uses these, never the modes.
+from vmupdate_agent.modes.common import Timeouts as Timeouts
+from vmupdate_agent.modes.common import UpdateAborted as UpdateAborted
 from vmupdate_agent.qmp import QmpError, QmpSession
 from vmupdate_api import extra_args
 
@@ -109,7 +111,7 @@ class Engine:
 
     def _allowed(self, path: str, real_path: str) -> bool:
         dirs = self.settings.allowed_dirs
-        return target.is_allowed(path, dirs) and target.is_allowed(real_path or path, dirs)
+        return pathpolicy.outside_allowed(path, dirs, resolved=real_path or None) is None
 
     def _host_facts(self, vm: VMInfo, raw: discovery.RawFacts) -> preflight.HostFacts:
         s = self.settings

@@ -10,7 +10,8 @@ the new QEMU into the VM's own unit. cpr-exec needs none of this: QEMU execs its
 And with the VM's credentials: an update must not raise a VM's privileges. Whatever runs on
 a VM's behalf gets the VM process's uid, gid, supplementary groups and no_new_privs (read from
 /proc/<pid>/status; applied with setpriv inside the VM's root, after nsenter, which needs
-root); a new QEMU also joins the VM process's cgroups (/proc/<pid>/cgroup) before it starts.
+root); a new QEMU, and the keeper that outlives the agent, also join the VM process's
+cgroups (/proc/<pid>/cgroup) before they start.
 """
 
 from __future__ import annotations
@@ -263,7 +264,8 @@ async def spawn(argv: Sequence[str]) -> Spawned:
 
 async def spawn_detached(ctx: HostContext | PinnedContext, vm_pid: int, argv: Sequence[str], *,
                          log_path: str, timeout: float = 10.0) -> None:
-    """Start a long-lived process (a new QEMU) detached from the agent.
+    """Start a long-lived process (a new QEMU, the keeper) detached from the agent, in the
+    VM's cgroups.
 
     Its stdout/stderr go to `log_path` so a failure to start can be reported. The detaching
     helper itself exits at once and is reaped here; the pid of the started process is learnt
@@ -275,7 +277,8 @@ async def spawn_detached(ctx: HostContext | PinnedContext, vm_pid: int, argv: Se
     else:
         creds = credentials_of(vm_pid)
         cmd, pass_fds, base = [*ctx.detach, *ctx.wrap(vm_pid, argv, creds)], (), ctx
-    # The new QEMU lives where the VM lived: its cgroups, joined before anything starts.
+    # The new QEMU (and the keeper) live where the VM lived, not in the agent's cgroup (which
+    # a restarted pod takes down): the VM's cgroups, joined before anything starts.
     cmd = [*cgroup_words(cgroup_files(creds, credentials_of("self"))), *cmd]
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
     try:

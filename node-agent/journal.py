@@ -26,8 +26,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from vmupdate_agent import workdirs
-from vmupdate_agent.convert import OPERATION_ID, UpdateSpec
 from vmupdate_agent.models import ProgressEvent, UpdateResult, VMInfo
+from vmupdate_agent.specs import OPERATION_ID, UpdateSpec
 
 log = logging.getLogger(__name__)
 

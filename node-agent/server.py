@@ -36,7 +36,8 @@ from vmupdate_agent.authz import AuthorizationInterceptor, Role
 from vmupdate_agent.config import AgentConfig, ConfigError, load
 from vmupdate_agent.journal import Journal
 from vmupdate_agent.modes.common import Timeouts, kill_quietly, pids_with_arg
-from vmupdate_agent.service import NodeAgentService, Operations
+from vmupdate_agent.operations import Operations
+from vmupdate_agent.servicer import NodeAgentService
 from vmupdate_agent.tls import CertificateFiles, TlsError
 from vmupdate_api.gen import agent_v1_pb2 as pb
 from vmupdate_api.gen import agent_v1_pb2_grpc as pb_grpc

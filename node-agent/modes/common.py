@@ -247,6 +247,21 @@ async def binary_for_rollback(op: Operation) -> str:
     return copy
 
 
+# The new QEMU of cpr-transfer and cpr-reboot listens here (in the operation's work folder)
+# until the old QEMU is gone and the VM's own QMP path can be handed to it.
+NEW_QMP = "qmp.sock"
+
+
+def new_qmp_path(workdir: str) -> str:
+    return os.path.join(workdir, NEW_QMP)
+
+
+def hand_over_qmp(workdir: str, vm_qmp_path: str) -> None:
+    """Once the old QEMU is gone (it removes its socket on exit): the VM's well-known QMP
+    path becomes the new QEMU's. The modes and recovery both take this step."""
+    os.replace(new_qmp_path(workdir), vm_qmp_path)
+
+
 def rewrite_pidfile(op: Operation, pid: int) -> None:
     """Point the VM's -pidfile at its new process (the old QEMU deleted it on exit)."""
     write_pidfiles(op.vm.argv, pid)
@@ -321,7 +336,7 @@ async def kept(op: Operation, *, state: str | None = None) -> AsyncIterator[None
     host context (as the new QEMU is), which brings the guest back if this agent dies
     before the operation is over, and exits when told `done`. Entered before the guest is
     stopped; a keeper that does not start aborts the update (nothing was touched yet). The
-    new QEMU must listen on the work folder's `qmp.sock` until the handover."""
+    new QEMU must listen on the work folder's `NEW_QMP` until the handover."""
     if op.guard_path is None:
         yield
         return

@@ -8,7 +8,6 @@ the agent starts the old binary on the same state file and RAM, so the VM is nev
 from __future__ import annotations
 
 import contextlib
-import os
 
 from vmupdate_agent import argv as qargv
 from vmupdate_agent import hostexec
@@ -20,8 +19,10 @@ from vmupdate_agent.modes.common import (
     binary_for_rollback,
     connect_new_qemu,
     ensure_running,
+    hand_over_qmp,
     kept,
     kill_quietly,
+    new_qmp_path,
     pause_ms,
     pids_with_arg,
     release_pidfile,
@@ -77,7 +78,7 @@ async def _handover(op: Operation, s: QmpSession, pinned: hostexec.PinnedContext
                     state_uri: str, was_running: bool, old_binary: str) -> ModeResult:
     # The new QEMU starts while the old one still exists (stopped), on a socket of its own:
     # if it cannot start, the old one simply resumes.
-    temp_qmp = op.path("qmp.sock")
+    temp_qmp = new_qmp_path(op.workdir)
     new_argv = qargv.replace_socket_path(op.new_argv(), op.vm.qmp_path, temp_qmp)
     release_pidfile(op)
     try:
@@ -92,7 +93,7 @@ async def _handover(op: Operation, s: QmpSession, pinned: hostexec.PinnedContext
     if not await wait_gone(op.vm.pid, op.timeouts.command):
         await kill_quietly(op.vm.pid)
     # Past this point no QEMU runs the VM: the way back is the old binary on the saved state.
-    os.replace(temp_qmp, op.vm.qmp_path)
+    hand_over_qmp(op.workdir, op.vm.qmp_path)
     try:
         version = await _load(op, session, op.target, state_uri)
     except (QmpError, TimeoutError) as exc:
@@ -168,6 +169,6 @@ async def load_saved_state(session: QmpSession, state_uri: str, timeout: float) 
 
 
 async def _kill_started(op: Operation) -> None:
-    for pid in pids_with_arg(op.path("new-qemu.log")) + pids_with_arg(op.path("qmp.sock")):
+    for pid in pids_with_arg(op.path("new-qemu.log")) + pids_with_arg(new_qmp_path(op.workdir)):
         if pid != op.vm.pid:
             await kill_quietly(pid)

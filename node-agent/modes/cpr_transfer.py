@@ -25,8 +25,10 @@ from vmupdate_agent.modes.common import (
     UpdateAborted,
     connect_new_qemu,
     ensure_running,
+    hand_over_qmp,
     kept,
     kill_quietly,
+    new_qmp_path,
     pause_ms,
     pids_with_arg,
     release_pidfile,
@@ -42,7 +44,8 @@ from vmupdate_agent.qmp import QmpError
 
 
 def new_command(op: Operation) -> tuple[list[str], str, str, str]:
-    main_sock, cpr_sock, new_qmp = op.path("main.sock"), op.path("cpr.sock"), op.path("qmp.sock")
+    main_sock, cpr_sock = op.path("main.sock"), op.path("cpr.sock")
+    new_qmp = new_qmp_path(op.workdir)
     new = qargv.replace_socket_path(op.new_argv(), op.vm.qmp_path, new_qmp)
     cpr_channel = {"channel-type": "cpr",
                    "addr": {"transport": "socket", "type": "unix", "path": cpr_sock}}
@@ -126,7 +129,7 @@ async def _run(op: Operation) -> ModeResult:
         await kill_quietly(old_pid)
     # The old QEMU removes its socket when it exits; only now can the VM's well-known QMP
     # path be handed to the new one, and the pidfile (which the old one deleted) rewritten.
-    os.replace(new_qmp, op.vm.qmp_path)
+    hand_over_qmp(op.workdir, op.vm.qmp_path)
     rewrite_pidfile(op, new.peer_pid)
     return ModeResult(outcome=Outcome.UPDATED,
                       message=f"transferred to QEMU {version} in pid {new.peer_pid}",

@@ -98,7 +98,7 @@ def test_no_import_cycle_among_the_agents_modules() -> None:
     mods = modules()
     known = set(mods)
     graph = {name: runtime_imports(path, known) - {name} for name, path in mods.items()}
-    assert graph[f"{PACKAGE}.service"], "the import graph was not read"
+    assert graph[f"{PACKAGE}.operations"], "the import graph was not read"
     assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph) or [])}"
 
 
@@ -111,3 +111,32 @@ def test_no_module_over_the_limit_without_a_reason() -> None:
             too_long.append(f"{name}: {lines} lines")
     assert not too_long, ("split these modules or say why at their top "
                           f"('{REASON} ...'): {', '.join(too_long)}")
+
+
+def test_the_journal_does_not_depend_on_the_wire() -> None:
+    """The journal's on-disk record must not change when the proto does: neither the journal
+    nor anything it imports at run time imports the wire adapter or the generated stubs."""
+    mods = modules()
+    wire = {f"{PACKAGE}.convert", "vmupdate_api.gen", "vmupdate_api.gen.agent_v1_pb2",
+            "vmupdate_api.gen.agent_v1_pb2_grpc"}
+    known = set(mods) | wire
+    seen, todo = set(), [f"{PACKAGE}.journal"]
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in mods:
+            continue
+        seen.add(name)
+        todo.extend(runtime_imports(mods[name], known))
+    assert f"{PACKAGE}.specs" in seen, f"the import graph was not read: {sorted(seen)}"
+    users = sorted(n for n in seen if runtime_imports(mods[n], known) & wire)
+    assert not users, f"the journal depends on the wire through {users}"
+
+
+def test_the_edges_call_the_engine_never_the_modes() -> None:
+    """The servicer reaches the engine through operations, the CLI through the engine; neither
+    imports a mode module."""
+    mods = modules()
+    for edge, via in (("servicer", "operations"), ("cli", "engine")):
+        imports = runtime_imports(mods[f"{PACKAGE}.{edge}"], set(mods))
+        assert f"{PACKAGE}.{via}" in imports, (edge, imports)
+        assert not {m for m in imports if m.startswith(f"{PACKAGE}.modes")}, (edge, imports)

@@ -7,21 +7,31 @@ started in the VM's host context before the guest stops) stops the new QEMU and 
 the old one, or finishes the handover when the guest already runs in the new one. Then the
 agent is restarted and must record the outcome, with the guest's pause. The rows of the
 fault table in docs/faults.md come from here (`-s` prints them).
+
+The VM runs in a cgroup of its own, not the agent's: the keeper must live there too (it
+outlives the agent's pod only if it is not in the agent's cgroup), and so must whichever
+QEMU runs the guest at the end.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import secrets
 import signal
 import time
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
+import pytest_asyncio
 
 from tests.agent_service.conftest import QemuEnv
 from tests.agent_service.harness import AgentProcess, op_workdir
 from tests.agent_service.test_restart import frozen_at
 from tests.agent_service.test_update import check_stream
+from vmupdate_agent import guard, hostexec
 from vmupdate_api.gen import agent_v1_pb2 as pb
 
 pytestmark = pytest.mark.qemu
@@ -48,6 +58,36 @@ ROWS = [
 ]
 
 
+PIDS = Path("/sys/fs/cgroup/pids")
+
+
+@pytest_asyncio.fixture
+async def vm_cgroup() -> AsyncIterator[Path]:
+    """A pids cgroup of its own for the VM. Torn down before the VMs are stopped, so whatever
+    is still in it is moved back to the root cgroup first (a cgroup with processes cannot be
+    removed)."""
+    path = PIDS / f"vmupdate-death-{secrets.token_hex(3)}"
+    path.mkdir()
+    try:
+        yield path
+    finally:
+        deadline = time.monotonic() + 30
+        while True:
+            pids = (path / "cgroup.procs").read_text().split()
+            if not pids:
+                break
+            assert time.monotonic() < deadline, f"cannot empty {path}: {pids}"
+            for pid in pids:
+                with contextlib.suppress(OSError):  # exited meanwhile
+                    (PIDS / "cgroup.procs").write_text(pid)
+            await asyncio.sleep(0.05)
+        path.rmdir()
+
+
+def cgroups_of(pid: int) -> tuple[tuple[str, str], ...]:
+    return hostexec.credentials_of(pid).cgroups
+
+
 def workdir_notes(agent: AgentProcess) -> str:
     workdir = op_workdir(agent, "op-death")
     return "\n".join(f"--- {f.name}\n{f.read_text(errors='replace')[-1500:]}"
@@ -61,17 +101,30 @@ def row_id(row: tuple[int, int, set[int]]) -> str:
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[row_id(r) for r in ROWS])
-async def test_guest_runs_again_when_the_agent_dies(qemu_env: QemuEnv,
+async def test_guest_runs_again_when_the_agent_dies(qemu_env: QemuEnv, vm_cgroup: Path,
                                                     row: tuple[int, int, set[int]]) -> None:
     mode, phase, outcomes = row
     vm = await qemu_env.vm("death", backend="file" if mode == pb.MODE_CPR_REBOOT else "memfd")
     pid, token = vm.pid, vm.token
-    mark = time.monotonic_ns()
+    (vm_cgroup / "cgroup.procs").write_text(str(pid))
+    vm_cgroups = cgroups_of(pid)
+    assert ("pids", "/" + vm_cgroup.name) in [(h.split(":", 1)[1], p) for h, p in vm_cgroups]
     agent = await qemu_env.agent()
+    assert cgroups_of(agent.pid) != vm_cgroups
+    mark = time.monotonic_ns()
     waiting, seen = await frozen_at(qemu_env, agent, "op-death", "death", phase, mode=mode)
+    keeper_cgroups = None
+    if mode != pb.MODE_CPR_EXEC:
+        # The keeper lives where the VM lives, not in its agent's cgroup. At RESUMED the
+        # operation may be over and the keeper gone.
+        keeper = guard.read_status(op_workdir(agent, "op-death") / "keeper.status") or {}
+        if keeper.get("phase") == guard.KEEPER_WATCHING or phase != pb.PHASE_RESUMED:
+            keeper_cgroups = cgroups_of(int(keeper.get("keeper_pid", 0)))
     os.kill(agent.pid, signal.SIGKILL)
     killed = time.monotonic_ns()
     await agent.kill()
+    if keeper_cgroups is not None:
+        assert keeper_cgroups == vm_cgroups, workdir_notes(agent)
 
     # No agent now. The guest must tick again within the bound.
     try:
@@ -102,6 +155,7 @@ async def test_guest_runs_again_when_the_agent_dies(qemu_env: QemuEnv,
     if result.outcome != FAILED or pid != vm.pid:
         assert result.pause_ms > 0, result
     assert await vm.query_status() == "running"
+    assert cgroups_of(vm.pid) == vm_cgroups, "the guest left the VM's cgroup"
     print(f"\nFAULT-ROW {row_id(row)} outcome={pb.Outcome.Name(result.outcome)} "
           f"back_after_kill_ms={back_ms:.0f} max_blackout_ms={blackout:.0f} "
           f"reported_pause_ms={result.pause_ms:.0f} "

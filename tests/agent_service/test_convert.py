@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vmupdate_agent import convert
+from vmupdate_agent import convert, specs
 from vmupdate_agent.convert import InvalidRequest
 from vmupdate_agent.journal import OperationRecord, OperationState
 from vmupdate_agent.models import (
@@ -172,5 +172,5 @@ def test_timeout_bounds_match_the_agent_configuration() -> None:
     pairs = {"qmp_command_seconds": "qmp_command_s", "handover_seconds": "handover_s",
              "load_seconds": "load_s", "guard_commit_seconds": "guard_commit_s"}
     for request_field, config_field in pairs.items():
-        assert upper(convert.TimeoutsSpec, request_field) == \
+        assert upper(specs.TimeoutsSpec, request_field) == \
             upper(TimeoutsConfig, config_field), request_field

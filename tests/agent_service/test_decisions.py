@@ -10,6 +10,7 @@ import pytest
 from vmupdate_agent import guard
 from vmupdate_agent.authz import identity_allowed, peer_identities
 from vmupdate_agent.models import CprMode, Outcome, Phase, ProgressEvent, RequestedMode
+from vmupdate_agent.pathpolicy import outside_allowed, resolve_in_root
 from vmupdate_agent.recovery import (
     Action,
     Expected,
@@ -19,7 +20,6 @@ from vmupdate_agent.recovery import (
     infer_mode,
     pause_bounds,
 )
-from vmupdate_agent.service import outside_allowed, resolve_in_root
 from vmupdate_operator.agent_client import RetryPolicy, pick_api_version
 
 # --- allowed directories ----------------------------------------------------------------

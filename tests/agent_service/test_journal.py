@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from vmupdate_agent import workdirs
-from vmupdate_agent.convert import TargetSpec, UpdateSpec
 from vmupdate_agent.journal import Journal, JournalError, OperationRecord, OperationState
 from vmupdate_agent.models import (
     Outcome,
@@ -21,6 +20,7 @@ from vmupdate_agent.models import (
     UpdateResult,
     VMInfo,
 )
+from vmupdate_agent.specs import TargetSpec, UpdateSpec
 
 VM = VMInfo(qmp_path="/run/vms/a/qmp.sock", pid=1234, name="a", uuid="u-1", argv=("qemu",),
             root="/", binary="/usr/bin/qemu",

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from vmupdate_agent import workdirs
 from vmupdate_agent.config import AgentConfig, ConfigError, load
-from vmupdate_agent.convert import OPERATION_ID
+from vmupdate_agent.specs import OPERATION_ID
 from vmupdate_operator.operation_ids import operation_id
 
 LONGEST_ID = "v" + "x" * 127
