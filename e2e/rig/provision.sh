@@ -435,6 +435,11 @@ for w in "qemu-sid|/usr/bin/qemu-system-x86_64|$SID_PKG_VERSION|sid" \
 if [ -e $ROOT_MARKER ]; then
     exec $bin "\$@"
 fi
+if [ "\$(id -u)" != 0 ]; then
+    # The agent probes a target unprivileged (as nobody), and nobody may not chroot: a user
+    # namespace of its own gives it that right over this root and nothing more.
+    exec /usr/bin/unshare --user --map-root-user /usr/sbin/chroot $SID_ROOT $bin "\$@"
+fi
 exec /usr/sbin/chroot $SID_ROOT $bin "\$@"
 EOF
 done
