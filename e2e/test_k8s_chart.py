@@ -315,6 +315,8 @@ async def test_chart_installs_and_its_service_accounts_are_sufficient_and_minima
     search_path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     metrics_port, health_port = free_port(), free_port()
     values = {
+        # Pre-made Secrets (the fleet's certificates), one serving certificate for every agent.
+        "certificates": {"agentServing": "secret", "create": "none"},
         "agentServerName": "localhost",  # the fleet's agents' certificates carry it
         "operator": {
             "peering": {"name": PEERING, "lifetimeSeconds": PEERING_LIFETIME_S},

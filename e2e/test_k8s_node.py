@@ -5,9 +5,11 @@ kube-proxy and kube-scheduler, in a network namespace of its own.
 * a pod of the project's image is scheduled, gets an address from the pod network, and reaches
   the API server through the ``kubernetes`` Service with in-cluster config, authenticated as
   its ServiceAccount;
-* ``helm install`` as the README says (TLS Secrets made beforehand, the agent's per node)
-  runs the operator Deployment (2 replicas, kopf peering, in-cluster config) and the agent
-  DaemonSet (privileged, hostPID, hostPaths at the same paths) as pods of the built image;
+* ``helm install`` as the README says (no Secret made beforehand: the chart makes its CA and
+  client certificates, and the agent's sidecar gets its node's serving certificate from the
+  operator through the CSR API) runs the operator Deployment (2 replicas, kopf peering,
+  in-cluster config) and the agent DaemonSet (privileged, hostPID, hostPaths at the same
+  paths) as pods of the built image;
 * one VMUpdate applied with kubectl updates in place both a VM on the host and a VM in a pod
   (QEMU as an unprivileged container of the VM pod image, the target from a hostPath):
   cpr-exec, same pid, now the target binary; guest counter continuous, token unchanged, RAM
@@ -158,6 +160,13 @@ def test_chart_runs_its_pods_on_the_node(installed: Installed) -> None:
     args = [a for c in installed.agent_pod()["spec"]["containers"] for a in c.get("args", [])]
     # The per-node serving certificate's name: the chart's "{node}" resolved in the pod.
     assert "--server-name=$(NODE_NAME)" in args, args
+    # The chart's defaults: the node's agent got its own certificate through the CSR API,
+    # approved and signed by the chart's operator for the node its pod-bound token names.
+    signed = [c for c in get(installed.sandbox, "csr")["items"]
+              if c["spec"]["signerName"] == "vmupdate.dev/agent-serving"
+              and (c.get("status") or {}).get("certificate")]
+    assert {c["spec"]["extra"]["authentication.kubernetes.io/node-name"][0]
+            for c in signed} == {installed.node.name}, signed
 
 
 async def test_vmupdate_updates_a_host_vm_and_a_pod_vm_in_place(

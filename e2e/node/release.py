@@ -2,9 +2,10 @@
 the kubectl steps the node tests share: apply a VMUpdate, wait for a VMHost to list VMs, wait
 for a VMUpdate to be Ready.
 
-The TLS Secrets are made beforehand, the way the chart expects them: the operator's and the
-registrar's client certificates, and the agents' serving certificate issued per node (its DNS
-name is the node's: ``agentServerName: "{node}"``, which the chart resolves per pod).
+No certificate is made beforehand: with the chart's defaults (``certificates.agentServing:
+csr``, ``create: selfSigned``) the chart makes its CA and the operator's and registrar's
+client certificates, and the agent pod's certificate sidecar gets its node's serving
+certificate from the operator through the CSR API, as a plain ``helm install`` does.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import yaml
 
 from e2e.cluster.sandbox import Sandbox
 from e2e.k8s import kube
-from e2e.k8s.pki import make_fleet_pki
 from e2e.node.containerd import umount_below
 from e2e.node.node import Node
 from e2e.rig import Rig
@@ -134,12 +134,6 @@ class Installed:
                                    describe=self.logs)
 
 
-def create_tls_secret(sandbox: Sandbox, name: str, cert: Path, key: Path, ca: Path) -> None:
-    sandbox.kubectl("-n", NAMESPACE, "create", "secret", "generic", name,
-                    f"--from-file=tls.crt={cert}", f"--from-file=tls.key={key}",
-                    f"--from-file=ca.crt={ca}", check=True)
-
-
 @contextlib.contextmanager
 def install(sandbox: Sandbox, node: Node, rig: Rig, work: Path) -> Iterator[Installed]:
     """``helm install`` onto ``node`` for the host's VMs (and the VM pods') under
@@ -149,16 +143,9 @@ def install(sandbox: Sandbox, node: Node, rig: Rig, work: Path) -> Iterator[Inst
                      state_dir=work / "state", values_file=work / "values.yaml",
                      # Below the rig's share: the chrooted QEMU sees it at the same path.
                      runtime_dir=rig.share / "at" / f"node-{token}")
-    pki = make_fleet_pki(work / "pki")
-    sandbox.kubectl("create", "namespace", NAMESPACE, check=True)
-    # Per-node serving certificate: its name is the node's (agentServerName "{node}").
-    for name, pair in (("vmupdate-operator-tls", pki.operator),
-                       ("vmupdate-registrar-tls", pki.registrar),
-                       ("vmupdate-agent-tls", pki.agent(node.name))):
-        create_tls_secret(sandbox, name, pair.cert, pair.key, pki.ca_cert)
     assert rig.sid.alt_binary is not None
+    # The README's values: the hosts' paths only; the certificates are the chart's defaults.
     values = {
-        "agentServerName": "{node}",
         "agent": {"config": {
             "socket_globs": [f"{inst.vm_dir}/*/qmp.sock"],
             "allowed_binary_dirs": [str(Path(rig.sid.alt_binary).parent),

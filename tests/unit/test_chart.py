@@ -24,6 +24,8 @@ NAMESPACE = "vmupdate-system"
 # A values file that changes most knobs at once (and still must render and load).
 OVERRIDES: dict[str, Any] = {
     "image": {"repository": "registry.example/vmupdate", "tag": "9.9.9", "pullPolicy": "Always"},
+    # Pre-made Secrets, one shared serving certificate (the default is per-node, csr).
+    "certificates": {"agentServing": "secret", "create": "none"},
     "agentServerName": "{node}.agents.example",
     "operator": {
         "replicas": 3, "tlsSecret": "op-tls", "logLevel": "DEBUG",
@@ -131,6 +133,9 @@ def test_defaults_render_every_component(default_objects: list[dict[str, Any]]) 
         ("DaemonSet", "vmupdate-agent"),
         ("Deployment", "vmupdate-operator"),
         ("Role", "vmupdate-operator-events"), ("RoleBinding", "vmupdate-operator-events"),
+        # certificates.create=selfSigned (the default): the CA and the clients' certificates.
+        ("Secret", "vmupdate-ca"), ("Secret", "vmupdate-operator-tls"),
+        ("Secret", "vmupdate-registrar-tls"),
         ("Service", "vmupdate-operator-metrics"),
         ("ServiceAccount", "vmupdate-agent"), ("ServiceAccount", "vmupdate-operator"),
         ("ValidatingAdmissionPolicy", "vmupdate-vmhost-node-restriction"),
@@ -164,7 +169,10 @@ def test_operator_deployment(default_objects: list[dict[str, Any]]) -> None:
     assert secret_volume["secret"]["secretName"] == "vmupdate-operator-tls"
     assert {Path(f).name for f in (cfg.agent_tls.ca_file, cfg.agent_tls.cert_file,
                                    cfg.agent_tls.key_file)} == {"ca.crt", "tls.crt", "tls.key"}
-    assert cfg.agent_tls.server_name == "vmupdate-agent"
+    # Per-node certificates by default: each agent is checked against the node meant.
+    assert cfg.agent_tls.server_name == "{node}"
+    assert cfg.agent_tls.for_host("node-7").server_name == "node-7"
+    assert "--agent-signer-ca-dir=/etc/vmupdate/signer" in container["args"]
     assert (cfg.peering_name, cfg.standalone, cfg.peering_lifetime_s) == ("vmupdate", False, 60)
     assert (cfg.metrics_port, cfg.health_port) == (8080, 8081)
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
@@ -214,14 +222,20 @@ def test_agent_config_is_what_the_agent_loads(
     assert cfg.node_name == "worker-3.example"
     assert cfg.model_dump(include=set(values)) == AgentConfig.model_validate(
         {**values}).model_dump(include=set(values))
-    # tls is the mounted Secret.
+    # tls: the mounted Secret (overrides: agentServing=secret), or the memory volume the
+    # certificate sidecar writes this node's certificate to (the default, agentServing=csr).
     pod = pod_spec(objects, "DaemonSet")
     agent = next(c for c in pod["containers"] if c["name"] == "agent")
     mounts = {m["mountPath"]: m["name"] for m in agent["volumeMounts"]}
     assert cfg.tls is not None
-    tls_volume = mounts[str(Path(cfg.tls.cert_file).parent)]
-    secret = next(v for v in pod["volumes"] if v["name"] == tls_volume)["secret"]
-    assert secret["secretName"] == ("agent-tls" if which == "overrides" else "vmupdate-agent-tls")
+    tls_volume = next(v for v in pod["volumes"]
+                      if v["name"] == mounts[str(Path(cfg.tls.cert_file).parent)])
+    if which == "overrides":
+        assert tls_volume["secret"]["secretName"] == "agent-tls"
+    else:
+        assert tls_volume["emptyDir"] == {"medium": "Memory", "sizeLimit": "1Mi"}
+        sidecar = next(c for c in pod["initContainers"] if c["name"] == "certificate")
+        assert f"--dir={Path(cfg.tls.cert_file).parent}" in sidecar["args"]
 
 
 def test_agent_daemonset_defaults(default_objects: list[dict[str, Any]]) -> None:
@@ -244,7 +258,7 @@ def test_agent_daemonset_defaults(default_objects: list[dict[str, Any]]) -> None
     assert "--node-name=$(NODE_NAME)" in registrar["args"]
     assert "--endpoint=$(POD_IP):9443" in registrar["args"]
     assert "--agent=127.0.0.1:9443" in registrar["args"]
-    assert "--server-name=vmupdate-agent" in registrar["args"]
+    assert "--server-name=$(NODE_NAME)" in registrar["args"]  # its node's certificate
     assert "--label=vmupdate.dev/qemu-host=true" in registrar["args"]
     env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in registrar["env"]}
     assert env == {"NODE_NAME": "spec.nodeName", "POD_IP": "status.podIP"}
@@ -288,7 +302,9 @@ def test_agent_daemonset_overrides(override_objects: list[dict[str, Any]]) -> No
 
 
 def test_registrar_off(workdir: Path) -> None:
-    objects = template({"registrar": {"enabled": False}}, workdir=workdir)
+    objects = template({"registrar": {"enabled": False},
+                        "certificates": {"agentServing": "secret", "create": "none"}},
+                       workdir=workdir)
     spec = pod_spec(objects, "DaemonSet")
     assert [c["name"] for c in spec["containers"]] == ["agent"]
     assert not [o for o in objects if o["kind"] == "ClusterRole"
@@ -314,8 +330,15 @@ def test_vmhost_admission_policy_names_the_agents_service_account(
 
 
 def test_operator_rbac_is_exactly_what_it_uses(default_objects: list[dict[str, Any]]) -> None:
-    """The list e2e/test_k8s_chart.py proves against the operator's recorded requests."""
+    """The list e2e/test_k8s_chart.py proves against the operator's recorded requests (the
+    CSR signer's part in csr mode, the default)."""
+    csr = "certificatesigningrequests"
     assert rules(find(default_objects, "ClusterRole", "-operator")) == {
+        ("certificates.k8s.io", csr, "list", ""), ("certificates.k8s.io", csr, "watch", ""),
+        ("certificates.k8s.io", f"{csr}/approval", "update", ""),
+        ("certificates.k8s.io", f"{csr}/status", "update", ""),
+        ("certificates.k8s.io", "signers", "approve", "vmupdate.dev/agent-serving"),
+        ("certificates.k8s.io", "signers", "sign", "vmupdate.dev/agent-serving"),
         ("vmupdate.dev", "vmupdates", "list", ""), ("vmupdate.dev", "vmupdates", "watch", ""),
         ("vmupdate.dev", "vmupdates", "patch", ""),
         ("vmupdate.dev", "vmupdates/status", "patch", ""),
@@ -339,7 +362,10 @@ def test_agent_rbac(default_objects: list[dict[str, Any]], workdir: Path) -> Non
     assert rules(find(default_objects, "ClusterRole", "-agent")) == {
         ("vmupdate.dev", "vmhosts", "get", ""), ("vmupdate.dev", "vmhosts", "create", ""),
         ("vmupdate.dev", "vmhosts", "patch", ""),
-        ("vmupdate.dev", "vmhosts/status", "patch", "")}
+        ("vmupdate.dev", "vmhosts/status", "patch", ""),
+        # The certificate sidecar asks for its node's certificate (agentServing=csr).
+        ("certificates.k8s.io", "certificatesigningrequests", "create", ""),
+        ("certificates.k8s.io", "certificatesigningrequests", "get", "")}
     # Without labels to merge the registrar never patches the object itself.
     objects = template({"registrar": {"labels": None}}, workdir=workdir)
     assert ("vmupdate.dev", "vmhosts", "patch", "") not in rules(
@@ -379,8 +405,9 @@ TEMPLATE_REFUSED: list[tuple[dict[str, Any], str]] = [
     ({"agent": {"config": {"listen_address": "9443"}}}, "agent.config.listen_address"),
     ({"agent": {"config": {"socket_globs": ["/*/qmp.sock"]}}}, "agent.config.socket_globs"),
     ({"operator": {"replicas": 2, "peering": {"enabled": False}}}, "operator.replicas"),
-    ({"certificates": {"create": "selfSigned"}}, "set certificates.agentServing=csr"),
-    ({"certificates": {"create": "certManager"}}, "set certificates.agentServing=csr"),
+    ({"certificates": {"agentServing": "secret"}}, "set certificates.create=none"),
+    ({"certificates": {"agentServing": "secret", "create": "certManager"}},
+     "set certificates.create=none"),
     ({"certificates": {"agentServing": "csr"}, "registrar": {"enabled": False}},
      "keep registrar.enabled=true"),
 ]
@@ -544,8 +571,8 @@ def test_csr_mode_agents_make_their_own_key_and_never_mount_the_ca(workdir: Path
 
 
 def test_csr_mode_rbac(workdir: Path) -> None:
-    objs = template({"certificates": {"agentServing": "csr"}}, workdir=workdir,
-                    namespace=NAMESPACE)
+    objs = template({"certificates": {"agentServing": "csr", "create": "none"}},
+                    workdir=workdir, namespace=NAMESPACE)
     csr = "certificatesigningrequests"
     assert rules(find(objs, "ClusterRole", "-agent")) >= {
         ("certificates.k8s.io", csr, "create", ""), ("certificates.k8s.io", csr, "get", "")}
@@ -560,18 +587,36 @@ def test_csr_mode_rbac(workdir: Path) -> None:
     assert not [o for o in objs if o["kind"] == "Secret"]
 
 
-def test_secret_mode_is_unchanged(default_objects: list[dict[str, Any]]) -> None:
+def test_defaults_give_each_agent_its_own_certificate(
+        default_objects: list[dict[str, Any]]) -> None:
+    """A plain `helm install`: per-node serving certificates (csr) from the chart's own CA
+    (selfSigned); no agent mounts a serving key made elsewhere."""
+    values = yaml.safe_load((CHART / "values.yaml").read_text())["certificates"]
+    assert (values["agentServing"], values["create"]) == ("csr", "selfSigned")
     spec = pod_spec(default_objects, "DaemonSet")
+    assert [c["name"] for c in spec["initContainers"]] == ["config", "certificate"]
+    assert {v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v} == {
+        "vmupdate-registrar-tls"}
+    assert {o["metadata"]["name"] for o in default_objects if o["kind"] == "Secret"} == {
+        "vmupdate-ca", "vmupdate-operator-tls", "vmupdate-registrar-tls"}
+
+
+def test_secret_mode_mounts_the_pre_made_secret(override_objects: list[dict[str, Any]]) -> None:
+    """certificates.agentServing=secret, create=none: pre-made Secrets still work."""
+    spec = pod_spec(override_objects, "DaemonSet")
     assert [c["name"] for c in spec["initContainers"]] == ["config"]
     assert {v["name"]: v for v in spec["volumes"]}["agent-tls"]["secret"]["secretName"] == (
-        "vmupdate-agent-tls")
-    assert not [o for o in default_objects if o["kind"] == "Secret"]
-    assert not [r for r in rules(find(default_objects, "ClusterRole", "-operator"))
+        "agent-tls")
+    assert not [o for o in override_objects if o["kind"] == "Secret"]
+    assert not [r for r in rules(find(override_objects, "ClusterRole", "-operator"))
+                if r[0] == "certificates.k8s.io"]
+    assert not [r for r in rules(find(override_objects, "ClusterRole", "-agent"))
                 if r[0] == "certificates.k8s.io"]
 
 
 def test_cert_manager_mode_renders_issuers_and_certificates(workdir: Path) -> None:
-    """Render-tested only: cert-manager is not installed in the test cluster."""
+    """What the chart asks cert-manager for; e2e/test_k8s_cert_manager.py has a real
+    cert-manager controller issue it and the chart converge on it."""
     objs = template({"certificates": {"agentServing": "csr", "create": "certManager"}},
                     workdir=workdir, namespace=NAMESPACE)
     assert not [o for o in objs if o["kind"] == "Secret"]

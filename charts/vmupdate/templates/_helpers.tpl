@@ -131,9 +131,9 @@ sockets in its own mount namespace, so they must be there at the same path.
 {{- define "vmupdate.certificates.check" -}}
 {{- $c := .Values.certificates -}}
 {{- if and (ne $c.create "none") (ne $c.agentServing "csr") -}}
-{{- fail (printf "certificates.create=%s makes no agent serving certificate: set certificates.agentServing=csr (each agent asks for its own node's), or certificates.create=none with pre-made Secrets" $c.create) -}}
+{{- fail (printf "certificates.agentServing=%s mounts the pre-made agent.tlsSecret on every agent, and certificates.create=%s makes no agent serving certificate: set certificates.create=none and make operator.tlsSecret, registrar.tlsSecret and agent.tlsSecret beforehand (docs/install.md), or keep certificates.agentServing=csr (each agent asks for its own node's)" $c.agentServing $c.create) -}}
 {{- end -}}
 {{- if and (eq $c.agentServing "csr") (not .Values.registrar.enabled) -}}
-{{- fail "certificates.agentServing=csr: the agents take their client CA from registrar.tlsSecret's ca.crt; keep registrar.enabled=true" -}}
+{{- fail "certificates.agentServing=csr: the agents take their client CA from registrar.tlsSecret's ca.crt; keep registrar.enabled=true, or set certificates.agentServing=secret with certificates.create=none and pre-made Secrets" -}}
 {{- end -}}
 {{- end -}}
