@@ -161,11 +161,21 @@ def issue(ca: SigningCA, spec: Mapping[str, Any], node: str, now: dt.datetime,
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
                        critical=False)
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(node)]), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
-            ca.key.public_key()), critical=False)
+        .add_extension(authority_key_identifier(ca), critical=False)
         .sign(ca.key, hashes.SHA256())
     )
     return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def authority_key_identifier(ca: SigningCA) -> x509.AuthorityKeyIdentifier:
+    """The CA certificate's own subject key identifier, which chain building matches
+    exactly: it need not be the SHA-1 of the key (Go 1.25+, e.g. Helm's genCA, writes a
+    truncated SHA-256; a leaf naming the SHA-1 then finds no issuer in OpenSSL)."""
+    try:
+        ski = ca.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    except x509.ExtensionNotFound:
+        return x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key())
+    return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
 
 
 # --- I/O: the CSR's approval and status subresources ----------------------------------------

@@ -202,3 +202,99 @@ def test_written_pair_is_loaded_and_reloaded_by_the_agents_tls(tmp_path: Path) -
     certificate.write_pair(tmp_path, issue(signing, spec(certificate.csr_pem(key2, NODE)),
                                            NODE, dt.datetime.now(dt.UTC)), key2)
     assert files.fetch() is not None and files.reloads == 1
+
+
+
+def _ca_with_key_id(kind: str) -> SigningCA:
+    """A CA whose subject key identifier is computed the ``kind`` way from its key: the
+    first 20 bytes of its SHA-256 (Go 1.25+, so Helm's genCA), its SHA-1 (RFC 5280), or
+    no such extension ("none")."""
+    import hashlib
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    raw = key.public_key().public_bytes(serialization.Encoding.X962,
+                                        serialization.PublicFormat.UncompressedPoint)
+    now = dt.datetime.now(dt.UTC)
+    name = x509.Name(cn("key-id-ca"))
+    builder = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - dt.timedelta(hours=1))
+               .not_valid_after(now + dt.timedelta(days=1))
+               .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+               .add_extension(x509.KeyUsage(
+                   digital_signature=True, key_cert_sign=True, crl_sign=True,
+                   key_encipherment=False, content_commitment=False, data_encipherment=False,
+                   key_agreement=False, encipher_only=False, decipher_only=False),
+                   critical=True))
+    key_id = {"sha256-truncated": hashlib.sha256(raw).digest()[:20],
+              "sha1": hashlib.sha1(raw).digest(),  # an identifier (RFC 5280), not a hash check
+              "none": None}[kind]
+    if key_id is not None:
+        builder = builder.add_extension(x509.SubjectKeyIdentifier(key_id), critical=False)
+    return SigningCA(builder.sign(key, hashes.SHA256()), key)
+
+
+def _openssl_handshake(ca: SigningCA, cert_pem: bytes, key: Any, tmp_path: Path) -> None:
+    """A TLS handshake (OpenSSL, in memory) of a client trusting only ``ca`` with a server
+    presenting ``cert_pem`` for NODE: raises ssl.SSLCertVerificationError without a chain."""
+    import ssl
+
+    (tmp_path / "leaf.crt").write_bytes(cert_pem)
+    (tmp_path / "leaf.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(tmp_path / "leaf.crt", tmp_path / "leaf.key")
+    client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client_ctx.load_verify_locations(cadata=ca.cert.public_bytes(
+        serialization.Encoding.PEM).decode())
+    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+    client = client_ctx.wrap_bio(c_in, c_out, server_hostname=NODE)
+    server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
+    done = {"client": False, "server": False}
+    for _ in range(20):
+        for who, end in (("client", client), ("server", server)):
+            if not done[who]:
+                try:
+                    end.do_handshake()
+                    done[who] = True
+                except ssl.SSLWantReadError:
+                    pass
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+        if all(done.values()):
+            return
+    raise AssertionError(f"handshake did not finish: {done}")
+
+
+@pytest.mark.parametrize("kind", ["sha256-truncated", "sha1", "none"])
+def test_issued_certificate_chains_to_the_ca_in_openssl(kind: str, tmp_path: Path) -> None:
+    """The leaf's authority key identifier is the CA's own subject key identifier, however
+    the CA's maker computed it: a leaf naming the key's SHA-1 under Helm's genCA CA (whose
+    identifier is a truncated SHA-256) finds no issuer in OpenSSL, and the registrar and
+    the operator refused every agent certificate of a plain `helm install`."""
+    import ssl
+
+    ca = _ca_with_key_id(kind)
+    pem = issue(ca, spec(expirationSeconds=3600), NODE, dt.datetime.now(dt.UTC))
+    aki = x509.load_pem_x509_certificate(pem).extensions.get_extension_for_class(
+        x509.AuthorityKeyIdentifier).value.key_identifier
+    if kind != "none":
+        assert aki == ca.cert.extensions.get_extension_for_class(
+            x509.SubjectKeyIdentifier).value.digest
+    _openssl_handshake(ca, pem, EC_KEY, tmp_path)
+    if kind == "sha256-truncated":
+        # The old rule (SHA-1 of the key) under this CA: OpenSSL builds no chain.
+        leaf = x509.load_pem_x509_certificate(pem)
+        old = (x509.CertificateBuilder().subject_name(leaf.subject).issuer_name(leaf.issuer)
+               .public_key(EC_KEY.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(leaf.not_valid_before_utc)
+               .not_valid_after(leaf.not_valid_after_utc)
+               .add_extension(x509.SubjectAlternativeName([x509.DNSName(NODE)]),
+                              critical=False)
+               .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                   ca.key.public_key()), critical=False)
+               .sign(ca.key, hashes.SHA256()))
+        with pytest.raises(ssl.SSLCertVerificationError, match="local issuer"):
+            _openssl_handshake(ca, old.public_bytes(serialization.Encoding.PEM), EC_KEY,
+                               tmp_path)
