@@ -343,6 +343,9 @@ def test_helm_install_issues_each_node_its_own_certificate(vmupdate_api: Sandbox
         for who in ("vmupdate-operator-tls", "vmupdate-registrar-tls"):
             x509.load_pem_x509_certificate(secrets_[who]["tls.crt"]).verify_directly_issued_by(
                 x509.load_pem_x509_certificate(client_ca.read_bytes()))
+            # And gRPC's TLS builds both chains: the chart's client certificate, checking the
+            # agent's against node A's name, completes a mutual-TLS handshake with it.
+            assert asyncio.run(_grpc_handshake(files, secrets_[who], node_a)), who
     finally:
         for p in processes:
             with contextlib.suppress(Exception):
@@ -355,6 +358,30 @@ def test_helm_install_issues_each_node_its_own_certificate(vmupdate_api: Sandbox
                 sandbox.kubectl("delete", "csr", name["metadata"]["name"], "--wait=false")
         sandbox.kubectl("delete", "namespace", ns, "--ignore-not-found", "--wait=false")
         sandbox.kubectl("delete", "node", node_a, "--ignore-not-found", "--wait=false")
+
+
+async def _grpc_handshake(files: Any, client: dict[str, bytes], server_name: str) -> bool:
+    """A gRPC server with the agent's TLS files, a client with ``client`` (tls.crt, tls.key,
+    ca.crt): True when the mutual-TLS handshake completes (the channel gets ready)."""
+    import grpc
+    import grpc.aio
+
+    server = grpc.aio.server()
+    port = server.add_secure_port("127.0.0.1:0", files.server_credentials())
+    await server.start()
+    credentials = grpc.ssl_channel_credentials(root_certificates=client["ca.crt"],
+                                               private_key=client["tls.key"],
+                                               certificate_chain=client["tls.crt"])
+    channel = grpc.aio.secure_channel(f"127.0.0.1:{port}", credentials,
+                                      options=[("grpc.ssl_target_name_override", server_name)])
+    try:
+        await asyncio.wait_for(channel.channel_ready(), 10)
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        await channel.close()
+        await server.stop(None)
 
 
 def test_unsigned_request_times_out_and_renewal_replaces_a_due_certificate(
