@@ -318,3 +318,38 @@ async def test_a_killed_cli_update_is_resolved_by_a_starting_service(
           f"outcome={pb.Outcome.Name(op.result.outcome)} back_after_kill_ms={killed.back_ms:.0f} "
           f"max_blackout_ms={vm.serial.max_gap_ms(since=mark):.0f}")
 
+
+
+async def test_a_service_starting_while_a_cli_update_runs_leaves_it_to_the_cli(
+        qemu_env: QemuEnv) -> None:
+    """The journal says `running`, but the CLI that runs it holds the VM: the starting service
+    does not resolve it under the CLI's feet; it shows the VM busy and takes the CLI's
+    result once the CLI lets go."""
+    vm = await qemu_env.vm("own")
+    agent = qemu_env.make_agent()
+    mark = time.monotonic_ns()
+    proc = await asyncio.create_subprocess_exec(
+        *CLI, "--config", str(agent.config_path), *cli_update_args(qemu_env, "own", "op-own"),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    assert proc.stdout is not None
+    line = await asyncio.wait_for(proc.stdout.readline(), 60)
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        assert line.split()[0] == b"accepted", line
+        await agent.start()
+        client = await agent.client()
+        op = await client.get_operation("op-own")
+        listed = await client.list_vms()
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    assert op.state == pb.OPERATION_STATE_RUNNING
+    assert [(v.name, v.busy_operation_id) for v in listed.vms] == [("own", "op-own")]
+    out, err = await asyncio.wait_for(proc.communicate(), 300)
+    assert proc.returncode == 0, (out, err)
+    deadline = time.monotonic() + 60
+    while (op := await client.get_operation("op-own")).state != pb.OPERATION_STATE_DONE:
+        assert time.monotonic() < deadline, op
+        await asyncio.sleep(0.2)
+    assert not op.resolved_after_restart and op.result.outcome == pb.OUTCOME_UPDATED
+    assert "op-own on own was running when its process stopped" not in agent.log()
+    await settled(vm, mark)
