@@ -32,6 +32,8 @@ from vmupdate_api.gen import agent_v1_pb2 as pb
 # Waiting for another user of a VM's QMP monitor (a probe, a preflight) to finish.
 SOCKET_WAIT_S = 60.0
 PROBE = "probe"
+# Holders worth waiting for rather than refusing (as for a busy monitor): they only look.
+WAITED_FOR = frozenset({PROBE, "preflight"})
 
 
 class Refused(Exception):
@@ -82,7 +84,8 @@ class VmAccess:
 
     async def flock(self, path: str, kind: str, op_id: str = "", vm: VMInfo | None = None
                      ) -> vmlock.VmLock:
-        """The VM's cross-process lock; waits only while a probe holds it (VmBusy else)."""
+        """The VM's cross-process lock; waits while a probe or a preflight holds it (for up
+        to SOCKET_WAIT_S), VmBusy at once for an operation."""
         holder = vmlock.Holder(operation_id=op_id, kind=kind, program=self.program,
                                pid=os.getpid(), since_ns=time.time_ns(),
                                vm_name=vm.name if vm else "", vm_uuid=vm.uuid if vm else "",
@@ -93,7 +96,7 @@ class VmAccess:
                 return await asyncio.to_thread(vmlock.try_acquire, self.config.state_dir,
                                                path, holder)
             except vmlock.VmBusy as exc:
-                short = exc.holder is None or exc.holder.kind == PROBE
+                short = exc.holder is None or exc.holder.kind in WAITED_FOR
                 if not short or time.monotonic() > deadline:
                     raise
             await asyncio.sleep(0.02)
