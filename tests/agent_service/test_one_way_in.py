@@ -29,6 +29,7 @@ from e2e.rig import TestVM
 from tests.agent_service.conftest import QemuEnv
 from tests.agent_service.harness import AgentProcess, op_workdir
 from tests.agent_service.test_update import check_stream, update_request
+from vmupdate_agent import vmlock
 from vmupdate_agent.journal import Journal, OperationState
 from vmupdate_agent.models import Outcome
 from vmupdate_api.gen import agent_v1_pb2 as pb
@@ -90,19 +91,29 @@ async def test_a_cli_update_and_a_grpc_update_racing_for_one_vm(qemu_env: QemuEn
     agent = await qemu_env.agent()
     mark = time.monotonic_ns()
     winners: list[str] = []
-    # The CLI needs about a second to start (Python, imports): the gRPC request is sent
-    # with these delays after it, so either may reach the VM first.
-    for i, delay in enumerate((0.0, 0.5, 1.0, 1.5)):
+    lock_file = vmlock.lock_path(agent.state_dir, str(vm.qmp_path))
+    # Both at once: the gRPC request leaves the moment the CLI first touches the VM (its
+    # probe takes the VM's lock; the CLI needs about a second to start before that), plus
+    # a few ms more in some rounds, so that either may take the VM first.
+    for i, extra_s in enumerate((0.0, 0.0, 0.005, 0.010, 0.020, 0.040)):
         cli_id, grpc_id = f"cli-race-{i}", f"grpc-race-{i}"
         started = time.monotonic_ns()
-
-        async def late_grpc(delay: float = delay, grpc_id: str = grpc_id
-                            ) -> list[pb.OperationEvent] | grpc.aio.AioRpcError:
-            await asyncio.sleep(delay)
-            return await grpc_update(agent, update_request(qemu_env, grpc_id, "race"))
-
-        cli, by_grpc = await asyncio.gather(
-            run_cli(agent, "--json", *cli_update_args(qemu_env, "race", cli_id)), late_grpc())
+        proc = await asyncio.create_subprocess_exec(
+            *CLI, "--config", str(agent.config_path), "--json",
+            *cli_update_args(qemu_env, "race", cli_id), stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        cli_done = asyncio.create_task(proc.communicate())
+        deadline = time.monotonic() + 60
+        while True:
+            holder = await asyncio.to_thread(vmlock.read_holder, lock_file)
+            if holder is not None and holder.pid == proc.pid:
+                break
+            assert time.monotonic() < deadline and not cli_done.done(), "the CLI never came"
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(extra_s)
+        by_grpc = await grpc_update(agent, update_request(qemu_env, grpc_id, "race"))
+        out, err = await asyncio.wait_for(cli_done, 300)
+        cli = CliRun(proc.returncode or 0, out.decode(), err.decode(), proc.pid)
         if isinstance(by_grpc, grpc.aio.AioRpcError):
             # The CLI ran; the service refused, naming the CLI's operation, program and pid.
             assert cli.rc == 0, cli.err
@@ -127,14 +138,15 @@ async def test_a_cli_update_and_a_grpc_update_racing_for_one_vm(qemu_env: QemuEn
         assert not (agent.state_dir / "operations" / f"{loser}.json").exists()
         assert not op_workdir(agent, loser).exists()
         await settled(vm, mark)
-        print(f"\nFAULT-ROW cli-vs-grpc round={i} grpc_delay_s={delay} winner={winners[-1]} "
+        print(f"\nFAULT-ROW cli-vs-grpc round={i} extra_ms={extra_s * 1000:.0f} "
+              f"winner={winners[-1]} "
               f"max_blackout_ms={vm.serial.max_gap_ms(since=started):.0f}")
     assert vm.token == token
     journal = Journal(agent.state_dir)
     records, bad = journal.records()
     assert not bad
     assert all(r.state == OperationState.DONE for r in records)
-    assert len(records) == 4  # one update per round, never two
+    assert len(records) == 6  # one update per round, never two
     print(f"\nFAULT-ROW cli-vs-grpc winners={','.join(winners)} "
           f"max_blackout_ms={vm.serial.max_gap_ms(since=mark):.0f}")
 
