@@ -232,6 +232,9 @@ async def _operations(args: argparse.Namespace, settings: Settings, *,
     taken = await ops.start(wait_for_owners=False)
     tasks = [live.task for live in taken if live.task is not None]
     if tasks:
+        ids = ", ".join(live.id for live in taken)
+        print(f"vmupdate-agent: the journal has operations still running ({ids}); resolving "
+              "those no live process runs before going on", file=sys.stderr, flush=True)
         await asyncio.wait(tasks, timeout=RECOVERY_WAIT_S)
     for live in taken:
         _say_recovered(live)
