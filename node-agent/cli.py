@@ -214,11 +214,10 @@ async def _inventory(args: argparse.Namespace, globs: list[str]) -> int:
     return 0
 
 
-async def _operations(args: argparse.Namespace, settings: Settings, *,
-                      guard: bool) -> Operations:
+async def _operations(args: argparse.Namespace, settings: Settings,
+                      config: agent_config.AgentConfig, *, guard: bool) -> Operations:
     """The service's way in, for this process: the journal, the VM locks, recovery of what a
     dead process left running (said on stderr)."""
-    config = settings.agent_config(args.vm)
     os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
     os.makedirs(config.runtime_dir, mode=0o711, exist_ok=True)
     eng = settings.engine
@@ -255,7 +254,7 @@ def _say_recovered(live: LiveOperation) -> None:
 async def _preflight(args: argparse.Namespace, settings: Settings) -> int:
     spec = _checked(lambda: PreflightSpec.model_validate(
         {"vm": args.vm, "target": _target(args), "mode": RequestedMode(args.mode)}))
-    ops = await _operations(args, settings, guard=True)
+    ops = await _operations(args, settings, settings.agent_config(args.vm), guard=True)
     report = await ops.preflight(spec, dry_run=not args.no_dry_run)
     lines = [f"{report.vm}: {'PASS' if report.passed else 'FAIL'} ({report.mode_reason})"]
     lines += [f"  [{'ok' if c.passed else 'FAIL'}] {c.name}: {c.message}" for c in report.checks]
@@ -268,11 +267,12 @@ async def _update(args: argparse.Namespace, settings: Settings) -> int:
     spec = _checked(lambda: UpdateSpec.model_validate(
         {"vm": args.vm, "target": _target(args), "mode": RequestedMode(args.mode),
          "operation_id": op_id}))
+    config = settings.agent_config(args.vm)
     reaper.become_subreaper()
     orphan_reaper = reaper.OrphanReaper()
     reaping = asyncio.create_task(orphan_reaper.run())
     try:
-        ops = await _operations(args, settings, guard=not args.no_guard)
+        ops = await _operations(args, settings, config, guard=not args.no_guard)
         await ops.submit(spec, skip_preflight=args.skip_preflight)
         result: UpdateResult | None = None
         async for _, item in ops.follow_items(op_id, 0):
