@@ -7,6 +7,7 @@ recovery (real QEMU, the agent service as its own process, the CLI as its own pr
   watcher or the keeper brings the guest back, and the next CLI run (or a starting service)
   resolves the journaled operation, says what it found, and then runs its own update (a new
   id) or shows the recorded one (the same id).
+- The CLI's binary checks are the service's: the same path rule and the same pinned copy.
 
 The rows of docs/faults.md's section on the CLI come from here (`-s` prints `FAULT-ROW`).
 """
@@ -16,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
+import shutil
 import signal
 import sys
 import time
@@ -365,3 +368,47 @@ async def test_a_service_starting_while_a_cli_update_runs_leaves_it_to_the_cli(
     assert not op.resolved_after_restart and op.result.outcome == pb.OUTCOME_UPDATED
     assert "op-own on own was running when its process stopped" not in agent.log()
     await settled(vm, mark)
+
+
+async def test_the_clis_binary_checks_are_the_services(qemu_env: QemuEnv) -> None:
+    """The path rule (resolved in the VM's root, no writable directory on the way) and the
+    pinned copy's sha256: the CLI is refused as the service is, with the same sentences,
+    and the VM is not touched."""
+    vm = await qemu_env.vm("pin")
+    pid, mark = vm.pid, time.monotonic_ns()
+    at = qemu_env.rig.share / "at"
+    tag = secrets.token_hex(3)
+    allowed, outside, writable = at / f"ok-{tag}", at / f"out-{tag}", at / f"gw-{tag}"
+    try:
+        for d in (allowed, outside, writable):
+            d.mkdir(parents=True)
+            shutil.copyfile(qemu_env.rig.sid.wrapper, d / "qemu")
+            (d / "qemu").chmod(0o755)
+        (allowed / "link").symlink_to(outside / "qemu")
+        writable.chmod(0o775)
+        agent = qemu_env.make_agent(allowed_binary_dirs=[
+            str(allowed), str(writable), str(qemu_env.rig.sid.wrapper.parent)])
+        refusals = [
+            (allowed / "link", f"target.binary: {allowed / 'link'} resolves to "
+                               f"{outside / 'qemu'}, outside the directories this host allows"),
+            (writable / "qemu", f"target.binary: the directory {writable} is writable by"),
+        ]
+        for binary, words in refusals:
+            for command in ("update", "preflight"):
+                run = await run_cli(agent, command, "pin", "--binary", str(binary))
+                assert run.rc == 1, (command, run.rc, run.err)
+                assert f"vmupdate-agent: refused: {words}" in run.err, run.err
+        assert not (agent.state_dir / "operations").exists() or \
+            not list((agent.state_dir / "operations").iterdir())
+        # sha256: checked on the private copy the update would run.
+        run = await run_cli(agent, "--json", "update", "pin", "--binary", qemu_env.sid_binary,
+                            "--sha256", "0" * 64, "--op-id", "op-sha")
+        assert run.rc == 1, run.err
+        result = json.loads(run.out)
+        assert result["outcome"] == "failed" and "target.sha256:" in result["message"]
+        assert "nothing was changed" in result["message"]
+        assert vm.pid == pid
+        await settled(vm, mark)
+    finally:
+        for d in (allowed, outside, writable):
+            shutil.rmtree(d, ignore_errors=True)
