@@ -93,8 +93,7 @@ class VmAccess:
         deadline = time.monotonic() + SOCKET_WAIT_S
         while True:
             try:
-                return await asyncio.to_thread(vmlock.try_acquire, self.config.state_dir,
-                                               path, holder)
+                return await _acquire(self.config.state_dir, path, holder)
             except vmlock.VmBusy as exc:
                 short = exc.holder is None or exc.holder.kind in WAITED_FOR
                 if not short or time.monotonic() > deadline:
@@ -103,16 +102,17 @@ class VmAccess:
 
     async def probe(self, path: str, *, locked: bool = False
                      ) -> tuple[VMInfo, discovery.RawFacts]:
-        """Discovery of one VM; VmBusy if another process runs an operation on it (`locked`:
-        this one holds the VM's lock already)."""
-        async with self.holding(path, "probe the VM"):
-            lock = None if locked else await self.flock(path, PROBE)
-            try:
+        """Discovery of one VM; VmBusy if another operation runs on it (`locked`: this
+        caller holds the VM's lock already). The VM's lock is always taken before its
+        monitor (`holding`), never while holding it: a waiter never blocks the holder."""
+        lock = None if locked else await self.flock(path, PROBE)
+        try:
+            async with self.holding(path, "probe the VM"):
                 info, raw = await discovery.discover(path,
                                                      timeout=self.settings.timeouts.command)
-            finally:
-                if lock is not None:
-                    lock.release()
+        finally:
+            if lock is not None:
+                lock.release()
         if info.uuid:
             self._known[info.uuid] = path
         return info, raw
@@ -231,6 +231,23 @@ class VmAccess:
         why = pathpolicy.check(root, binary, self.settings.allowed_dirs)
         if why is not None:
             raise Refused(grpc.StatusCode.PERMISSION_DENIED, why)
+
+
+async def _acquire(state_dir: str, path: str, holder: vmlock.Holder) -> vmlock.VmLock:
+    """vmlock.try_acquire in a worker thread; a caller cancelled meanwhile does not leave
+    the lock held (the thread's lock, if it got one, is released when it returns)."""
+    attempt = asyncio.ensure_future(asyncio.to_thread(vmlock.try_acquire, state_dir, path,
+                                                      holder))
+    try:
+        return await asyncio.shield(attempt)
+    except asyncio.CancelledError:
+        attempt.add_done_callback(_release_result)
+        raise
+
+
+def _release_result(attempt: asyncio.Future[vmlock.VmLock]) -> None:
+    if not attempt.cancelled() and attempt.exception() is None:
+        attempt.result().release()
 
 
 def busy_elsewhere(name: str, exc: vmlock.VmBusy) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -124,3 +126,22 @@ def test_the_lock_file_is_not_followed_through_a_symlink(tmp_path: Path) -> None
     with pytest.raises(OSError):
         vmlock.try_acquire(tmp_path, SOCK, holder())
     assert target.read_text() == "x"
+
+
+async def test_a_caller_cancelled_while_taking_the_lock_does_not_leave_it_held(
+        tmp_path: Path) -> None:
+    from vmupdate_agent import admission
+
+    for _ in range(20):
+        task = asyncio.create_task(admission._acquire(str(tmp_path), SOCK, holder()))
+        await asyncio.sleep(0)  # the worker thread is on its way
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        deadline = time.monotonic() + 5
+        while vmlock.holder_of(tmp_path, SOCK)[0]:
+            assert time.monotonic() < deadline, "the lock stayed held"
+            await asyncio.sleep(0.005)
+    lock = await admission._acquire(str(tmp_path), SOCK, holder())
+    assert vmlock.holder_of(tmp_path, SOCK) == (True, holder())
+    lock.release()
