@@ -412,3 +412,29 @@ async def test_the_clis_binary_checks_are_the_services(qemu_env: QemuEnv) -> Non
     finally:
         for d in (allowed, outside, writable):
             shutil.rmtree(d, ignore_errors=True)
+
+
+async def test_a_preflight_and_listings_at_once_all_answer(qemu_env: QemuEnv) -> None:
+    """In one process the VM's lock and its monitor are taken in one order: listings that
+    come while a preflight holds the VM wait for it and then list the VM (no deadlock, no
+    'busy' row for a preflight), a second preflight waits its turn too."""
+    vm = await qemu_env.vm("look")
+    agent = await qemu_env.agent()
+    client = await agent.client()
+    request = pb.PreflightRequest(vm="look", target=pb.Target(binary=qemu_env.sid_binary),
+                                  mode=pb.MODE_AUTO)
+    async def preflight() -> pb.PreflightResponse:
+        return await client.stub.Preflight(request, timeout=120)
+
+    async def listing() -> pb.ListVMsResponse:
+        return await client.stub.ListVMs(pb.ListVMsRequest(), timeout=120)
+
+    first = asyncio.create_task(preflight())
+    await asyncio.sleep(0.3)  # the first preflight holds the VM now
+    answers = await asyncio.wait_for(asyncio.gather(listing(), preflight(), listing()), 180)
+    assert (await first).report.passed
+    listed_a, second, listed_b = answers
+    assert second.report.passed
+    for listed in (listed_a, listed_b):
+        assert [v.name for v in listed.vms] == ["look"] and not listed.unreachable, listed
+    assert await vm.query_status() == "running"
