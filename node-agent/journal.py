@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 # Done operations are kept this long, so a retried request finds its result (the engine's
 # per-operation work folders are kept as long).
 RETENTION_S = 7 * 86400
+# A temporary record older than this is a crash's leftover even if its pid runs again.
+STALE_TMP_S = 60.0
 
 
 class JournalError(RuntimeError):
@@ -76,10 +78,14 @@ class Journal:
         self.dir = Path(state_dir) / "operations"
 
     def open(self) -> None:
-        """Create the folder and drop temporary files a crash may have left."""
+        """Create the folder and drop temporary files a crash may have left: not those of a
+        live process (the service and the CLI share the journal) unless they are old."""
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        now = time.time()
         for tmp in self.dir.glob(".*.tmp"):
             with contextlib.suppress(OSError):
+                if _writer_alive(tmp.name) and now - tmp.stat().st_mtime < STALE_TMP_S:
+                    continue
                 tmp.unlink()
 
     def path(self, operation_id: str) -> Path:
@@ -169,6 +175,24 @@ class Journal:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
+
+
+def _writer_alive(name: str) -> bool:
+    """Whether the process that writes the temporary file `name` still runs (its pid is in
+    the name: `.<id>.json.<pid>.<hex>.tmp`)."""
+    parts = name.split(".")
+    if len(parts) < 4 or not parts[-3].isdigit():
+        return False
+    pid = int(parts[-3])
+    if pid == os.getpid():
+        return False  # nothing of ours is being written while we open the journal
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _fsync_dir(path: Path) -> None:

@@ -56,6 +56,13 @@ class LiveOperation:
         log.info("operation %s on %s: %s: %s", self.id, self.vm.name, phase.value, message)
         self.add(ProgressEvent(phase=phase, time_ns=time.time_ns(), message=message))
 
+    def adopt(self, record: OperationRecord) -> None:
+        """The operation was finished by the process that ran it: take its journaled end."""
+        self.record = record
+        self.events = list(record.events)
+        self.result = record.result
+        self._wake()
+
     def snapshot(self) -> OperationRecord:
         return self.record.model_copy(update={"events": tuple(self.events)})
 

@@ -1,15 +1,20 @@
-"""Operations: admission, per-VM locks, live operations, journal writes and recovery at start.
+"""Operations: the one way in for updates and preflights, from the gRPC service and the CLI.
 
-The gRPC edge is servicer.py; the recovery I/O is recovery_io.py.
+Admission (admission.py: which VM, whether it is free, the per-VM locks), live operations,
+journal writes and recovery at start. The edges are servicer.py and cli.py; the recovery
+I/O is recovery_io.py.
 
-- Requests arrive validated into specs (servicer.py, convert.py); nothing is looked up,
-  journaled or started for a request that fails validation.
+- Requests arrive validated into specs (convert.py for gRPC, the CLI builds them); nothing
+  is looked up, journaled or started for a request that fails validation.
 - The binary a request names must lie under the host's allowed directories (pathpolicy's
-  rule, called directly), checked here on every Preflight and Update before the engine runs
-  anything (also through symlinks inside the VM's root), whatever the engine's own checks say.
-- One operation per VM at a time; an operation id names one update forever: the same id
-  again follows the journaled operation instead of starting a second one.
-- An operation that was running when the agent died is resolved at start-up: the VM is found
+  rule), checked on every Preflight and Update before the engine runs anything (also
+  through symlinks inside the VM's root), whatever the engine's own checks say.
+- One operation per VM at a time, across processes: whoever runs one (the service, a CLI)
+  holds the VM's lock in the state dir (vmlock.py) for all of it; a VM another operation
+  holds is refused naming it. An operation id names one update forever: the same id again
+  follows the journaled operation instead of starting a second one.
+- An operation that was running when its process died is resolved at start-up (of the
+  service, or of the CLI, as soon as the VM's lock is free: its holder is gone): the VM is found
   at its QMP socket, the guard's status says how far cpr-exec got, and the VM is finished,
   rolled back or resumed — never left paused — and the outcome journaled
   (`recovery.decide_recovery` holds the decisions, `recovery_io.resolve` the I/O).
@@ -20,18 +25,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
-import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 
-from vmupdate_agent import discovery, pathpolicy, preflight, procfs, recovery_io
+from vmupdate_agent import recovery_io, vmlock
+from vmupdate_agent.admission import Refused as Refused
+from vmupdate_agent.admission import VmAccess
 from vmupdate_agent.config import AgentConfig
 from vmupdate_agent.convert import (
     event_to_pb,
-    vm_to_pb,
 )
 from vmupdate_agent.engine import Engine, EngineSettings
 from vmupdate_agent.journal import Journal, JournalError, OperationRecord, OperationState
@@ -54,22 +60,14 @@ from vmupdate_api.gen import agent_v1_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-# Waiting for another user of a VM's QMP monitor (a probe, a preflight) to finish.
-SOCKET_WAIT_S = 60.0
 # Waiting for other admissions (each probes VMs with its own deadlines).
 ADMISSION_WAIT_S = 120.0
+# How often a recovery looks whether the process that ran the operation let go of its VM.
+RECOVERY_LOCK_POLL_S = 0.5
+SERVICE = "the agent service"
 # Phases after which the engine may have changed the VM.
 TOUCHING_PHASES = frozenset({Phase.STOPPING, Phase.SAVED, Phase.EXECED, Phase.TRANSFERRED,
                              Phase.RESUMED, Phase.VERIFIED})
-
-
-class Refused(Exception):
-    """A request the agent will not serve, with the gRPC status to say so."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 # --- pure decisions -------------------------------------------------------------------------
@@ -91,13 +89,6 @@ def unchanged_result(vm: VMInfo, message: str) -> UpdateResult:
                         version_after=version)
 
 
-def vm_matches(vm: VMInfo, ref: str) -> bool:
-    return ref in (vm.name, vm.uuid, vm.qmp_path)
-
-
-# --- I/O helpers ----------------------------------------------------------------------------
-
-
 # --- operations -----------------------------------------------------------------------------
 
 
@@ -107,22 +98,27 @@ OperationBody = Callable[[LiveOperation], Awaitable[None]]
 class Operations:
     """Admission, running, recovery and following of this agent's operations."""
 
-    def __init__(self, config: AgentConfig, journal: Journal, settings: EngineSettings) -> None:
+    def __init__(self, config: AgentConfig, journal: Journal, settings: EngineSettings, *,
+                 program: str = SERVICE) -> None:
         self.config = config
         self.journal = journal
         self.settings = settings
+        # Who this process is, in the VM locks it holds (refusals elsewhere name it).
+        self.program = program
         self._live: dict[str, LiveOperation] = {}
+        self._locks: dict[str, vmlock.VmLock] = {}  # operation id -> its VM's lock
         self._admission = asyncio.Lock()
-        self._sockets: dict[str, asyncio.Lock] = {}
-        # VM uuid -> QMP socket, from the last probes: an update by uuid probes one VM. Names
-        # are not cached: they need not be unique, and a request by name must see them all.
-        self._known: dict[str, str] = {}
         self._accepting = True
+        self.vms = VmAccess(config, settings, program, self._live)
 
     # --- life cycle -------------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Open the journal and resolve the operations a previous agent left running."""
+    async def start(self, *, wait_for_owners: bool = True) -> list[LiveOperation]:
+        """Open the journal and resolve the operations a dead process left running.
+
+        A running operation whose VM lock is held belongs to a live process (another CLI,
+        or the service): with `wait_for_owners` it is resolved if that process dies (or
+        found done when it lets go), else left to it. Returns the operations taken up."""
         await asyncio.to_thread(self.journal.open)
         removed = await asyncio.to_thread(self.journal.prune)
         if removed:
@@ -130,11 +126,13 @@ class Operations:
         records, bad = await asyncio.to_thread(self.journal.records)
         for message in bad:
             log.error("journal: %s", message)
+        taken = []
         for record in records:
             if record.state == OperationState.RUNNING:
-                log.warning("operation %s on %s was running when the agent stopped; "
-                            "resolving it", record.operation_id, record.vm.name)
-                self._launch(LiveOperation(record, self.journal), self._recover)
+                live = LiveOperation(record, self.journal)
+                self._launch(live, functools.partial(self._recover, wait=wait_for_owners))
+                taken.append(live)
+        return taken
 
     @property
     def running(self) -> list[str]:
@@ -150,136 +148,34 @@ class Operations:
         _, pending = await asyncio.wait(tasks, timeout=timeout)
         return not pending
 
-    # --- VMs --------------------------------------------------------------------------------
-
-    def _socket(self, path: str) -> asyncio.Lock:
-        return self._sockets.setdefault(path, asyncio.Lock())
-
-    @contextlib.asynccontextmanager
-    async def _holding(self, path: str, what: str) -> AsyncIterator[None]:
-        """Exclusive use of a VM's QMP monitor (QEMU serves one client at a time)."""
-        lock = self._socket(path)
-        try:
-            await asyncio.wait_for(lock.acquire(), SOCKET_WAIT_S)
-        except TimeoutError:
-            raise Refused(grpc.StatusCode.UNAVAILABLE,
-                          f"the QMP monitor {path} stayed in use for {SOCKET_WAIT_S:.0f}s; "
-                          f"could not {what}") from None
-        try:
-            yield
-        finally:
-            lock.release()
-
-    async def _probe(self, path: str) -> tuple[VMInfo, discovery.RawFacts]:
-        async with self._holding(path, "probe the VM"):
-            info, raw = await discovery.discover(path, timeout=self.settings.timeouts.command)
-        if info.uuid:
-            self._known[info.uuid] = path
-        return info, raw
-
-    def _busy_with(self, ref: str) -> LiveOperation | None:
-        for live in self._live.values():
-            if live.result is None and vm_matches(live.vm, ref):
-                return live
-        return None
-
-    def _busy_paths(self) -> dict[str, LiveOperation]:
-        return {live.vm.qmp_path: live for live in self._live.values() if live.result is None}
-
-    async def _sockets_found(self) -> list[str]:
-        return await asyncio.to_thread(discovery.find_sockets, self.config.socket_globs)
-
-    async def resolve_vm(self, ref: str) -> VMInfo:
-        """The VM a request names (name, uuid or QMP socket), probed now; it must be idle."""
-        if ref.startswith("/"):
-            ref = os.path.normpath(ref)
-        busy = self._busy_with(ref)
-        if busy is not None:
-            raise Refused(grpc.StatusCode.FAILED_PRECONDITION, _busy_message(busy))
-        sockets = await self._sockets_found()
-        if ref.startswith("/"):
-            if ref not in sockets:
-                raise Refused(grpc.StatusCode.NOT_FOUND, f"vm: {ref} is not the QMP socket of a "
-                              "VM this agent manages (see ListVMs)")
-            return await self._find(ref, [ref])
-        cached = self._known.get(ref)
-        if cached in sockets:
-            with contextlib.suppress(Refused):
-                return await self._find(ref, [cached])
-            self._known.pop(ref, None)  # renamed or gone since: look at every VM
-        return await self._find(ref, sockets)
-
-    async def _find(self, ref: str, candidates: list[str]) -> VMInfo:
-        busy_paths = self._busy_paths()
-        candidates = [c for c in candidates if c not in busy_paths]
-        probed = await asyncio.gather(*(self._probe(c) for c in candidates),
-                                      return_exceptions=True)
-        infos = [p[0] for p in probed if not isinstance(p, BaseException)]
-        matches = [i for i in infos if vm_matches(i, ref)]
-        if not matches:
-            names = ", ".join(sorted(i.name for i in infos)) or "none"
-            silent = "; ".join(f"{c}: {p}" for c, p in zip(candidates, probed, strict=True)
-                               if isinstance(p, BaseException))
-            raise Refused(grpc.StatusCode.NOT_FOUND,
-                          f"vm: no VM {ref!r} on this host (VMs found: {names}"
-                          + (f"; not answering: {silent}" if silent else "") + ")")
-        if len(matches) > 1:
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"vm: {len(matches)} VMs are named {ref!r}; use the uuid or the "
-                          "QMP socket path")
-        return matches[0]
-
     async def list_vms(self) -> pb.ListVMsResponse:
-        sockets = await self._sockets_found()
-        busy = self._busy_paths()
-        answer = pb.ListVMsResponse()
-
-        async def one(path: str) -> pb.VM | pb.UnreachableSocket:
-            try:
-                info, raw = await self._probe(path)
-            except (QmpError, OSError, KeyError, ValueError, Refused) as exc:
-                # ValueError: argv.ArgvError, a command line the agent cannot parse.
-                return pb.UnreachableSocket(qmp_path=path, error=str(exc))
-            hotplugged = discovery.hotplugged_devices(raw)
-            return vm_to_pb(info, preflight.readiness(info, hotplugged))
-
-        rows = await asyncio.gather(*(one(p) for p in sockets if p not in busy))
-        for row in rows:
-            if isinstance(row, pb.VM):
-                answer.vms.append(row)
-            else:
-                answer.unreachable.append(row)
-        for live in busy.values():
-            # Not probed: the operation owns the monitor. Its facts from when it started.
-            answer.vms.append(vm_to_pb(live.vm, preflight.readiness(live.vm),
-                                       busy_operation_id=live.id))
-        answer.vms.sort(key=lambda v: (v.name, v.qmp_path))
-        return answer
-
-    def _check_binary(self, binary: str, vm: VMInfo | None) -> None:
-        root = procfs.PROC / str(vm.pid) / "root" if vm is not None else None
-        why = pathpolicy.check(root, binary, self.settings.allowed_dirs)
-        if why is not None:
-            raise Refused(grpc.StatusCode.PERMISSION_DENIED, why)
+        return await self.vms.list_vms()
 
     # --- preflight --------------------------------------------------------------------------
 
-    async def preflight(self, spec: PreflightSpec) -> PreflightReport:
-        self._check_binary(spec.target.binary, None)
-        vm = await self.resolve_vm(spec.vm)
-        self._check_binary(spec.target.binary, vm)
-        engine = Engine(self.settings)
-        async with self._holding(vm.qmp_path, "run the preflight"):
-            try:
-                return await engine.preflight(vm.qmp_path, spec.target.to_target(), spec.mode)
-            except (QmpError, OSError) as exc:
-                raise Refused(grpc.StatusCode.UNAVAILABLE,
-                              f"preflight of {vm.name} could not complete: {exc}") from exc
+    async def preflight(self, spec: PreflightSpec, *, dry_run: bool = True) -> PreflightReport:
+        self.vms.check_binary(spec.target.binary, None)
+        vm, lock = await self.vms.admit(spec.vm, "preflight")
+        try:
+            self.vms.check_binary(spec.target.binary, vm)
+            engine = Engine(self.settings)
+            async with self.vms.holding(vm.qmp_path, "run the preflight"):
+                try:
+                    return await engine.preflight(vm.qmp_path, spec.target.to_target(),
+                                                  spec.mode, dry_run=dry_run)
+                except (QmpError, OSError) as exc:
+                    raise Refused(grpc.StatusCode.UNAVAILABLE,
+                                  f"preflight of {vm.name} could not complete: {exc}") from exc
+        finally:
+            lock.release()
 
     # --- updates ----------------------------------------------------------------------------
 
-    async def submit(self, spec: UpdateSpec) -> str:
-        """Accept an Update (or recognise a repeated one); return the operation id to follow."""
+    async def submit(self, spec: UpdateSpec, *, skip_preflight: bool = False) -> str:
+        """Accept an Update (or recognise a repeated one); return the operation id to follow.
+
+        `skip_preflight`: the CLI's option (the gRPC API has none); not part of the request's
+        identity."""
         if not self._accepting:
             raise Refused(grpc.StatusCode.UNAVAILABLE, "the agent is shutting down; retry "
                           "later (the same operation_id is safe to send again)")
@@ -297,22 +193,29 @@ class Operations:
                                   f"another request (vm {existing.request.vm!r}, target "
                                   f"{existing.request.target.binary}); use a new id")
                 return spec.operation_id
-            self._check_binary(spec.target.binary, None)
-            vm = await self.resolve_vm(spec.vm)
-            self._check_binary(spec.target.binary, vm)
-            record = OperationRecord(
-                operation_id=spec.operation_id, fingerprint=spec.fingerprint(), request=spec,
-                vm=vm, runtime_dir=self.settings.runtime_dir, state=OperationState.RUNNING,
-                created_ns=time.time_ns())
+            self.vms.check_binary(spec.target.binary, None)
+            vm, lock = await self.vms.admit(spec.vm, "update", spec.operation_id)
             try:
-                await asyncio.to_thread(self.journal.create, record)
-            except FileExistsError:
-                raise Refused(grpc.StatusCode.ABORTED, f"operation_id: {spec.operation_id} "
-                              "was journaled concurrently; retry to follow it") from None
-            except JournalError as exc:
-                raise Refused(grpc.StatusCode.UNAVAILABLE,
-                              f"cannot journal the operation: {exc}") from exc
-            self._launch(LiveOperation(record, self.journal), self._run)
+                self.vms.check_binary(spec.target.binary, vm)
+                record = OperationRecord(
+                    operation_id=spec.operation_id, fingerprint=spec.fingerprint(),
+                    request=spec, vm=vm, runtime_dir=self.settings.runtime_dir,
+                    state=OperationState.RUNNING, created_ns=time.time_ns())
+                try:
+                    await asyncio.to_thread(self.journal.create, record)
+                except FileExistsError:
+                    raise Refused(grpc.StatusCode.ABORTED, f"operation_id: "
+                                  f"{spec.operation_id} was journaled concurrently; retry "
+                                  "to follow it") from None
+                except JournalError as exc:
+                    raise Refused(grpc.StatusCode.UNAVAILABLE,
+                                  f"cannot journal the operation: {exc}") from exc
+            except BaseException:
+                lock.release()
+                raise
+            self._locks[spec.operation_id] = lock
+            self._launch(LiveOperation(record, self.journal),
+                         functools.partial(self._run, skip_preflight=skip_preflight))
             return spec.operation_id
         finally:
             self._admission.release()
@@ -339,27 +242,32 @@ class Operations:
             # on a VM in an unknown state.
             log.exception("operation %s: the agent failed to see it through", live.id)
         finally:
-            # Followers that come later read the journal.
+            # Followers that come later read the journal. The VM stays locked until then.
             if live.result is not None:
                 self._live.pop(live.id, None)
+                lock = self._locks.pop(live.id, None)
+                if lock is not None:
+                    lock.release()
 
-    async def _run(self, live: LiveOperation) -> None:
+    async def _run(self, live: LiveOperation, *, skip_preflight: bool = False) -> None:
         spec, vm = live.record.request, live.vm
         settings = dataclasses.replace(self.settings,
                                        timeouts=timeouts_for(spec, self.settings.timeouts))
         try:
-            async with self._holding(vm.qmp_path, "start the update"):
-                result = await self._update(live, Engine(settings))
+            async with self.vms.holding(vm.qmp_path, "start the update"):
+                result = await self._update(live, Engine(settings), skip_preflight)
         except Refused as exc:
             live.note(Phase.FAILED, exc.message)
             result = unchanged_result(vm, f"not started: {exc.message}")
         await live.finish(result, resolved_after_restart=False)
 
-    async def _update(self, live: LiveOperation, engine: Engine) -> UpdateResult:
+    async def _update(self, live: LiveOperation, engine: Engine, skip_preflight: bool
+                      ) -> UpdateResult:
         spec, vm = live.record.request, live.vm
         try:
             return await engine.update(vm.qmp_path, spec.target.to_target(), spec.mode,
-                                       op_id=live.id, progress=live.add)
+                                       op_id=live.id, progress=live.add,
+                                       skip_preflight=skip_preflight)
         except UpdateAborted as exc:
             # Raised before the point of no return: the old QEMU runs on untouched.
             live.note(Phase.FAILED, str(exc))
@@ -378,13 +286,45 @@ class Operations:
         timeouts = timeouts_for(live.record.request, self.settings.timeouts)
         return await recovery_io.resolve(live, timeouts)
 
-    async def _recover(self, live: LiveOperation) -> None:
+    async def _recover(self, live: LiveOperation, *, wait: bool) -> None:
+        lock = await self._lock_for_recovery(live, wait)
+        if lock is None:
+            self._live.pop(live.id, None)  # a live process runs it: not ours
+            return
+        self._locks[live.id] = lock
+        try:
+            now = await asyncio.to_thread(self.journal.load, live.id)
+        except JournalError as exc:
+            log.error("operation %s: %s; resolving it from the VM", live.id, exc)
+            now = None
+        if now is not None and now.state == OperationState.DONE:
+            live.adopt(now)  # its process finished it while we waited
+            return
+        log.warning("operation %s on %s was running when its process stopped; resolving it",
+                    live.id, live.vm.name)
         while True:
             with contextlib.suppress(Refused):  # the monitor stayed in use: wait again
-                async with self._holding(live.vm.qmp_path, "resolve the operation"):
+                async with self.vms.holding(live.vm.qmp_path, "resolve the operation"):
                     result = await self._resolve(live)
                 break
         await live.finish(result, resolved_after_restart=True)
+
+    async def _lock_for_recovery(self, live: LiveOperation, wait: bool
+                                 ) -> vmlock.VmLock | None:
+        """The VM's lock once its holder (the process running the operation) is gone."""
+        said = False
+        while True:
+            try:
+                return await self.vms.flock(live.vm.qmp_path, "recovery", live.id, live.vm)
+            except vmlock.VmBusy as exc:
+                if not wait:
+                    log.info("operation %s: left to its process: %s", live.id, exc)
+                    return None
+                if not said:
+                    log.warning("operation %s is journaled as running and its VM is locked "
+                                "(%s); resolving it when that lets go", live.id, exc)
+                    said = True
+            await asyncio.sleep(RECOVERY_LOCK_POLL_S)
 
     # --- following --------------------------------------------------------------------------
 
@@ -398,31 +338,36 @@ class Operations:
                           f"operation_id: no operation {op_id} on this agent")
         return record
 
-    async def follow(self, op_id: str, after: int) -> AsyncIterator[pb.OperationEvent]:
+    async def follow_items(self, op_id: str, after: int
+                           ) -> AsyncIterator[tuple[int, ProgressEvent | UpdateResult]]:
+        """(sequence, event or result) of an operation after `after`, live until the result."""
         live = self._live.get(op_id)
         if live is None:
             record = await self.get(op_id)
             live = self._live.get(op_id)
             if live is None:
-                budget = record.request.pause_budget_ms
                 items: list[ProgressEvent | UpdateResult] = list(record.events)
                 if record.result is None:
                     raise Refused(grpc.StatusCode.UNAVAILABLE,
-                                  f"operation {op_id} is journaled as running but no agent "
-                                  "task owns it; retry after the agent's restart")
+                                  f"operation {op_id} is journaled as running but this agent "
+                                  f"does not run it ({self._owner(record)}); retry later")
                 items.append(record.result)
                 for seq, item in enumerate(items[after:], start=after + 1):
-                    yield event_to_pb(op_id, seq, item, pause_budget_ms=budget)
+                    yield seq, item
                 return
-        budget = live.record.request.pause_budget_ms
         async for seq, item in live.follow(after):
+            yield seq, item
+
+    def _owner(self, record: OperationRecord) -> str:
+        busy, holder = vmlock.holder_of(self.config.state_dir, record.vm.qmp_path)
+        if holder is not None:
+            return holder.describe()
+        return "another process holds its VM" if busy else \
+            "no process holds its VM: the next start resolves it"
+
+    async def follow(self, op_id: str, after: int) -> AsyncIterator[pb.OperationEvent]:
+        live = self._live.get(op_id)
+        record = live.record if live is not None else await self.get(op_id)
+        budget = record.request.pause_budget_ms
+        async for seq, item in self.follow_items(op_id, after):
             yield event_to_pb(op_id, seq, item, pause_budget_ms=budget)
-
-
-
-
-
-def _busy_message(live: LiveOperation) -> str:
-    since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(live.record.created_ns / 1e9))
-    return (f"vm: {live.vm.name} is busy: operation {live.id} has been running on it since "
-            f"{since}; follow it with WatchOperation or retry when it is done")
