@@ -143,9 +143,19 @@ async def wait_outgoing_done(session: QmpSession, timeout: float) -> dict[str, A
     return result
 
 
+class NotResumed(QmpError):
+    """`cont` failed (the QEMU died or hung) and no RESUME came: the guest has not run in
+    that QEMU, so the state it was given is still the guest's and a rollback is safe."""
+
+
 async def resume(session: QmpSession, timeout: float) -> Event:
     mark = session.mark()
-    await session.cmd("cont")
+    try:
+        await session.cmd("cont", timeout=timeout)
+    except QmpError as exc:
+        if any(e.name == "RESUME" for e in session.events[mark:]):
+            raise
+        raise NotResumed(str(exc)) from exc
     return await session.wait_event("RESUME", since=mark, timeout=timeout)
 
 

@@ -14,6 +14,7 @@ from vmupdate_agent import hostexec
 from vmupdate_agent.models import Outcome, Phase, Target
 from vmupdate_agent.modes.common import (
     ModeResult,
+    NotResumed,
     Operation,
     UpdateAborted,
     binary_for_rollback,
@@ -100,7 +101,17 @@ async def _handover(op: Operation, s: QmpSession, pinned: hostexec.PinnedContext
         await session.close()
         await _kill_started(op)
         return await _restart_old(op, pinned, state_uri, str(exc), old_binary)
-    resumed = await resume(session, op.timeouts.command)
+    await op.emit(Phase.TRANSFERRED, f"the new QEMU (pid {session.peer_pid}) loaded the "
+                  "saved state (paused)")
+    try:
+        resumed = await resume(session, op.timeouts.command)
+    except NotResumed as exc:
+        # The guest has not run in the new QEMU: the saved state is still the guest's, and
+        # the old binary starts on it.
+        await session.close()
+        await _kill_started(op)
+        return await _restart_old(op, pinned, state_uri, f"it failed as the guest was "
+                                  f"being resumed in it: {exc}", old_binary)
     await op.emit(Phase.RESUMED, f"the guest runs in the new QEMU (pid {session.peer_pid})")
     rewrite_pidfile(op, session.peer_pid)
     return ModeResult(outcome=Outcome.UPDATED,

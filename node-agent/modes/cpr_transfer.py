@@ -21,6 +21,7 @@ from vmupdate_agent import hostexec
 from vmupdate_agent.models import Outcome, Phase
 from vmupdate_agent.modes.common import (
     ModeResult,
+    NotResumed,
     Operation,
     UpdateAborted,
     connect_new_qemu,
@@ -119,7 +120,13 @@ async def _run(op: Operation) -> ModeResult:
         # The guest never ran in the new QEMU (-S): the old one may take over again.
         raise await cleanup_new(f"the new QEMU did not come up: {exc}") from exc
 
-    resumed = await resume(new, op.timeouts.command)
+    try:
+        resumed = await resume(new, op.timeouts.command)
+    except NotResumed as exc:
+        await new.close()
+        # No RESUME came: the guest has not run in the new QEMU; the old one takes over.
+        raise await cleanup_new(f"the new QEMU failed as the guest was being resumed in "
+                                f"it: {exc}") from exc
     await op.emit(Phase.RESUMED, f"the guest runs in the new QEMU (pid {new.peer_pid})")
     old_pid = op.vm.pid
     with contextlib.suppress(QmpError):  # the connection may drop before the answer
