@@ -120,7 +120,7 @@ class Engine:
         report = preflight.evaluate(inputs)
         noexec = self.runtime_dir_problem(vm)
         return report.model_copy(update={"checks": (*report.checks, CheckResult(
-            name="runtime_dir executable", passed=noexec is None, message=noexec or "ok"))})
+            name="runtime-dir-exec", passed=noexec is None, message=noexec or "ok"))})
 
     def runtime_dir_problem(self, vm: VMInfo) -> str | None:
         """Why the VM's QEMU could not run programs from runtime_dir (a noexec mount as its

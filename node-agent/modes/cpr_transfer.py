@@ -10,7 +10,6 @@ run elsewhere), which is the whole safety argument of this mode.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import time
@@ -35,9 +34,9 @@ from vmupdate_agent.modes.common import (
     release_pidfile,
     reset_capabilities,
     resume,
+    retire_old_qemu,
     rewrite_pidfile,
     verify_version,
-    wait_gone,
     wait_incoming_loaded,
     wait_outgoing_done,
 )
@@ -129,11 +128,7 @@ async def _run(op: Operation) -> ModeResult:
                                 f"it: {exc}") from exc
     await op.emit(Phase.RESUMED, f"the guest runs in the new QEMU (pid {new.peer_pid})")
     old_pid = op.vm.pid
-    with contextlib.suppress(QmpError):  # the connection may drop before the answer
-        await s.cmd("quit")
-    await s.close()
-    if not await wait_gone(old_pid, op.timeouts.command):
-        await kill_quietly(old_pid)
+    await retire_old_qemu(s, old_pid, op.timeouts.command)
     # The old QEMU removes its socket when it exits; only now can the VM's well-known QMP
     # path be handed to the new one, and the pidfile (which the old one deleted) rewritten.
     hand_over_qmp(op.workdir, op.vm.qmp_path)

@@ -78,8 +78,8 @@ async def test_a_runtime_dir_remounted_noexec_is_refused_before_the_guest_stops(
             mode=pb.MODE_CPR_EXEC))
         assert not report.passed
         failed = {c.name: c.message for c in report.checks if not c.passed}
-        assert list(failed) == ["runtime_dir executable"], failed
-        assert_names_the_fix(failed["runtime_dir executable"], agent.runtime_dir)
+        assert list(failed) == ["runtime-dir-exec"], failed
+        assert_names_the_fix(failed["runtime-dir-exec"], agent.runtime_dir)
 
         mark = time.monotonic_ns()
         for mode in (pb.MODE_CPR_EXEC, pb.MODE_CPR_TRANSFER):
