@@ -21,7 +21,9 @@ from typing import Any
 from vmupdate_agent import argv as qargv
 from vmupdate_agent import discovery, hostexec, pathpolicy, preflight, procfs, target, workdirs
 from vmupdate_agent import guard as cpr_guard
+from vmupdate_agent.config import ConfigError
 from vmupdate_agent.models import (
+    CheckResult,
     CprMode,
     Outcome,
     Phase,
@@ -58,8 +60,16 @@ class EngineSettings:
     timeouts: Timeouts = field(default_factory=Timeouts)
 
 
+class RuntimeDirUnusable(ConfigError):
+    """runtime_dir cannot serve updates (e.g. a noexec mount); the message says how to fix
+    it. The agent refuses to start on it."""
+
+
 def install_guard(runtime_dir: str, prebuilt: str | None = None) -> str:
     """Put the guard where QEMU can exec it (the runtime dir is shared with the VMs' root)."""
+    problem = workdirs.noexec_problem(runtime_dir)
+    if problem is not None:
+        raise RuntimeDirUnusable(problem)
     bindir = Path(runtime_dir) / "bin"
     bindir.mkdir(parents=True, exist_ok=True)
     if prebuilt:
@@ -107,7 +117,16 @@ class Engine:
                 tgt.extra_args)
             dry = await target.dry_run(vm, new_argv, runtime_dir=s.runtime_dir, ctx=ctx)
         inputs = preflight.PreflightInputs(**{**inputs.__dict__, "dry_run": dry})
-        return preflight.evaluate(inputs)
+        report = preflight.evaluate(inputs)
+        noexec = self.runtime_dir_problem(vm)
+        return report.model_copy(update={"checks": (*report.checks, CheckResult(
+            name="runtime-dir-exec", passed=noexec is None, message=noexec or "ok"))})
+
+    def runtime_dir_problem(self, vm: VMInfo) -> str | None:
+        """Why the VM's QEMU could not run programs from runtime_dir (a noexec mount as its
+        root sees it), or None."""
+        rd = self.settings.runtime_dir
+        return workdirs.noexec_problem(rd, seen_as=str(procfs.in_root(vm.pid, rd)))
 
     def _allowed(self, path: str, real_path: str) -> bool:
         dirs = self.settings.allowed_dirs
@@ -161,6 +180,14 @@ class Engine:
         await emit(Phase.ACCEPTED, f"operation {op_id} on {vm.name} (pid {vm.pid}, QEMU "
                    f"{vm.features.version})")
         report: PreflightReport | None = None
+        # Checked where the VM sees it, before anything is copied there or run from it.
+        problem = self.runtime_dir_problem(vm)
+        if problem is not None:
+            await session.close()
+            msg = f"{problem}; nothing was changed"
+            await emit(Phase.FAILED, msg)
+            return UpdateResult(**base, outcome=Outcome.FAILED, mode=None, message=msg,
+                                pid_after=vm.pid, version_after=str(vm.features.version))
         # The pin: from here on only the verified private copy of the target runs.
         try:
             pinned = await target.pin(vm, tgt.binary, sha256=tgt.sha256,
@@ -270,7 +297,18 @@ class Engine:
         if session is None:
             return result
         try:
-            st = await session.cmd("query-status")
+            try:
+                st = await session.cmd("query-status")
+            except QmpError as exc:
+                if procfs.alive(session.peer_pid):
+                    raise
+                # Not a paused guest to save: the QEMU that ran it is gone.
+                return ModeResult(outcome=Outcome.LOST, message=(
+                    f"{result.message}; but then that QEMU (pid {session.peer_pid}) died "
+                    f"({exc}) after the guest had run in it: the old QEMU's state is older "
+                    "than the guest's memory, so nothing can be resumed safely; the VM must "
+                    "be started again"), pid_after=None, version_after=None,
+                    pause_ms=result.pause_ms)
             if st.get("status") != "running" and op.vm.runstate == "running":
                 # Never leave a VM paused: this is the last place that can notice.
                 await session.cmd("cont")

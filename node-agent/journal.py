@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import errno
 import logging
 import os
 import secrets
@@ -171,7 +172,10 @@ class Journal:
         except FileExistsError:
             raise
         except OSError as exc:
-            raise JournalError(f"cannot write {path}: {exc.strerror}") from exc
+            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            raise JournalError(f"cannot write {path}: {exc.strerror}" + (
+                f"; the state_dir {path.parent.parent} is full: free space there (or give "
+                f"it more room) and retry" if full else "")) from exc
         finally:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()

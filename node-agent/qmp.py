@@ -51,6 +51,19 @@ class Event:
     data: dict[str, Any] = field(default_factory=dict)
 
 
+async def _connect_unix(sock: socket.socket, path: str) -> None:
+    """Connect a non-blocking UNIX socket. A listener whose queue is full (nobody accepts:
+    the QEMU is stopped or hung) makes connect() fail with EAGAIN; asyncio's sock_connect
+    then reports success on a socket that is not connected, so retry here instead (the
+    caller's timeout ends it)."""
+    while True:
+        try:
+            sock.connect(path)
+            return
+        except BlockingIOError:
+            await asyncio.sleep(0.005)
+
+
 class QmpSession:
     def __init__(self, path: str, *, command_timeout: float = 10.0,
                  name: str = "vmupdate-agent") -> None:
@@ -92,14 +105,19 @@ class QmpSession:
     async def connect(self, timeout: float) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         sock.setblocking(False)
-        loop = asyncio.get_running_loop()
+        accepted = False
         try:
             async with asyncio.timeout(timeout):
-                await loop.sock_connect(sock, self.path)
+                await _connect_unix(sock, self.path)
+                accepted = True
                 self.peer_pid = procfs.peer_pid(sock)
                 await self._client.connect(sock)
         except TimeoutError as exc:
             sock.close()
+            if not accepted:
+                raise QmpTimeout(
+                    f"QMP at {self.path} did not accept a connection within {timeout:.1f}s "
+                    "(its listen queue is full: the QEMU is stopped or hung)") from exc
             raise QmpTimeout(f"QMP at {self.path} did not greet within {timeout:.1f}s") from exc
         except Exception as exc:
             sock.close()

@@ -64,3 +64,24 @@ def check_runtime_dir(runtime_dir: str) -> str:
             f"<runtime_dir>/{OPS}/<{FOLDER_CHARS} hex>/{WORKDIR_SOCKETS[0]}) fit in "
             f"{MAX_SOCKET_PATH} bytes; choose a shorter folder such as /run/vmupdate")
     return runtime_dir
+
+
+def noexec_problem(runtime_dir: str, seen_as: str | None = None) -> str | None:
+    """Why programs cannot run from ``runtime_dir`` (a ``noexec`` mount), or None.
+
+    QEMU execs the guard from it (cpr-exec) and every update runs the pinned private copy of
+    its target from it: on a ``noexec`` mount both fail with EACCES, cpr-exec's in the middle
+    of the update. ``seen_as``: the path under which to look (the runtime dir as a VM's
+    root sees it, ``/proc/<pid>/root/...``); the message still names ``runtime_dir``.
+    """
+    try:
+        flags = os.statvfs(seen_as or runtime_dir).f_flag
+    except OSError as exc:
+        return f"runtime_dir: cannot inspect {runtime_dir}: {exc.strerror}"
+    if flags & os.ST_NOEXEC:
+        where = "" if seen_as is None else " as the VM's QEMU sees it"
+        return (f"runtime_dir: {runtime_dir} is on a noexec mount{where}; QEMU must execute "
+                f"the guard and the pinned copy of the target from there. Mount it without "
+                f"noexec (e.g. mount -o remount,exec <its mount point>) or set runtime_dir to "
+                f"a folder on an exec mount (a tmpfs shared with the VMs' root)")
+    return None

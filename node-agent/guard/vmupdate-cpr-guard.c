@@ -764,7 +764,9 @@ static int setup_fifo(void)
 static int64_t mono_deadline;
 
 /* Committed: the agent resumes the new QEMU next and then says "resumed". If it dies
- * first, the guest would stay paused: resume it here. Gives up after the commit timeout. */
+ * first, the guest would stay paused: resume it here. Gives up after the commit timeout.
+ * "abort" still rolls back: the agent sends it when its `cont` failed without a RESUME
+ * (the new QEMU died or hung before the guest ran in it). */
 static void after_commit(char *acc, size_t *acc_n, size_t cap) __attribute__((noreturn));
 static void after_commit(char *acc, size_t *acc_n, size_t cap)
 {
@@ -782,8 +784,15 @@ static void after_commit(char *acc, size_t *acc_n, size_t cap)
         int r = poll(pf, 2, (int)(left / 1000000 + 1));
         if (r < 0 && errno != EINTR)
             break;
-        if (r > 0 && pf[0].revents && read_fifo(acc, acc_n, cap) == 3)
-            break;
+        if (r > 0 && pf[0].revents) {
+            int what = read_fifo(acc, acc_n, cap);
+            if (what == 3)
+                break;
+            if (what == 2) {
+                st.t_event = now_ns(CLOCK_REALTIME);
+                kill_and_rollback("abort-after-commit");
+            }
+        }
         if (r > 0 && pf[1].revents) {
             st.t_agent_gone = now_ns(CLOCK_REALTIME);
             say("the agent is gone after the commit: resuming the guest");

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
 import stat
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -17,7 +18,7 @@ from vmupdate_agent import argv as qargv
 from vmupdate_agent import guard as cpr_guard
 from vmupdate_agent import hostexec, procfs
 from vmupdate_agent.models import CprMode, Outcome, Phase, ProgressEvent, Target, VMInfo
-from vmupdate_agent.qmp import Event, QmpError, QmpSession
+from vmupdate_agent.qmp import Event, QmpError, QmpSession, QmpTimeout
 
 log = logging.getLogger(__name__)
 
@@ -143,9 +144,19 @@ async def wait_outgoing_done(session: QmpSession, timeout: float) -> dict[str, A
     return result
 
 
+class NotResumed(QmpError):
+    """`cont` failed (the QEMU died or hung) and no RESUME came: the guest has not run in
+    that QEMU, so the state it was given is still the guest's and a rollback is safe."""
+
+
 async def resume(session: QmpSession, timeout: float) -> Event:
     mark = session.mark()
-    await session.cmd("cont")
+    try:
+        await session.cmd("cont", timeout=timeout)
+    except QmpError as exc:
+        if any(e.name == "RESUME" for e in session.events[mark:]):
+            raise
+        raise NotResumed(str(exc)) from exc
     return await session.wait_event("RESUME", since=mark, timeout=timeout)
 
 
@@ -305,6 +316,35 @@ async def kill_quietly(pid: int, timeout: float = 5.0) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, 9)
         await wait_gone(pid, timeout)
+
+
+# How long the old QEMU may take to answer `quit` once it holds nothing the guest needs
+# (cpr-reboot waits for it with the guest stopped). A QEMU answers in milliseconds; one that
+# does not is stopped or hung, and is killed rather than waited for.
+QUIT_ANSWER_S = 1.0
+
+
+async def retire_old_qemu(session: QmpSession, pid: int, timeout: float) -> None:
+    """Quit the old QEMU of a cpr-transfer or cpr-reboot once its state is elsewhere (the new
+    QEMU, or the saved state file). If it does not answer (SIGSTOPped, hung), SIGKILL it at
+    once: SIGTERM would wait until it is continued, and nothing in it is needed any more."""
+    hung = False
+    try:
+        await session.cmd("quit", timeout=min(timeout, QUIT_ANSWER_S))
+    except QmpTimeout:
+        hung = True
+    except QmpError:
+        pass  # the connection may drop before the answer
+    await session.close()
+    with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+        hung = hung or procfs.stat_state(pid) in ("T", "t")
+    if hung:
+        log.warning("the old QEMU (pid %d) does not answer `quit`: killing it", pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        await wait_gone(pid, timeout)
+    elif not await wait_gone(pid, timeout):
+        await kill_quietly(pid)
 
 
 def stderr_tail(pid: int, lines: int = 5) -> str:

@@ -21,6 +21,7 @@ from vmupdate_agent import procfs
 from vmupdate_agent.models import Outcome, Phase
 from vmupdate_agent.modes.common import (
     ModeResult,
+    NotResumed,
     Operation,
     UpdateAborted,
     agent_identity,
@@ -164,7 +165,17 @@ async def _finish_new(op: Operation, session: QmpSession, *, use_guard: bool) ->
             await session.close()
             return await _after_exec_abort(op, f"the guard did not take the commit: "
                                                f"{status.get('phase')}")
-    resumed = await resume(session, op.timeouts.command)
+    try:
+        resumed = await resume(session, op.timeouts.command)
+    except NotResumed as exc:
+        if not use_guard:
+            raise
+        # No RESUME: the new QEMU died or hung before the guest ran in it, so the guard
+        # may still put the old QEMU back (it kills the new one first).
+        await session.close()
+        await _guard_send(op, "abort")
+        return await _after_exec_abort(op, f"the new QEMU failed as the guest was being "
+                                           f"resumed in it ({exc})")
     if use_guard:
         await _guard_send(op, "resumed")  # the watcher may exit now
     await op.emit(Phase.RESUMED, "the guest runs in the new QEMU")
@@ -209,7 +220,7 @@ async def _adopt_rollback(op: Operation, session: QmpSession) -> ModeResult:
                   f"{version} on the preserved state in pid {session.peer_pid}")
     return ModeResult(
         outcome=Outcome.ROLLED_BACK,
-        message=(f"rolled back: the new QEMU exited before commit ({why})"
+        message=(f"rolled back: the new QEMU exited before the guest ran in it ({why})"
                  + (f": {tail}" if tail else "")
                  + f"; the VM runs QEMU {version} again, now in pid {session.peer_pid}"),
         pid_after=session.peer_pid, version_after=version, pause_ms=bound, session=session)

@@ -7,13 +7,12 @@ the agent starts the old binary on the same state file and RAM, so the VM is nev
 
 from __future__ import annotations
 
-import contextlib
-
 from vmupdate_agent import argv as qargv
 from vmupdate_agent import hostexec
 from vmupdate_agent.models import Outcome, Phase, Target
 from vmupdate_agent.modes.common import (
     ModeResult,
+    NotResumed,
     Operation,
     UpdateAborted,
     binary_for_rollback,
@@ -27,9 +26,9 @@ from vmupdate_agent.modes.common import (
     pids_with_arg,
     release_pidfile,
     resume,
+    retire_old_qemu,
     rewrite_pidfile,
     verify_version,
-    wait_gone,
     wait_incoming_loaded,
     wait_outgoing_done,
 )
@@ -87,11 +86,7 @@ async def _handover(op: Operation, s: QmpSession, pinned: hostexec.PinnedContext
         rewrite_pidfile(op, op.vm.pid)
         note = await ensure_running(s, was_running)
         raise UpdateAborted(f"the new QEMU did not start: {exc}; {note}") from exc
-    with contextlib.suppress(QmpError):  # the connection may drop before the answer
-        await s.cmd("quit")
-    await s.close()
-    if not await wait_gone(op.vm.pid, op.timeouts.command):
-        await kill_quietly(op.vm.pid)
+    await retire_old_qemu(s, op.vm.pid, op.timeouts.command)
     # Past this point no QEMU runs the VM: the way back is the old binary on the saved state.
     hand_over_qmp(op.workdir, op.vm.qmp_path)
     try:
@@ -100,7 +95,17 @@ async def _handover(op: Operation, s: QmpSession, pinned: hostexec.PinnedContext
         await session.close()
         await _kill_started(op)
         return await _restart_old(op, pinned, state_uri, str(exc), old_binary)
-    resumed = await resume(session, op.timeouts.command)
+    await op.emit(Phase.TRANSFERRED, f"the new QEMU (pid {session.peer_pid}) loaded the "
+                  "saved state (paused)")
+    try:
+        resumed = await resume(session, op.timeouts.command)
+    except NotResumed as exc:
+        # The guest has not run in the new QEMU: the saved state is still the guest's, and
+        # the old binary starts on it.
+        await session.close()
+        await _kill_started(op)
+        return await _restart_old(op, pinned, state_uri, f"it failed as the guest was "
+                                  f"being resumed in it: {exc}", old_binary)
     await op.emit(Phase.RESUMED, f"the guest runs in the new QEMU (pid {session.peer_pid})")
     rewrite_pidfile(op, session.peer_pid)
     return ModeResult(outcome=Outcome.UPDATED,

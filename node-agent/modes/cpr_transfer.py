@@ -10,7 +10,6 @@ run elsewhere), which is the whole safety argument of this mode.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import time
@@ -21,6 +20,7 @@ from vmupdate_agent import hostexec
 from vmupdate_agent.models import Outcome, Phase
 from vmupdate_agent.modes.common import (
     ModeResult,
+    NotResumed,
     Operation,
     UpdateAborted,
     connect_new_qemu,
@@ -34,9 +34,9 @@ from vmupdate_agent.modes.common import (
     release_pidfile,
     reset_capabilities,
     resume,
+    retire_old_qemu,
     rewrite_pidfile,
     verify_version,
-    wait_gone,
     wait_incoming_loaded,
     wait_outgoing_done,
 )
@@ -119,14 +119,16 @@ async def _run(op: Operation) -> ModeResult:
         # The guest never ran in the new QEMU (-S): the old one may take over again.
         raise await cleanup_new(f"the new QEMU did not come up: {exc}") from exc
 
-    resumed = await resume(new, op.timeouts.command)
+    try:
+        resumed = await resume(new, op.timeouts.command)
+    except NotResumed as exc:
+        await new.close()
+        # No RESUME came: the guest has not run in the new QEMU; the old one takes over.
+        raise await cleanup_new(f"the new QEMU failed as the guest was being resumed in "
+                                f"it: {exc}") from exc
     await op.emit(Phase.RESUMED, f"the guest runs in the new QEMU (pid {new.peer_pid})")
     old_pid = op.vm.pid
-    with contextlib.suppress(QmpError):  # the connection may drop before the answer
-        await s.cmd("quit")
-    await s.close()
-    if not await wait_gone(old_pid, op.timeouts.command):
-        await kill_quietly(old_pid)
+    await retire_old_qemu(s, old_pid, op.timeouts.command)
     # The old QEMU removes its socket when it exits; only now can the VM's well-known QMP
     # path be handed to the new one, and the pidfile (which the old one deleted) rewritten.
     hand_over_qmp(op.workdir, op.vm.qmp_path)

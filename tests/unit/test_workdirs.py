@@ -113,3 +113,16 @@ def test_multibyte_names_count_bytes() -> None:
     assert len(name) <= workdirs.MAX_RUNTIME_DIR < len(name.encode())
     with pytest.raises(workdirs.RuntimeDirTooLong):
         workdirs.check_runtime_dir(name)
+
+
+def test_an_exec_runtime_dir_has_no_noexec_problem(tmp_path: Path) -> None:
+    flags = os.statvfs(tmp_path).f_flag
+    assert not flags & os.ST_NOEXEC, "the test needs an exec mount"
+    assert workdirs.noexec_problem(str(tmp_path)) is None
+
+
+def test_a_runtime_dir_that_cannot_be_inspected_names_the_field(tmp_path: Path) -> None:
+    missing = tmp_path / "missing"
+    problem = workdirs.noexec_problem("/run/vmupdate", seen_as=str(missing))
+    assert problem == "runtime_dir: cannot inspect /run/vmupdate: No such file or directory"
+
