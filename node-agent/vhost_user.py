@@ -6,14 +6,17 @@ guest writes and reads its disk (measured; docs/vhost-user.md has the numbers an
   connection; the back end goes back to listening, the new QEMU connects while it builds the
   device, negotiates again, and takes the ring positions from the migration stream. Guest
   I/O goes on and reads back what was written before. Supported.
-- cpr-reboot: the old QEMU quits (closing the connection) before the new one starts and
-  connects. Supported.
 - cpr-transfer: the new QEMU is started while the old one still holds the connection. QEMU
   hands over RAM and ROM descriptors only (the cpr state has no chardev), so the new QEMU
   connects anew while building the device; a vhost-user back end serves one front end at a
   time, so the new QEMU waits for the answer to its first message (GET_FEATURES) forever and
-  the handover never starts: the update times out (the guest never stops). QEMU raises no
+  the handover never starts (the update times out; the guest never stops). QEMU raises no
   migration blocker for it. Refused.
+- cpr-reboot: QEMU itself carries the device when the old process quits before the new one
+  starts (checked by hand). The agent, though, starts the new QEMU beside the stopped old one,
+  so that a new QEMU that cannot start leaves the old one to resume: that new QEMU waits on
+  the back end like cpr-transfer's, the guest stays paused until the agent gives up (its
+  handover timeout) and resumes the old one. Refused.
 
 Only vhost-user-blk was tried; other vhost-user devices (net, fs, scsi, ...) and vDPA and
 kernel vhost devices (vhost-vsock, vhost-scsi) stay refused in every mode. The back end must
@@ -116,8 +119,12 @@ def problem(device: VhostDevice, mode: CprMode) -> str | None:
             return (f"{device.what}: cpr-transfer starts the new QEMU while the old one still "
                     "holds the vhost-user connection, which QEMU does not hand over; the back "
                     "end serves one front end at a time, so the new QEMU would wait for it "
-                    "forever. Use cpr-exec (the connection is made again after the exec) or "
-                    "cpr-reboot")
+                    "forever. Use cpr-exec: the connection is made again after the exec")
+        if mode == CprMode.CPR_REBOOT:
+            return (f"{device.what}: cpr-reboot starts the new QEMU beside the stopped old one "
+                    "(the way back if it fails), and the new QEMU would wait for the vhost-user "
+                    "back end the old one still holds, with the guest paused. Use cpr-exec: "
+                    "the connection is made again after the exec")
         if device.chardev_problem is not None:
             return (f"{device.what}: {device.chardev_problem}. {mode} carries vhost-user-blk "
                     "over only when QEMU connects to a back end that listens on a UNIX socket "
