@@ -218,6 +218,8 @@ def check_vfio(p: PreflightInputs, mode: CprMode) -> str | None:
 
 
 def check_vhost(p: PreflightInputs, mode: CprMode) -> str | None:
+    """Kernel vhost of taps here; vhost-user, vDPA and kernel vhost devices per mode in
+    vhost_user (the table measured on QEMU 11.1.3: docs/vhost-user.md)."""
     problems = [f"netdev {t.id} uses vhost=on without vhostfd=: the new QEMU would reopen "
                 "/dev/vhost-net; pass the descriptor with vhostfd=N"
                 for t in p.vm.taps if t.vhost and t.vhostfd is None]
