@@ -347,9 +347,10 @@ def dry_run_argv(argv: QemuArgv, qmp_path: str, probe_id: str) -> QemuArgv:
                 continue
         if opt.name == "device":
             props = option_props(opt.value, "driver")
-            # Host devices cannot be opened a second time beside the VM; the probe's driver
-            # check covers them.
-            if props.get("driver", "").startswith("vfio-"):
+            # Host devices cannot be opened a second time beside the VM, nor vhost-user back
+            # ends (they serve one front end: the dry run would wait for them forever); the
+            # probe's driver check covers them.
+            if props.get("driver", "").startswith(("vfio-", "vhost-user", "vhost-vdpa")):
                 continue
         out.append(opt)
     out.append(Option("qmp", f"unix:{qmp_path},server=on,wait=off"))

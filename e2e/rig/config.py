@@ -65,6 +65,15 @@ class Rig:
     """trixie-backports' own build of QEMU 11.1.x, in the sid root."""
     raw: dict[str, Any]
 
+    def disk_initrd(self) -> Path:
+        """The disk guest's initramfs (the ticker plus ``diskio``, a disk I/O load on the
+        first virtio disk that checks what it reads back). Looked up when asked for, so a
+        rig.json written before it existed still serves every other test."""
+        path = Path(self.raw.get("disk_initrd") or self.share / "guest" / "initrd-disk.img")
+        if not path.is_file():
+            raise RigNotProvisioned(f"the disk guest {path} is missing; {PROVISION_HINT}")
+        return path
+
     def qemu(self, flavour: Flavour) -> QemuInfo:
         by_flavour = {"backports": self.backports, "sid": self.sid, "trixie": self.trixie,
                       "trixie-backports": self.trixie_backports}

@@ -551,12 +551,57 @@ if [ ! -e "$IDIR/$I_KEY/complete" ]; then
     rm -rf "$tmp"
     echo "$I_KEY" >"$IDIR/$I_KEY/complete"
 fi
+# The disk guest (initrd-disk.img): the same ticker plus diskio, a disk I/O load that checks
+# what it reads back, on the first virtio disk (tests of devices that carry guest I/O across
+# an update, e.g. vhost-user-blk). The kernel's virtio drivers are modules: they are taken
+# from the same kernel package, cached beside its vmlinuz. The plain guest is not changed.
+VIRTIO_MODULES="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk"
+MDIR=$KDIR/$K_KEY/virtio-modules
+if [ ! -e "$MDIR/complete" ]; then
+    tmp=$KDIR/tmp-modules.$$
+    rm -rf "$tmp"
+    read -r kpkg kver <"$KDIR/$K_KEY/complete"
+    download_deb "$kpkg=$kver" "$tmp/deb"
+    dpkg -x "$tmp"/deb/*.deb "$tmp/x"
+    rm -rf "$MDIR"; mkdir -p "$MDIR"
+    for m in $VIRTIO_MODULES; do
+        f=$(find "$tmp/x/lib/modules" -name "$m.ko" | head -1)
+        [ -n "$f" ] || die "$kpkg has no module $m.ko (the disk guest needs it)"
+        cp "$f" "$MDIR/"
+    done
+    rm -rf "$tmp"
+    echo "$kpkg $kver" >"$MDIR/complete"
+fi
+D_KEY=$(cat "$HERE/guest/ticker.c" "$HERE/guest/diskio.c" "$HERE/guest/init-disk" "$BUSYBOX" \
+        "$MDIR"/*.ko <(gcc --version | head -1) | sha256sum | cut -c1-16)
+if [ ! -e "$IDIR/disk-$D_KEY/complete" ]; then
+    tmp=$IDIR/tmp-disk.$$
+    rm -rf "$tmp"; mkdir -p "$tmp/root"/{bin,sbin,dev,proc,sys,tmp,lib/modules}
+    for prog in ticker diskio; do
+        gcc -static -O2 -Wall -Wextra -Werror -o "$tmp/root/sbin/$prog" "$HERE/guest/$prog.c" \
+            || die "building the guest's $prog failed"
+        strip "$tmp/root/sbin/$prog" 2>/dev/null || true
+    done
+    cp "$BUSYBOX" "$tmp/root/bin/busybox"
+    ln -s busybox "$tmp/root/bin/sh"
+    cp "$MDIR"/*.ko "$tmp/root/lib/modules/"
+    install -m 755 "$HERE/guest/init-disk" "$tmp/root/init"
+    mknod -m 600 "$tmp/root/dev/console" c 5 1
+    mknod -m 666 "$tmp/root/dev/null" c 1 3
+    (cd "$tmp/root" && find . -print0 | sort -z | cpio --null -o -H newc -R 0:0 --quiet) \
+        | gzip -9n >"$tmp/initrd.img"
+    rm -rf "$IDIR/disk-$D_KEY"; mkdir -p "$IDIR/disk-$D_KEY"
+    mv "$tmp/initrd.img" "$IDIR/disk-$D_KEY/initrd.img"
+    rm -rf "$tmp"
+    echo "disk-$D_KEY" >"$IDIR/disk-$D_KEY/complete"
+fi
 install_file() {  # install_file SRC DST: copy atomically if different
     if [ -e "$2" ] && cmp -s "$1" "$2"; then return 0; fi
     cp "$1" "$2.tmp.$$"; chmod 644 "$2.tmp.$$"; mv -f "$2.tmp.$$" "$2"
 }
 install_file "$KDIR/$K_KEY/vmlinuz" "$SHARE/guest/vmlinuz"
 install_file "$IDIR/$I_KEY/initrd.img" "$SHARE/guest/initrd.img"
+install_file "$IDIR/disk-$D_KEY/initrd.img" "$SHARE/guest/initrd-disk.img"
 step "guest ($KERNEL_PKG)"
 
 # ---------------------------------------------------------------------------------------
@@ -631,6 +676,7 @@ cat >"$tmp" <<EOF
   "kernel": $(js "$SHARE/guest/vmlinuz"),
   "kernel_package": $(js "$KERNEL_PKG"),
   "initrd": $(js "$SHARE/guest/initrd.img"),
+  "disk_initrd": $(js "$SHARE/guest/initrd-disk.img"),
   "kernel_append": $(js "$KERNEL_APPEND")
 }
 EOF

@@ -386,6 +386,7 @@ def build_argv(
     extra_args: Sequence[str] = (),
     netdev_tap_ifname: str | None = None,
     append: str | None = None,
+    initrd: Path | None = None,
 ) -> list[str]:
     q = rig.qemu(flavour)
     if backend == "memfd":
@@ -405,7 +406,7 @@ def build_argv(
         "-display", "none",
         "-no-user-config",
         "-kernel", str(rig.kernel),
-        "-initrd", str(rig.initrd),
+        "-initrd", str(initrd if initrd is not None else rig.initrd),
         "-append", append if append is not None else rig.kernel_append,
         "-chardev", f"file,id=ser0,path={workdir / 'serial.log'},append=on",
         "-serial", "chardev:ser0",
@@ -459,6 +460,7 @@ async def start_vm(
     extra_args: Sequence[str] = (),
     netdev_tap_ifname: str | None = None,
     append: str | None = None,
+    initrd: Path | None = None,
     start_timeout: float = 30.0,
     wait_ticking: bool = False,
     boot_timeout: float = 90.0,
@@ -467,7 +469,8 @@ async def start_vm(
 
     ``workdir`` must be a fresh (absent or empty) folder under ``rig.vms_dir`` (so the sid
     QEMU, chrooted, sees it at the same path); by default ``vms_dir/<name>-<random>``.
-    With ``wait_ticking=True`` also wait until the guest ticks.
+    With ``wait_ticking=True`` also wait until the guest ticks.  ``initrd`` replaces the
+    guest's initramfs (e.g. ``rig.disk_initrd``, the guest with a disk I/O load).
     """
     if not name or "/" in name or "," in name:
         raise ValueError(f"bad VM name {name!r}")
@@ -491,7 +494,7 @@ async def start_vm(
     argv = build_argv(
         rig, flavour, name=name, workdir=wd, vm_uuid=vm_uuid, mem_mib=mem_mib,
         machine=machine, backend=backend, mem_path=mem_path, extra_args=extra_args,
-        netdev_tap_ifname=netdev_tap_ifname, append=append,
+        netdev_tap_ifname=netdev_tap_ifname, append=append, initrd=initrd,
     )
     (wd / "cmdline").write_text(shlex.join(argv) + "\n")
     serial = SerialMonitor(wd / "serial.log").start()

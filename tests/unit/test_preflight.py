@@ -271,10 +271,9 @@ FAILS = [
     C("vhost", REBOOT, "tap-fd-vhost-vhostfd", same,
       ("vhost descriptors cannot be handed over by cpr-reboot",), id="vhostfd-reboot"),
     C("vhost", EXEC, "vhost-user-net", same,
-      ("netdev net0: vhost-user: vhost-user/vdpa back ends are not preserved by CPR",),
+      ("netdev net0 (vhost-user): of the vhost-user devices only vhost-user-blk",),
       id="vhost-user-net"),
-    C("vhost", EXEC, BASE, vm_(vhost_devices=("vhost-user-blk-pci",)),
-      ("vhost-user-blk-pci: vhost-user/vdpa back ends are not preserved",), id="vhost-user-blk"),
+    # vhost-user-blk per mode and chardev: tests/unit/test_preflight_vhost.py
     # hotplugged-devices
     C("hotplugged-devices", EXEC, "hotplugged-device", host_(hotplugged=("disk1",)),
       ("devices disk1 were hot-plugged and are not on the command line", "unplug them first"),
