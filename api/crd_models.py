@@ -298,7 +298,8 @@ Message = Annotated[str, StringConstraints(max_length=MAX_MESSAGE)]
 Path = Annotated[str, StringConstraints(min_length=1, max_length=MAX_PATH)]
 VersionString = Annotated[str, StringConstraints(max_length=64)]
 
-_WIRE_NAMES = {"memory_mib": "memoryMiB"}
+_WIRE_NAMES = {"memory_mib": "memoryMiB", "failed_vms": "failedVMs",
+               "in_progress_vms": "inProgressVMs"}
 
 
 def wire_name(attribute: str) -> str:
