@@ -88,6 +88,18 @@ PLURAL_VMHOSTS: Final = "vmhosts"
 SINGULAR_VMHOST: Final = "vmhost"
 SHORT_NAMES_VMHOST: Final = ("vmh",)
 
+KIND_VMUPDATEHOST: Final = "VMUpdateHost"
+PLURAL_VMUPDATEHOSTS: Final = "vmupdatehosts"
+SINGULAR_VMUPDATEHOST: Final = "vmupdatehost"
+SHORT_NAMES_VMUPDATEHOST: Final = ("vmuh",)
+
+# Labels of a VMUpdateHost: its VMUpdate (by name when the name fits a label value, always by
+# uid), its host (when it fits), and "true" while some VM of it failed.
+LABEL_VMUPDATE: Final = f"{GROUP}/vmupdate"
+LABEL_VMUPDATE_UID: Final = f"{GROUP}/vmupdate-uid"
+LABEL_HOST: Final = f"{GROUP}/host"
+LABEL_FAILED: Final = f"{GROUP}/failed"
+
 # Condition types. VMUpdate: Ready, Progressing, Degraded (kstatus-compatible). VMHost: Ready.
 COND_READY = "Ready"
 COND_PROGRESSING = "Progressing"
@@ -98,9 +110,10 @@ CONDITION_TYPES: tuple[str, ...] = VMUPDATE_CONDITION_TYPES
 
 # Size limits. The API server needs a bound on every string and list a CEL rule may touch
 # (for its cost estimate); every other one is bounded too, to keep objects within etcd's size.
-MAX_VM_ROWS = 2000  # VMUpdate.status.vms; the operator must keep status under this
+MAX_VM_ROWS = 100_000  # VMs one VMUpdate tracks (in its VMUpdateHost records and in memory)
+MAX_LISTED_VMS = 20  # VMUpdate.status.inProgressVMs / failedVMs: the rest are only counted
 MAX_HISTORY = 10  # VMUpdate.status.history: earlier rollouts kept
-MAX_HOST_VMS = 512  # VMHost.status.vms
+MAX_HOST_VMS = 512  # VMHost.status.vms, VMUpdateHost.status.vms
 MAX_MESSAGE = 1024
 MAX_PATH = 1024
 MAX_NAME = 253
@@ -285,7 +298,8 @@ Message = Annotated[str, StringConstraints(max_length=MAX_MESSAGE)]
 Path = Annotated[str, StringConstraints(min_length=1, max_length=MAX_PATH)]
 VersionString = Annotated[str, StringConstraints(max_length=64)]
 
-_WIRE_NAMES = {"memory_mib": "memoryMiB"}
+_WIRE_NAMES = {"memory_mib": "memoryMiB", "failed_vms": "failedVMs",
+               "in_progress_vms": "inProgressVMs"}
 
 
 def wire_name(attribute: str) -> str:
@@ -796,6 +810,16 @@ class RolloutRecord(K8sModel):
     """Its longest guest pause."""
 
 
+class VMRef(K8sModel):
+    """One VM named in the VMUpdate's status (in flight, or failed): where it is and why."""
+
+    host: Name
+    name: Name
+    phase: VMPhase
+    operation_id: Annotated[str, StringConstraints(max_length=128)] | None = None
+    message: Message | None = None
+
+
 class VMUpdateStatus(K8sModel):
     """Observed state, written by the operator only."""
 
@@ -819,7 +843,7 @@ class VMUpdateStatus(K8sModel):
     ] = Field(default_factory=list)
     """Ready, Progressing and Degraded."""
     targets: Annotated[int, Field(ge=0)] = 0
-    """Selected VMs (rows in vms)."""
+    """Selected VMs (one record each in the VMUpdateHost objects)."""
     updated: Annotated[int, Field(ge=0)] = 0
     """VMs running the target."""
     pending: Annotated[int, Field(ge=0)] = 0
@@ -838,17 +862,25 @@ class VMUpdateStatus(K8sModel):
     """Median guest pause of the updated VMs (lower median)."""
     pause_max_ms: Annotated[float, Field(ge=0)] | None = None
     """Longest guest pause of the updated VMs."""
-    vms: Annotated[list[VMRolloutStatus], Field(max_length=MAX_VM_ROWS)] = Field(
-        default_factory=list
-    )
-    """One row per selected VM."""
+    hosts: Annotated[int, Field(ge=0)] = 0
+    """Hosts with selected VMs: one VMUpdateHost object each holds their per-VM records
+    (``kubectl get vmupdatehosts -l vmupdate.dev/vmupdate=NAME``)."""
+    in_progress_vms: Annotated[list[VMRef], Field(max_length=MAX_LISTED_VMS)] = Field(
+        default_factory=list)
+    """VMs in preflight or being updated, the first MAX_LISTED_VMS by (host, name);
+    inProgress counts them all."""
+    failed_vms: Annotated[list[VMRef], Field(max_length=MAX_LISTED_VMS)] = Field(
+        default_factory=list)
+    """Failed VMs with the reason, the first MAX_LISTED_VMS by (host, name); failed counts
+    them all."""
 
-    def recount(self) -> VMUpdateStatus:
-        """A copy whose counts and pause statistics are computed from ``vms``."""
-        phases = [row.phase for row in self.vms]
+    def counted(self, rows: Sequence[VMRolloutStatus]) -> VMUpdateStatus:
+        """A copy whose counts, pause statistics and VM lists are computed from ``rows``
+        (every selected VM's record, in (host, name) order)."""
+        phases = [row.phase for row in rows]
         pauses = [
             row.pause_ms
-            for row in self.vms
+            for row in rows
             if row.phase == VMPhase.UPDATED and row.pause_ms is not None
         ]
         return self.model_copy(
@@ -863,8 +895,22 @@ class VMUpdateStatus(K8sModel):
                 "dry_run_passed": phases.count(VMPhase.DRY_RUN_PASSED),
                 "pause_p50_ms": statistics.median_low(pauses) if pauses else None,
                 "pause_max_ms": max(pauses) if pauses else None,
+                "hosts": len({row.host for row in rows}),
+                "in_progress_vms": _listed(rows, IN_PROGRESS_VM_PHASES),
+                "failed_vms": _listed(rows, FAILED_VM_PHASES),
             }
         )
+
+
+def _listed(rows: Sequence[VMRolloutStatus], phases: frozenset[VMPhase]) -> list[VMRef]:
+    out: list[VMRef] = []
+    for row in rows:
+        if row.phase in phases:
+            out.append(VMRef(host=row.host, name=row.name, phase=row.phase,
+                             operation_id=row.operation_id, message=row.message))
+            if len(out) == MAX_LISTED_VMS:
+                break
+    return out
 
 
 class VMUpdate(K8sModel):
@@ -985,6 +1031,68 @@ class VMHost(K8sModel):
     metadata: ObjectMeta = Field(default_factory=ObjectMeta)
     spec: VMHostSpec
     status: VMHostStatus | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# VMUpdateHost
+# --------------------------------------------------------------------------------------------
+
+
+class VMUpdateHostSpec(K8sModel):
+    """Which VMUpdate and host the records are of (set at creation)."""
+
+    vm_update: Name
+    """Name of the VMUpdate (also its owner reference)."""
+    vm_update_uid: Annotated[str, StringConstraints(max_length=64)]
+    """metadata.uid of that VMUpdate."""
+    host: Name
+    """The VMHost (node) whose VMs these are."""
+
+
+class VMUpdateHostStatus(K8sModel):
+    """The VMUpdate's record of each selected VM on one host, written by the operator."""
+
+    vms: Annotated[dict[str, VMRolloutStatus], Field(max_length=MAX_HOST_VMS)] = Field(
+        default_factory=dict)
+    """One record per selected VM of the host, by VM name (a map, so that the operator's
+    merge patch carries only the VMs that changed)."""
+    targets: Annotated[int, Field(ge=0)] = 0
+    """Selected VMs on this host."""
+    updated: Annotated[int, Field(ge=0)] = 0
+    """VMs running the target."""
+    in_progress: Annotated[int, Field(ge=0)] = 0
+    """VMs in preflight or being updated."""
+    failed: Annotated[int, Field(ge=0)] = 0
+    """VMs that failed, rolled back, or failed a dry-run preflight."""
+    failures: Message | None = None
+    """The failed VMs and why, for kubectl get: "NAME: MESSAGE; ..." (cut at 1024
+    characters; each record has the whole message)."""
+
+    def summarize(self) -> VMUpdateHostStatus:
+        """A copy whose counts and failures are computed from ``vms``."""
+        rows = [self.vms[k] for k in sorted(self.vms)]
+        failed = [r for r in rows if r.phase in FAILED_VM_PHASES]
+        text = "; ".join(f"{r.name}: {r.message or r.phase.value}" for r in failed)
+        if len(text) > MAX_MESSAGE:
+            text = text[: MAX_MESSAGE - 1] + "\u2026"
+        return self.model_copy(update={
+            "targets": len(rows),
+            "updated": sum(r.phase == VMPhase.UPDATED for r in rows),
+            "in_progress": sum(r.phase in IN_PROGRESS_VM_PHASES for r in rows),
+            "failed": len(failed),
+            "failures": text or None,
+        })
+
+
+class VMUpdateHost(K8sModel):
+    """A VMUpdate's per-VM records on one host (owned by the VMUpdate, written by the
+    operator): the VMUpdate's own status keeps only counts and a bounded list of VMs."""
+
+    api_version: Literal["vmupdate.dev/v1alpha1"] = API_VERSION
+    kind: Literal["VMUpdateHost"] = KIND_VMUPDATEHOST
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta)
+    spec: VMUpdateHostSpec
+    status: VMUpdateHostStatus | None = None
 
 
 def status_merge_patch(status: K8sModel) -> dict[str, Any]:

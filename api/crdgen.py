@@ -238,6 +238,17 @@ VMHOST_COLUMNS = (
     _column("Agent", "string", ".status.agentVersion", "Agent version.", 1),
 )
 
+VMUPDATEHOST_COLUMNS = (
+    _column("VMUpdate", "string", ".spec.vmUpdate", "The VMUpdate these records are of."),
+    _column("Host", "string", ".spec.host", "The host (VMHost) of these VMs."),
+    _column("VMs", "integer", ".status.targets", "Selected VMs on the host."),
+    _column("Updated", "integer", ".status.updated", "VMs running the target."),
+    _column("InProgress", "integer", ".status.inProgress", "VMs being checked or updated."),
+    _column("Failed", "integer", ".status.failed", "VMs whose update or preflight failed."),
+    _column("Failures", "string", ".status.failures", "The failed VMs and why."),
+    _column("Age", "date", ".metadata.creationTimestamp", "Time since creation."),
+)
+
 
 def crd(
     model: type[BaseModel],
@@ -247,8 +258,21 @@ def crd(
     singular: str,
     short_names: Sequence[str],
     columns: Sequence[Mapping[str, Any]],
+    status_subresource: bool = True,
+    selectable_fields: Sequence[str] = (),
 ) -> dict[str, Any]:
     """A CustomResourceDefinition (apiextensions.k8s.io/v1) for one cluster-scoped kind."""
+    version: dict[str, Any] = {
+        "name": m.VERSION,
+        "served": True,
+        "storage": True,
+        "schema": {"openAPIV3Schema": structural_schema(model)},
+        "additionalPrinterColumns": [dict(c) for c in columns],
+    }
+    if status_subresource:
+        version["subresources"] = {"status": {}}
+    if selectable_fields:
+        version["selectableFields"] = [{"jsonPath": p} for p in selectable_fields]
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
@@ -263,16 +287,7 @@ def crd(
                 "shortNames": list(short_names),
             },
             "scope": "Cluster",
-            "versions": [
-                {
-                    "name": m.VERSION,
-                    "served": True,
-                    "storage": True,
-                    "schema": {"openAPIV3Schema": structural_schema(model)},
-                    "subresources": {"status": {}},
-                    "additionalPrinterColumns": [dict(c) for c in columns],
-                }
-            ],
+            "versions": [version],
         },
     }
 
@@ -295,6 +310,19 @@ def crds() -> dict[str, dict[str, Any]]:
             singular=m.SINGULAR_VMHOST,
             short_names=m.SHORT_NAMES_VMHOST,
             columns=VMHOST_COLUMNS,
+        ),
+        # Written whole by one writer (the operator), created with its records in one
+        # request: no status subresource. Selectable by VMUpdate and host name, whatever
+        # their length (labels carry them only up to 63 characters).
+        f"{m.GROUP}_{m.PLURAL_VMUPDATEHOSTS}.yaml": crd(
+            m.VMUpdateHost,
+            kind=m.KIND_VMUPDATEHOST,
+            plural=m.PLURAL_VMUPDATEHOSTS,
+            singular=m.SINGULAR_VMUPDATEHOST,
+            short_names=m.SHORT_NAMES_VMUPDATEHOST,
+            columns=VMUPDATEHOST_COLUMNS,
+            status_subresource=False,
+            selectable_fields=(".spec.vmUpdate", ".spec.host"),
         ),
     }
 

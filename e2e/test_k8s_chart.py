@@ -297,7 +297,7 @@ async def converge_and_delete(kubectl: Kubectl, placement: Placement, rig: Rig,
         describe=lambda: f"{kube.get(kubectl, 'vmupdate', VMUPDATE)}\n{operator.tail(80)}")
     seconds = time.monotonic() - t0
     assert obj["status"]["phase"] == "Succeeded"
-    assert_all_updated(obj, placement, rig, pids)
+    assert_all_updated(kubectl, obj, placement, rig, pids)
     # It holds the release's peering, and posted its events where the Role allows.
     peers = (kube.get(kubectl, "clusterkopfpeering", PEERING) or {}).get("status")
     assert peers, "the chart's operator never joined its peering"

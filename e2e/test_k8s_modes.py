@@ -127,7 +127,7 @@ async def test_every_mode_between_different_builds(
     rows = {}
     for name, vm in (("to-11", "old-01"), ("exec-bpo", "exec-01"), ("reboot", "reboot-01")):
         obj = await ready(kubectl, name, operator_process)
-        rows[vm] = kube.rows(obj)[vm]
+        rows[vm] = kube.rows(kubectl, obj)[vm]
         assert obj["status"]["phase"] == "Succeeded"
         assert obj["status"]["pauseMaxMs"] == rows[vm]["pauseMs"]
 

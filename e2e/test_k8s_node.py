@@ -189,7 +189,7 @@ async def test_vmupdate_updates_a_host_vm_and_a_pod_vm_in_place(
         mark = time.monotonic_ns()
         installed.apply_update("both", list(guests), rig.sid.alt_binary, rig.sid.version)
         obj = await installed.wait_update_ready("both")
-        rows = kube.rows(obj)
+        rows = kube.rows(installed.kubectl, obj)
         for name, (pid, serial) in guests.items():
             row = rows[name]
             assert row["phase"] == "Updated" and row["host"] == installed.node.name, row
@@ -311,7 +311,7 @@ async def test_agent_killed_mid_update(installed: Installed, rig: Rig) -> None:
 
         def row_end() -> Any:
             obj = kube.get(installed.kubectl, "vmupdate", "drill-vm") or {}
-            row = kube.rows(obj).get("drill-vm") or {}
+            row = kube.rows(installed.kubectl, obj).get("drill-vm") or {}
             return row if row.get("phase") in ("Updated", "Failed", "RolledBack") else None
 
         row = await kube.wait_for(row_end, 240, "the operator to follow drill-vm to an end",
@@ -365,7 +365,7 @@ async def test_helm_upgrade_during_a_rollout(installed: Installed, rig: Rig) -> 
         assert new["metadata"]["uid"] != old["metadata"]["uid"]
         agent = next(c for c in new["spec"]["containers"] if c["name"] == "agent")
         assert "--verbose" in agent["args"]
-        rows = kube.rows(obj)
+        rows = kube.rows(installed.kubectl, obj)
         for name, vm, pid in zip(names, vms, pids, strict=True):
             assert rows[name]["phase"] == "Updated", rows[name]
             assert vm.pid == pid and rows[name]["pidAfter"] == pid
@@ -408,7 +408,7 @@ async def test_cordoned_node_keeps_its_agent_and_updates(installed: Installed, r
         pid, mark = vm.pid, time.monotonic_ns()
         installed.apply_update("cordon-vm", ["cordon-vm"], rig.sid.alt_binary, rig.sid.version)
         obj = await installed.wait_update_ready("cordon-vm", 240)
-        row = kube.rows(obj)["cordon-vm"]
+        row = kube.rows(installed.kubectl, obj)["cordon-vm"]
         assert row["phase"] == "Updated" and row["pidAfter"] == pid == vm.pid, row
         await vm.serial.wait_ticks(10, after=time.monotonic_ns(), timeout=30)
         vm.serial.assert_continuous(since=mark)

@@ -56,8 +56,9 @@ async def wait_ready(kubectl: Kubectl, name: str, operator: OperatorProcess,
         describe=lambda: f"{vmupdate(kubectl, name)}\n{operator.log()[-6000:]}")
 
 
-def assert_all_updated(obj: Any, placement: Placement, rig: Rig, pids: dict[str, int]) -> None:
-    rows = kube.rows(obj)
+def assert_all_updated(kubectl: Kubectl, obj: Any, placement: Placement, rig: Rig,
+                       pids: dict[str, int]) -> None:
+    rows = kube.rows(kubectl, obj)
     assert set(rows) == set(placement.vms)
     for name, vm in placement.vms.items():
         row = rows[name]
@@ -90,10 +91,10 @@ async def test_three_vms_on_two_hosts_converge(vmupdates: Kubectl, three_vms: Pl
     assert status["startTime"] and status["pauseMaxMs"] >= status["pauseP50Ms"] >= 0
     assert kube.condition(obj, "Progressing")["status"] == "False"
     assert kube.condition(obj, "Degraded")["reason"] == "NoFailures"
-    assert_all_updated(obj, three_vms, rig, pids)
+    assert_all_updated(kubectl, obj, three_vms, rig, pids)
     # The canary (the first VM in host, name order: db-01 on node-a) went alone: it had
     # finished before the others started.
-    rows = kube.rows(obj)
+    rows = kube.rows(kubectl, obj)
     assert rows["db-01"]["finishedAt"] <= min(rows["web-01"]["startedAt"],
                                               rows["web-02"]["startedAt"]), rows
     for vm in three_vms.vms.values():
@@ -134,27 +135,28 @@ async def test_three_vms_on_two_hosts_converge(vmupdates: Kubectl, three_vms: Pl
 
     # Desired state: a VM that appears later is updated too.
     web03 = await three_vms.start("node-b", "web-03")
-    await kube.wait_for(lambda: kube.rows(vmupdate(kubectl, "two-hosts")).get("web-03"), 60,
+    await kube.wait_for(
+        lambda: kube.rows(kubectl, vmupdate(kubectl, "two-hosts")).get("web-03"), 60,
                         "web-03 to be selected")
     obj = await wait_ready(kubectl, "two-hosts", operator_process)
-    assert kube.rows(obj)["web-03"]["phase"] == "Updated"
+    assert kube.rows(kubectl, obj)["web-03"]["phase"] == "Updated"
     assert target_path(web03.pid) == rig.sid.alt_binary
     web03.serial.assert_continuous()
 
     # Desired state: a VM put back on its old binary (here by a person calling its agent
     # directly) is updated again, under the next attempt's operation id.
     web01 = three_vms.vms["web-01"]
-    first_op = kube.rows(obj)["web-01"]["operationId"]
+    first_op = kube.rows(kubectl, obj)["web-01"]["operationId"]
     await revert_to_old_binary(fleet, "node-a", web01.uuid, rig)
     assert target_path(web01.pid) == rig.sid.binary
 
     def updated_again() -> Any:
         o = ready(kubectl, "two-hosts")
-        row = kube.rows(o).get("web-01") if o else None
+        row = kube.rows(kubectl, o).get("web-01") if o else None
         return o if row and row["operationId"] != first_op else None
 
     obj = await kube.wait_for(updated_again, ROLLOUT_TIMEOUT, "web-01 to be updated again")
-    row = kube.rows(obj)["web-01"]
+    row = kube.rows(kubectl, obj)["web-01"]
     assert row["operationId"] == first_op.removesuffix("-a0") + "-a1"
     assert row["phase"] == "Updated" and row["pidAfter"] == pids["web-01"] == web01.pid
     assert target_path(web01.pid) == rig.sid.alt_binary
@@ -194,10 +196,12 @@ async def test_dry_run_changes_nothing_and_reports_readiness(
     assert (status["targets"], status["dryRunPassed"], status["updated"]) == (3, 3, 0)
     assert "startTime" not in status  # nothing was started
     assert kube.condition(obj, "Ready")["reason"] == "DryRunPassed"
-    for row in kube.rows(obj).values():
+    for row in kube.rows(kubectl, obj).values():
         assert row["phase"] == "DryRunPassed", row
         assert row["mode"] == "CprExec" and "would use CprExec" in row["message"]
         assert "operationId" not in row
+    assert status["hosts"] == 2 and not status.get("failedVMs")
+    assert failed_hosts(kubectl, "two-hosts-preflight") == ""
     assert {n: (vm.pid, target_path(vm.pid)) for n, vm in three_vms.vms.items()} == before
     assert fleet.journals() == journals  # no agent operation
 
@@ -214,10 +218,33 @@ async def test_dry_run_changes_nothing_and_reports_readiness(
     assert kube.condition(obj, "Ready")["status"] == "False"
     assert kube.condition(obj, "Ready")["reason"] == "DryRunFailed"
     assert kube.condition(obj, "Degraded")["status"] == "True"
-    for row in kube.rows(obj).values():
+    for row in kube.rows(kubectl, obj).values():
         assert row["phase"] == "DryRunFailed" and "sha256" in row["message"], row
+    # Which VMs failed, and why: in the VMUpdate's status (the first 20), and in one
+    # kubectl get of its hosts' records (every one).
+    assert sorted(v["name"] for v in obj["status"]["failedVMs"]) == sorted(three_vms.vms)
+    assert all("sha256" in v["message"] for v in obj["status"]["failedVMs"])
+    table = failed_hosts(kubectl, "two-hosts-preflight")
+    header, *lines = table.splitlines()
+    assert header.split()[:7] == ["NAME", "VMUPDATE", "HOST", "VMS", "UPDATED", "INPROGRESS",
+                                  "FAILED"], table
+    assert header.split()[7] == "FAILURES" and len(lines) == 2, table
+    for name in three_vms.vms:
+        line = next(ln for ln in lines if f"{name}: " in ln)
+        assert "sha256" in line.split(f"{name}: ", 1)[1], table
+    by_field = kubectl("get", "vmupdatehosts", "--field-selector",
+                       "spec.vmUpdate=two-hosts-preflight", "-o", "name", timeout=30)
+    assert by_field.returncode == 0 and len(by_field.stdout.split()) == 2, by_field.stderr
     assert {n: (vm.pid, target_path(vm.pid)) for n, vm in three_vms.vms.items()} == before
     assert fleet.journals() == journals  # no agent operation
+
+
+def failed_hosts(kubectl: Kubectl, name: str) -> str:
+    """The command the operator's README gives for "which VMs failed, and why"."""
+    res = kubectl("get", "vmupdatehosts", "-l",
+                  f"vmupdate.dev/vmupdate={name},vmupdate.dev/failed=true", timeout=30)
+    assert res.returncode == 0, res.stderr
+    return str(res.stdout)
 
 
 async def test_paused_holds_until_unpaused(vmupdates: Kubectl, three_vms: Placement, rig: Rig,
@@ -238,9 +265,9 @@ async def test_paused_holds_until_unpaused(vmupdates: Kubectl, three_vms: Placem
     await asyncio.sleep(8)  # several reconciles: still nothing may start
     obj = vmupdate(kubectl, "two-hosts-paused")
     assert obj["status"]["phase"] == "Paused"
-    assert {r["phase"] for r in kube.rows(obj).values()} == {"Pending"}
+    assert {r["phase"] for r in kube.rows(kubectl, obj).values()} == {"Pending"}
     assert all(r["message"] == "not started: spec.paused is true"
-               for r in kube.rows(obj).values())
+               for r in kube.rows(kubectl, obj).values())
     assert "startTime" not in obj["status"]
     assert fleet.journals() == journals
 
@@ -260,7 +287,7 @@ async def test_operator_killed_mid_rollout_finishes_without_updating_twice(
     kube.apply(kubectl, manifest)
 
     def in_flight() -> Any:
-        rows = kube.rows(vmupdate(kubectl, "two-hosts-serial"))
+        rows = kube.rows(kubectl, vmupdate(kubectl, "two-hosts-serial"))
         busy = [r for r in rows.values() if r["phase"] in ("Preflight", "Updating")]
         return busy if busy and len(rows) == 3 else None
 
@@ -274,8 +301,8 @@ async def test_operator_killed_mid_rollout_finishes_without_updating_twice(
 
     obj = await wait_ready(kubectl, "two-hosts-serial", operator_process,
                            timeout=ROLLOUT_TIMEOUT + PEERING_LIFETIME_S)
-    assert_all_updated(obj, three_vms, rig, pids)
-    rows = kube.rows(obj)
+    assert_all_updated(kubectl, obj, three_vms, rig, pids)
+    rows = kube.rows(kubectl, obj)
     # The VM in flight at the kill kept its operation id: followed, not started again.
     assert rows[busy[0]["name"]]["operationId"] == busy[0]["operationId"]
     restarted_log = operator_process.log().split("--- operator run")[-1]
@@ -319,7 +346,7 @@ async def test_standby_replica_takes_over_when_the_active_one_dies(
         kube.apply(kubectl, manifest)
 
         def in_flight() -> Any:
-            rows = kube.rows(vmupdate(kubectl, "two-hosts-serial"))
+            rows = kube.rows(kubectl, vmupdate(kubectl, "two-hosts-serial"))
             return [r for r in rows.values() if r["phase"] in ("Preflight", "Updating")]
 
         await kube.wait_for(in_flight, 60, "a VM update in flight", interval=0.05)
@@ -330,9 +357,9 @@ async def test_standby_replica_takes_over_when_the_active_one_dies(
                                timeout=ROLLOUT_TIMEOUT + PEERING_LIFETIME_S)
         assert "Resuming operations after the pause" in standby.log()
         assert "following operation" in standby.log()
-        assert_all_updated(obj, three_vms, rig, pids)
+        assert_all_updated(kubectl, obj, three_vms, rig, pids)
         ran = sorted(op for j in fleet.journals().values() for op in j if op not in known)
-        assert ran == sorted(r["operationId"] for r in kube.rows(obj).values())
+        assert ran == sorted(r["operationId"] for r in kube.rows(kubectl, obj).values())
     finally:
         standby.stop()
 
@@ -361,7 +388,7 @@ async def test_a_host_with_a_stale_heartbeat_waits(
 
         def node_a_done() -> Any:
             obj = vmupdate(kubectl, "two-hosts")
-            rows = kube.rows(obj)
+            rows = kube.rows(kubectl, obj)
             if len(rows) == 3 and rows["web-01"]["phase"] == rows["db-01"]["phase"] == "Updated":
                 return obj
             return None
@@ -369,7 +396,7 @@ async def test_a_host_with_a_stale_heartbeat_waits(
         obj = await kube.wait_for(node_a_done, ROLLOUT_TIMEOUT, "node-a's VMs to be updated")
         await asyncio.sleep(4)  # a few reconciles more: node-b's VM still waits
         obj = vmupdate(kubectl, "two-hosts")
-        web02 = kube.rows(obj)["web-02"]
+        web02 = kube.rows(kubectl, obj)["web-02"]
         assert web02["phase"] == "Pending"
         assert web02["message"].startswith("host node-b unavailable: no agent heartbeat since")
         assert obj["status"]["phase"] == "Progressing"
@@ -380,7 +407,7 @@ async def test_a_host_with_a_stale_heartbeat_waits(
         node_b.start_registrar()
 
     obj = await wait_ready(kubectl, "two-hosts", operator_process)
-    assert kube.rows(obj)["web-02"]["phase"] == "Updated"
+    assert kube.rows(kubectl, obj)["web-02"]["phase"] == "Updated"
 
 
 async def test_deleting_waits_for_the_running_update(
@@ -393,7 +420,7 @@ async def test_deleting_waits_for_the_running_update(
     kube.apply(kubectl, manifest)
 
     def in_flight() -> Any:
-        rows = kube.rows(vmupdate(kubectl, "two-hosts-serial"))
+        rows = kube.rows(kubectl, vmupdate(kubectl, "two-hosts-serial"))
         return [r for r in rows.values() if r["phase"] in ("Preflight", "Updating")]
 
     await kube.wait_for(in_flight, 60, "a VM update in flight", interval=0.05)
@@ -412,3 +439,4 @@ async def test_deleting_waits_for_the_running_update(
     assert all(rec["state"] == "done" for rec in started.values()), started
     await asyncio.sleep(3)
     assert {op for j in fleet.journals().values() for op in j if op not in known} == set(started)
+    assert kube.get(kubectl, "vmupdatehosts") == []  # its records went with it

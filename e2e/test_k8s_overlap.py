@@ -61,7 +61,7 @@ async def test_two_overlapping_vmupdates_update_a_vm_once(
 
     def a_done() -> Any:
         obj = kube.get(kubectl, "vmupdate", "overlap-a")
-        row = kube.rows(obj).get("web-01")
+        row = kube.rows(kubectl, obj).get("web-01")
         return obj if row and row["phase"] == "Updated" and row.get("operationId") else None
 
     await kube.wait_for(a_done, TIMEOUT, "overlap-a to update web-01",
@@ -73,7 +73,7 @@ async def test_two_overlapping_vmupdates_update_a_vm_once(
     deadline = time.monotonic() + OBSERVE_S
     while time.monotonic() < deadline:
         exes.add(target_path(web01.pid))
-        b_row = kube.rows(kube.get(kubectl, "vmupdate", "overlap-b")).get("web-01")
+        b_row = kube.rows(kubectl, kube.get(kubectl, "vmupdate", "overlap-b")).get("web-01")
         if b_row:
             b_phases.add(b_row["phase"])
         assert len(new_operations(fleet, known)) == 1, new_operations(fleet, known)
@@ -84,10 +84,10 @@ async def test_two_overlapping_vmupdates_update_a_vm_once(
     a = kube.get(kubectl, "vmupdate", "overlap-a")
     b = kube.get(kubectl, "vmupdate", "overlap-b")
     ops = new_operations(fleet, known)
-    assert ops == [kube.rows(a)["web-01"]["operationId"]]
+    assert ops == [kube.rows(kubectl, a)["web-01"]["operationId"]]
     assert kube.condition(a, "Ready")["status"] == "True"
     assert kube.condition(a, "Degraded")["status"] == "False"
-    b_row = kube.rows(b)["web-01"]
+    b_row = kube.rows(kubectl, b)["web-01"]
     assert b_row["phase"] == "Blocked", b_row
     assert "VMUpdate overlap-a" in b_row["message"] and rig.sid.alt_binary in b_row["message"]
     assert "operationId" not in b_row
@@ -107,7 +107,7 @@ async def test_two_overlapping_vmupdates_update_a_vm_once(
 
     b = await kube.wait_for(b_ready, TIMEOUT, "overlap-b to take web-01 over",
                             describe=lambda: operator_process.log()[-6000:])
-    row = kube.rows(b)["web-01"]
+    row = kube.rows(kubectl, b)["web-01"]
     assert row["phase"] == "Updated" and row["operationId"].startswith("vmu-")
     assert kube.condition(b, "Degraded")["status"] == "False"
     assert target_path(web01.pid) == rig.sid.binary

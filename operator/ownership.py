@@ -35,7 +35,6 @@ from vmupdate_api.crd_models import (
     VMRolloutStatus,
     VMSelector,
     VMUpdateSpec,
-    VMUpdateStatus,
 )
 from vmupdate_operator.selection import host_matches, name_matches, runs_target, version_matches
 
@@ -73,10 +72,12 @@ class Claim:
 
     def with_rows(self, rows: Iterable[VMRolloutStatus]) -> Claim:
         rows = list(rows)
+        return self.with_keys(_keys(rows, in_flight=True), _keys(rows, in_flight=False))
+
+    def with_keys(self, in_flight: Iterable[Key], acted: Iterable[Key]) -> Claim:
         return Claim(uid=self.uid, name=self.name, created=self.created,
                      selector=self.selector, target=self.target,
-                     in_flight=frozenset(_keys(rows, in_flight=True)),
-                     acted=frozenset(_keys(rows, in_flight=False)),
+                     in_flight=frozenset(in_flight), acted=frozenset(acted),
                      deleting=self.deleting, dry_run=self.dry_run)
 
 
@@ -97,25 +98,19 @@ def _time(value: Any) -> datetime | None:
 
 
 def claim_from_body(body: Mapping[str, Any]) -> Claim | None:
-    """A VMUpdate object as the API returns it; None if its spec does not validate (the
-    API server validated it, so only an older schema could) -- such an object owns nothing."""
+    """A VMUpdate object as the API returns it, without the VMs it acted on (those are in
+    its VMUpdateHost records: :meth:`Claim.with_keys`); None if its spec does not validate
+    (the API server validated it, so only an older schema could) -- such an object owns
+    nothing."""
     meta = body.get("metadata") or {}
     try:
         spec = VMUpdateSpec.model_validate(dict(body.get("spec") or {}))
     except ValidationError:
         return None
-    rows: list[VMRolloutStatus] = []
-    raw = body.get("status")
-    if raw:
-        try:
-            rows = list(VMUpdateStatus.model_validate(dict(raw)).vms)
-        except ValidationError:
-            rows = []
-    claim = Claim(uid=str(meta.get("uid") or ""), name=str(meta.get("name") or ""),
-                  created=_time(meta.get("creationTimestamp")), selector=spec.selector,
-                  target=spec.target, deleting=bool(meta.get("deletionTimestamp")),
-                  dry_run=spec.dry_run)
-    return claim.with_rows(rows)
+    return Claim(uid=str(meta.get("uid") or ""), name=str(meta.get("name") or ""),
+                 created=_time(meta.get("creationTimestamp")), selector=spec.selector,
+                 target=spec.target, deleting=bool(meta.get("deletionTimestamp")),
+                 dry_run=spec.dry_run)
 
 
 def owner(me: Claim, others: Sequence[Claim], host: str, host_labels: Mapping[str, str],

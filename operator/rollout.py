@@ -2,15 +2,18 @@
 
 The loop runs in the VMUpdate's kopf daemon (one per object, only in the active replica).
 Each step applies what the VM tasks reported, asks the pure planner for the next rows,
-builds the status and writes it -- and only once that write succeeded does it start tasks
-for the rows the step moved to Preflight. So every operation id an agent may ever see is in
-status before the agent sees it; a restarted operator reads the rows back, follows every
-Preflight/Updating row by its operation id (GetOperation, then the agent's stream), and
-never starts an operation that is not recorded, nor one twice.
+writes the rows that changed into their hosts' VMUpdateHost records (``records.py``) and
+the VMUpdate's bounded status -- and only once those writes succeeded does it start tasks
+for the rows the step moved to Preflight. So every operation id an agent may ever see is
+recorded before the agent sees it; a restarted operator reads the records back (the
+operator's index of VMUpdateHosts), follows every Preflight/Updating row by its operation id
+(GetOperation, then the agent's stream), and never starts an operation that is not
+recorded, nor one twice.
 
 VM tasks never write status themselves: they post row changes to the loop, which applies
 them in order and coalesces bursts of progress into one write. The loop is the only writer
-of the object's status, so plain merge patches cannot lose each other's changes.
+of the object's status and records, so plain merge patches cannot lose each other's
+changes.
 """
 
 from __future__ import annotations
@@ -30,21 +33,21 @@ from pydantic import ValidationError
 
 from vmupdate_api.crd_models import (
     IN_PROGRESS_VM_PHASES,
-    UpdatePhase,
     VMPhase,
     VMRolloutStatus,
     VMUpdateSpec,
     VMUpdateStatus,
 )
 from vmupdate_api.gen import agent_v1_pb2 as pb
-from vmupdate_operator import planning, translate
+from vmupdate_operator import planning, records, translate
 from vmupdate_operator.agent_client import AgentError
 from vmupdate_operator.inventory import DEFAULT_STALE_AFTER, HostInventory
-from vmupdate_operator.kube import StatusWriteError
+from vmupdate_operator.kube import RecordWrite, StatusWriteError
 from vmupdate_operator.metrics import Metrics
 from vmupdate_operator.operation_ids import parse_operation_id
 from vmupdate_operator.ownership import Claim, claim_from_body
 from vmupdate_operator.planning import Key, key_of
+from vmupdate_operator.reporting import EventSink, report
 from vmupdate_operator.status import build_status, with_start_time
 
 log = logging.getLogger(__name__)
@@ -56,6 +59,13 @@ DELETING = "not started: the VMUpdate is being deleted"
 
 class StatusWriter(Protocol):
     async def write(self, name: str, status: VMUpdateStatus) -> None: ...
+
+
+class RecordWriter(Protocol):
+    async def write(self, record: RecordWrite) -> None: ...
+
+
+RECORD_WRITES = 16  # VMUpdateHost writes of one step at once
 
 
 class AgentApi(Protocol):
@@ -74,9 +84,6 @@ class AgentApi(Protocol):
 
 class AgentSource(Protocol):
     async def client(self, host: str, endpoint: str) -> Any: ...
-
-
-EventSink = Callable[[str, str, str], None]  # (type Normal|Warning, reason, message)
 
 
 def _not_started(row: VMRolloutStatus, generation: int) -> VMRolloutStatus:
@@ -103,6 +110,7 @@ class RolloutDeps:
     """Everything a rollout talks to; tests hand in fakes."""
 
     writer: StatusWriter
+    records: RecordWriter
     agents: AgentSource
     hosts: Callable[[], Sequence[HostInventory]]
     events: EventSink
@@ -111,6 +119,8 @@ class RolloutDeps:
     stale_after: Any = DEFAULT_STALE_AFTER
     claims: Callable[[], Sequence[Claim]] = tuple
     """Every VMUpdate (as the one-owner rule sees it), this one included or not."""
+    stored: Callable[[str], Sequence[VMRolloutStatus]] = lambda uid: ()
+    """The records the VMUpdateHosts of the VMUpdate ``uid`` hold (read at start)."""
     resync_s: float = 10.0
     update_timeout_s: float = 900.0
     deletion_wait_s: float = 900.0
@@ -126,7 +136,10 @@ class Rollout:
         self.name = str(meta.get("name"))
         self.uid = str(meta.get("uid"))
         self.status: VMUpdateStatus | None = None  # as last written (or read at start)
-        self.rows: list[VMRolloutStatus] = []
+        self.rows: list[VMRolloutStatus] = []  # every record, in (host, name) order
+        self._by_key: dict[Key, VMRolloutStatus] = {}  # rows with the changes applied
+        self._reported: dict[Key, VMRolloutStatus] = {}  # rows as last written
+        self._written: dict[str, records.HostRows] = {}  # what each VMUpdateHost holds
         self._changes: list[tuple[Key, RowChange]] = []
         self._tasks: dict[Key, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
@@ -170,11 +183,19 @@ class Rollout:
         if raw:
             try:
                 self.status = VMUpdateStatus.model_validate(dict(raw))
-                self.rows = list(self.status.vms)
             except ValidationError as exc:
-                # Not expected (the API server validated it). The rows are rebuilt; operation
-                # ids are deterministic, so agents still dedupe what already ran.
-                log.error("VMUpdate %s: status unreadable, rebuilding rows: %s", self.name, exc)
+                # Not expected (the API server validated it). The counts are rebuilt.
+                log.error("VMUpdate %s: status unreadable, rebuilding it: %s", self.name, exc)
+        # A record the API server validated always parses; one that did not is rebuilt by
+        # the planner (operation ids are deterministic, so agents still dedupe what ran).
+        stored = sorted(self.deps.stored(self.uid), key=key_of)
+        self._written = records.by_host(stored)
+        self._adopt(stored)
+
+    def _adopt(self, rows: list[VMRolloutStatus]) -> None:
+        """``rows`` are written: the loop's state from now on."""
+        self.rows = rows
+        self._by_key = self._reported = {key_of(r): r for r in rows}
 
     def spec(self) -> VMUpdateSpec | None:
         try:
@@ -200,11 +221,15 @@ class Rollout:
 
     def _apply_changes(self) -> None:
         changes, self._changes = self._changes, []
-        index = {key_of(r): i for i, r in enumerate(self.rows)}
+        if not changes:
+            return
+        by_key = dict(self._by_key)  # the written one stays as it was (for the Events)
         for key, change in changes:
-            i = index.get(key)
-            if i is not None:
-                self.rows[i] = change(self.rows[i])
+            row = by_key.get(key)
+            if row is not None:
+                by_key[key] = change(row)
+        self._by_key = by_key
+        self.rows = [by_key[key_of(r)] for r in self.rows]
 
     async def step(self, *, hold: str | None = None) -> bool:
         """One reconcile: plan, write status, start what the plan started. False when the
@@ -221,28 +246,65 @@ class Rollout:
                              stale_after=self.deps.stale_after,
                              hold=hold or (DELETING if self._deleting else None),
                              me=self._claim(), others=self.deps.claims())
+        rows = list(plan.rows)
         status = build_status(previous=self.status, spec=spec, generation=generation,
                               plan=plan, now=now)
         if plan.started and not spec.dry_run:
             # Before the first real Update of this rollout.
             status = with_start_time(status, now)
+        if not await self._write_records(rows):
+            return False
         if self.status is None or status.to_wire() != self.status.to_wire():
             try:
                 await self.deps.writer.write(self.name, status)
             except StatusWriteError as exc:
                 log.warning("VMUpdate %s: %s; retrying", self.name, exc)
                 return False
-        before = self.status
+        before, before_rows = self.status, self._reported
         self.status = status
-        self.rows = list(status.vms)
-        self._report(before, status, spec, now)
+        self._adopt(rows)
+        report(self.deps.events, self.deps.metrics, before_rows=before_rows, after_rows=rows,
+               before=before, after=status, spec=spec, now=now)
         live = self._live_tasks()
         for row in self.rows:
+            if row.phase not in IN_PROGRESS_VM_PHASES:
+                continue
             # With the changes posted meanwhile: a task that just finished posted its result.
             current = self._still_in_flight(key_of(row))
             if current is not None and key_of(row) not in live:
                 self._spawn(current)
         return True
+
+    async def _write_records(self, rows: Sequence[VMRolloutStatus]) -> bool:
+        """Write the records that changed, host by host (several at once); True when every
+        write succeeded (each success is remembered, so a retry sends only the rest)."""
+        after = records.by_host(rows)
+        writes: list[tuple[str, RecordWrite, records.HostRows]] = []
+        for host, new in after.items():
+            old = self._written.get(host)
+            patch = records.record_patch(self.name, self.uid, host, old or {}, new)
+            if patch is None:
+                continue
+            writes.append((host, RecordWrite(
+                name=records.record_name(self.name, self.uid, host),
+                body=records.new_record(self.name, self.uid, host, new), patch=patch,
+                exists=old is not None, create=not self._deleting), new))
+        if not writes:
+            return True
+        gate = asyncio.Semaphore(RECORD_WRITES)
+
+        async def one(host: str, write: RecordWrite, new: records.HostRows) -> bool:
+            async with gate:
+                try:
+                    await self.deps.records.write(write)
+                except StatusWriteError as exc:
+                    log.warning("VMUpdate %s: %s; retrying", self.name, exc)
+                    return False
+            self._written[host] = new
+            return True
+
+        results = await asyncio.gather(*(one(*w) for w in writes))
+        return all(results)
 
     def _live_tasks(self) -> set[Key]:
         return {k for k, t in self._tasks.items() if not t.done()}
@@ -274,70 +336,6 @@ class Rollout:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    # --- events and metrics from row transitions ---------------------------------------------
-
-    def _report(self, before: VMUpdateStatus | None, after: VMUpdateStatus, spec: VMUpdateSpec,
-                now: datetime) -> None:
-        old = {key_of(r): r for r in (before.vms if before else [])}
-        for row in after.vms:
-            prev = old.get(key_of(row))
-            if prev is None or prev.phase != row.phase:
-                self._row_event(prev, row, spec)
-        old_phase = before.phase if before else None
-        if after.phase != old_phase:
-            self._phase_event(after, now)
-
-    def _row_event(self, prev: VMRolloutStatus | None, row: VMRolloutStatus,
-                   spec: VMUpdateSpec) -> None:
-        where = f"VM {row.name} on {row.host}"
-        target = f"QEMU {spec.target.version} at {spec.target.binary}"
-        if prev is not None and prev.phase == VMPhase.UPDATED and row.phase in (
-                VMPhase.PENDING, VMPhase.PREFLIGHT):
-            self.deps.events("Warning", "VMLeftTarget",
-                             f"{where} no longer runs {target} (found QEMU {row.from_version} "
-                             "by an inventory taken after its update); updating it again")
-        if row.phase == VMPhase.PREFLIGHT and (prev is None
-                                               or prev.phase not in IN_PROGRESS_VM_PHASES):
-            if row.operation_id:
-                self.deps.events("Normal", "UpdateStarted",
-                                 f"{where}: updating to {target} (pid {row.pid_before}, QEMU "
-                                 f"{row.from_version}); operation {row.operation_id}")
-            else:
-                self.deps.events("Normal", "PreflightStarted", f"{where}: checking {target}")
-        elif row.phase == VMPhase.UPDATED and prev is not None and prev.phase in (
-                IN_PROGRESS_VM_PHASES):
-            pause = f", guest paused {row.pause_ms} ms" if row.pause_ms is not None else ""
-            mode = row.mode.value if row.mode else "unknown mode"
-            self.deps.events("Normal", "VMUpdated",
-                             f"{where} runs {target} ({mode}, pid {row.pid_before} -> "
-                             f"{row.pid_after}{pause})")
-        elif row.phase == VMPhase.FAILED:
-            self.deps.events("Warning", "VMUpdateFailed", f"{where}: {row.message}")
-        elif row.phase == VMPhase.ROLLED_BACK:
-            self.deps.events("Warning", "VMRolledBack", f"{where}: {row.message}")
-        elif row.phase == VMPhase.DRY_RUN_PASSED:
-            self.deps.events("Normal", "PreflightPassed", f"{where}: {row.message}")
-        elif row.phase == VMPhase.DRY_RUN_FAILED:
-            self.deps.events("Warning", "PreflightFailed", f"{where}: {row.message}")
-        elif row.phase == VMPhase.SKIPPED and prev is not None:
-            self.deps.events("Normal", "VMSkipped", f"{where}: {row.message}")
-
-    def _phase_event(self, status: VMUpdateStatus, now: datetime) -> None:
-        ready = next((c for c in status.conditions if c.type == "Ready"), None)
-        progressing = next((c for c in status.conditions if c.type == "Progressing"), None)
-        if status.phase == UpdatePhase.SUCCEEDED:
-            self.deps.events("Normal", "RolloutComplete", ready.message if ready else "")
-            if status.start_time is not None and status.updated:
-                self.deps.metrics.rollout.observe((now - status.start_time).total_seconds())
-        elif status.phase == UpdatePhase.FAILED:
-            self.deps.events("Warning", "RolloutHalted",
-                             progressing.message if progressing else "")
-        elif status.phase == UpdatePhase.DRY_RUN_COMPLETE:
-            self.deps.events("Normal", "DryRunComplete", ready.message if ready else "")
-        elif status.phase == UpdatePhase.PAUSED:
-            self.deps.events("Normal", "RolloutPaused",
-                             progressing.message if progressing else "")
-
     # --- VM tasks ----------------------------------------------------------------------------
 
     def post(self, key: Key, change: RowChange) -> None:
@@ -346,7 +344,7 @@ class Rollout:
         self._wake.set()
 
     def row(self, key: Key) -> VMRolloutStatus | None:
-        row = next((r for r in self.rows if key_of(r) == key), None)
+        row = self._by_key.get(key)
         for k, change in self._changes:  # what is not applied yet
             if row is not None and k == key:
                 row = change(row)

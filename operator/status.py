@@ -1,5 +1,9 @@
 """The VMUpdate status builder: rows and a plan in, phase, counts and conditions out. Pure.
 
+The status is bounded whatever the fleet: counts, the first in-flight and failed VMs, the
+conditions and the history; every VM's record lives in its host's VMUpdateHost
+(``records.py``).
+
 Phase precedence (see ``vmupdate_api.crd_models``): Failed > Paused > Progressing >
 Degraded > Succeeded; a dry run ends in DryRunComplete. Conditions follow Kubernetes API
 conventions: CamelCase reasons, messages that say what to do, ``observedGeneration`` on each,
@@ -95,17 +99,16 @@ def build_status(*, previous: VMUpdateStatus | None, spec: VMUpdateSpec, generat
                             completion_time=completion,
                             target=RolloutTarget(binary=spec.target.binary,
                                                  version=spec.target.version),
-                            history=history, conditions=list(base.conditions),
-                            vms=rows).recount()
+                            history=history, conditions=list(base.conditions)
+                            ).counted(rows)
     conditions = status.conditions
-    for update in _conditions(spec, status, plan, generation):
+    for update in _conditions(spec, status, rows, plan, generation):
         conditions = condition(conditions, update, now)
     return status.model_copy(update={"conditions": conditions})
 
 
-def _conditions(spec: VMUpdateSpec, status: VMUpdateStatus, plan: Plan, generation: int
-                ) -> list[ConditionUpdate]:
-    rows = status.vms
+def _conditions(spec: VMUpdateSpec, status: VMUpdateStatus, rows: Sequence[VMRolloutStatus],
+                plan: Plan, generation: int) -> list[ConditionUpdate]:
     phase = status.phase
     target = f"QEMU {spec.target.version} at {spec.target.binary}"
     in_flight = [r for r in rows if r.phase in IN_PROGRESS_VM_PHASES]
@@ -190,8 +193,9 @@ def _conditions(spec: VMUpdateSpec, status: VMUpdateStatus, plan: Plan, generati
         degraded = make(COND_DEGRADED, True, Reason.OVERLAPPING_VMUPDATE, overlap)
     elif plan.dropped:
         degraded = make(COND_DEGRADED, True, SELECTION_TOO_LARGE,
-                        f"{plan.dropped} selected VM(s) are not tracked: status holds at most "
-                        f"{len(rows)} rows; split this VMUpdate (e.g. by spec.selector.hostNames)")
+                        f"{plan.dropped} selected VM(s) are not tracked: one VMUpdate tracks at "
+                        f"most {len(rows)} VMs; split this VMUpdate (e.g. by "
+                        "spec.selector.hostNames)")
     else:
         degraded = make(COND_DEGRADED, False, Reason.NO_FAILURES, "no VM failed")
     return [ready, progressing, degraded]

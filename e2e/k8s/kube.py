@@ -37,9 +37,18 @@ def condition(obj: dict[str, Any] | None, type_: str) -> dict[str, Any]:
     return {}
 
 
-def rows(obj: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
-    """The VMUpdate's per-VM rows by VM name."""
-    return {r["name"]: r for r in ((obj or {}).get("status") or {}).get("vms") or []}
+def rows(kubectl: Kubectl, obj: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """The VMUpdate's per-VM records by VM name: those its VMUpdateHost objects hold (one
+    per host, labelled with the VMUpdate's uid)."""
+    uid = ((obj or {}).get("metadata") or {}).get("uid")
+    if not uid:
+        return {}
+    res = kubectl("get", "vmupdatehosts", "-l", f"vmupdate.dev/vmupdate-uid={uid}", "-o",
+                  "json", timeout=30)
+    if res.returncode != 0:
+        raise RuntimeError(f"kubectl get vmupdatehosts: {res.stderr}")
+    return {name: row for item in json.loads(res.stdout)["items"]
+            for name, row in ((item.get("status") or {}).get("vms") or {}).items()}
 
 
 async def wait_for(probe: Callable[[], Any], timeout: float, what: str,

@@ -126,7 +126,7 @@ class Installed:
     async def wait_rows_end(self, name: str, vm_names: list[str], timeout: float = 240) -> Any:
         """Until every row of ``vm_names`` in VMUpdate ``name`` is in a terminal phase."""
         def ended() -> Any:
-            rows = kube.rows(kube.get(self.kubectl, "vmupdate", name) or {})
+            rows = kube.rows(self.kubectl, kube.get(self.kubectl, "vmupdate", name) or {})
             done = all((rows.get(n) or {}).get("phase") in TERMINAL for n in vm_names)
             return rows if done else None
 

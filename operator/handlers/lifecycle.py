@@ -12,7 +12,7 @@ from vmupdate_api.kube import api_client
 from vmupdate_operator import config as operator_config
 from vmupdate_operator.agents import AgentPool
 from vmupdate_operator.context import AgentsNotConfigured, OperatorContext
-from vmupdate_operator.kube import VMUpdateStatusWriter
+from vmupdate_operator.kube import VMUpdateHostWriter, VMUpdateStatusWriter
 from vmupdate_operator.metrics import Metrics
 
 FINALIZER = f"{GROUP}/finalizer"
@@ -55,7 +55,8 @@ async def startup(*, settings: kopf.OperatorSettings, memo: Any,
               if cfg.agent_tls else AgentsNotConfigured())
     if cfg.agent_tls is None:
         logger.warning("no agent TLS configured: VMUpdates are planned but no VM is updated")
-    memo["ctx"] = OperatorContext(config=cfg, writer=VMUpdateStatusWriter(api), agents=agents,
+    memo["ctx"] = OperatorContext(config=cfg, writer=VMUpdateStatusWriter(api),
+                                  records=VMUpdateHostWriter(api), agents=agents,
                                   metrics=metrics, api=api)
     logger.info("vmupdate operator: peering %s, priority %d, metrics port %s",
                 "off" if cfg.standalone else cfg.peering_name, settings.peering.priority,

@@ -33,6 +33,7 @@ from vmupdate_api.crd_models import (
 )
 from vmupdate_operator import planning
 from vmupdate_operator.operation_ids import operation_id, parse_operation_id, vm_identity
+from vmupdate_operator.records import record_name
 from vmupdate_operator.status import build_status
 
 NOW = T0 + timedelta(seconds=1)
@@ -146,13 +147,13 @@ def test_the_history_keeps_each_earlier_rollout() -> None:
     # Generation 1 finished: x updated with a 42.5 ms pause.
     done_rows = [row("a", "x", VMPhase.UPDATED, operation_id=op("x", 1), pause_ms=42.5,
                      finished_at=NOW)]
-    s1_done = status_after(s1, make_plan(s1, [host("a", on_target("x"))], done_rows),
-                           first.model_copy(update={"start_time": T0}), 1)
+    plan1 = make_plan(s1, [host("a", on_target("x"))], done_rows)
+    s1_done = status_after(s1, plan1, first.model_copy(update={"start_time": T0}), 1)
     assert s1_done.phase == UpdatePhase.SUCCEEDED and s1_done.completion_time is not None
     # The target is edited back: generation 2.
     s2 = spec(target=OLD_TARGET)
     later = NOW + timedelta(minutes=5)
-    plan2 = make_plan(s2, [host("a", on_target("x"))], s1_done.vms, generation=2, observed=1,
+    plan2 = make_plan(s2, [host("a", on_target("x"))], plan1.rows, generation=2, observed=1,
                       now=later)
     second = status_after(s2, plan2, s1_done, 2, later)
     assert second.observed_generation == 2 and second.start_time is None
@@ -171,11 +172,12 @@ def test_the_history_keeps_each_earlier_rollout() -> None:
 
 def test_a_superseded_rollout_that_never_finished_ends_when_superseded() -> None:
     s1 = spec()
-    first = status_after(s1, make_plan(s1, [host("a", vm("x"))]), None, 1)
+    plan1 = make_plan(s1, [host("a", vm("x"))])
+    first = status_after(s1, plan1, None, 1)
     assert first.phase == UpdatePhase.PROGRESSING and first.completion_time is None
     later = NOW + timedelta(minutes=1)
     second = status_after(spec(target=OLD_TARGET), make_plan(
-        spec(target=OLD_TARGET), [host("a", vm("x"))], first.vms, generation=2, observed=1),
+        spec(target=OLD_TARGET), [host("a", vm("x"))], plan1.rows, generation=2, observed=1),
         first, 2, later)
     assert second.history[0].phase == UpdatePhase.PROGRESSING
     assert second.history[0].finish_time == later.replace(microsecond=0)
@@ -183,9 +185,10 @@ def test_a_superseded_rollout_that_never_finished_ends_when_superseded() -> None
 
 def test_the_history_is_bounded() -> None:
     s = spec()
-    status = status_after(s, make_plan(s, [host("a", vm("x"))]), None, 1)
+    plan = make_plan(s, [host("a", vm("x"))])
+    status = status_after(s, plan, None, 1)
     for generation in range(2, MAX_HISTORY + 5):
-        plan = make_plan(s, [host("a", vm("x"))], status.vms, generation=generation,
+        plan = make_plan(s, [host("a", vm("x"))], plan.rows, generation=generation,
                          observed=generation - 1)
         status = status_after(s, plan, status, generation)
     assert len(status.history) == MAX_HISTORY
@@ -198,8 +201,9 @@ async def test_an_operation_that_never_reached_its_agent_is_not_sent_after_an_ed
     s = spec()
     hosts = [host("a", vm("x"))]
     stale = row("a", "x", VMPhase.PREFLIGHT, operation_id=op("x", 1), started_at=T0)
-    status = VMUpdateStatus(observed_generation=1, vms=[stale]).recount()
+    status = VMUpdateStatus(observed_generation=1).counted([stale])
     writer = Writer()
+    writer.records.objects[record_name("rollout", UID, "a")] = {"x": stale}  # as stored
     agent = Agent(writer, hosts)
     r = make_rollout(make_body(s, status, generation=2), writer, agent)
     task = asyncio.create_task(r.run())
@@ -209,4 +213,4 @@ async def test_an_operation_that_never_reached_its_agent_is_not_sent_after_an_ed
         r.stop(deleting=False)
         await asyncio.wait_for(task, 5)
     assert agent.executions == [op("x", 2)]
-    assert writer.last is not None and writer.last.vms[0].operation_id == op("x", 2)
+    assert writer.last is not None and writer.vms[0].operation_id == op("x", 2)

@@ -23,6 +23,7 @@ from vmupdate_api.crd_models import (
 )
 from vmupdate_operator.inventory import HostInventory
 from vmupdate_operator.ownership import Claim, claim_from_body, owner
+from vmupdate_operator.records import record_from_body
 from vmupdate_operator.status import build_status
 
 ALT = "/opt/qemu-alt/bin/qemu-system-x86_64"
@@ -112,22 +113,31 @@ def test_exactly_one_owner_whoever_asks(flags: tuple[bool, ...]) -> None:
     assert own(a, b) == own(b, a)
 
 
-def test_claim_from_an_object() -> None:
+def test_claim_from_an_object_and_its_records() -> None:
     body: dict[str, Any] = {
         "metadata": {"name": "u", "uid": "uid-u", "creationTimestamp": "2025-06-01T12:00:00Z"},
         "spec": {"selector": {"vmNames": ["x"]}, "target": {"binary": NEW,
                                                            "version": NEW_VERSION}},
-        "status": {"vms": [
-            {"host": "a", "name": "x", "phase": "Updating", "operationId": "vmu-1"},
-            {"host": "a", "name": "y", "phase": "Updated", "operationId": "vmu-2"},
-            {"host": "a", "name": "z", "phase": "Updated"},  # already on target: not acted
-            {"host": "a", "name": "w", "phase": "Pending", "operationId": "vmu-3"},
-        ]},
+        "status": {"phase": "Progressing"},
     }
+    record = record_from_body({
+        "spec": {"vmUpdate": "u", "vmUpdateUid": "uid-u", "host": "a"},
+        "status": {"vms": {
+            "x": {"host": "a", "name": "x", "phase": "Updating", "operationId": "vmu-1"},
+            "y": {"host": "a", "name": "y", "phase": "Updated", "operationId": "vmu-2"},
+            "z": {"host": "a", "name": "z", "phase": "Updated"},  # already on target
+            "w": {"host": "a", "name": "w", "phase": "Pending", "operationId": "vmu-3"},
+            "v": {"host": "a", "name": "v", "phase": "RolledBack", "operationId": "vmu-4"},
+        }},
+    })
+    assert record is not None and (record.uid, record.host) == ("uid-u", "a")
+    assert [r.name for r in record.rows()] == ["x", "y", "z", "w", "v"]
     c = claim_from_body(body)
-    assert c is not None
+    assert c is not None and c.in_flight == frozenset() and c.acted == frozenset()
     assert (c.uid, c.name, c.created) == ("uid-u", "u", datetime(2025, 6, 1, 12, tzinfo=UTC))
-    assert c.in_flight == {("a", "x")} and c.acted == {("a", "y")}
+    c = c.with_keys(record.in_flight, record.acted)
+    assert c.in_flight == {("a", "x")} and c.acted == {("a", "y"), ("a", "v")}
+    assert record_from_body({"spec": {"host": "a"}}) is None
     assert not c.deleting and not c.dry_run
     body["metadata"]["deletionTimestamp"] = "2025-06-01T13:00:00Z"
     again = claim_from_body(body)

@@ -18,12 +18,12 @@ import grpc
 import pytest
 
 from tests.operator.builders import NEW, NEW_VERSION, OLD, T0, host, on_target, spec, vm
-from vmupdate_api.crd_models import UpdatePhase, VMPhase, VMUpdateStatus
+from vmupdate_api.crd_models import UpdatePhase, VMPhase, VMRolloutStatus, VMUpdateStatus
 from vmupdate_api.gen import agent_v1_pb2 as pb
 from vmupdate_operator import rollout as rollout_module
 from vmupdate_operator.agent_client import AgentError
 from vmupdate_operator.inventory import HostInventory
-from vmupdate_operator.kube import StatusWriteError
+from vmupdate_operator.kube import RecordWrite, StatusWriteError
 from vmupdate_operator.rollout import Rollout, RolloutDeps
 
 UID = "5f0c6a3e-1b2d-4c5e-8f90-a1b2c3d4e5f6"
@@ -35,11 +35,47 @@ def fast(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(rollout_module, "backoff", lambda *a, **k: iter(lambda: 0.01, None))
 
 
+class Records:
+    """VMUpdateHost objects as the API server would hold them, from creates and merge
+    patches."""
+
+    def __init__(self, writer: Writer) -> None:
+        self.writer = writer
+        self.objects: dict[str, dict[str, VMRolloutStatus]] = {}
+        self.bodies: dict[str, dict[str, Any]] = {}
+        self.requests: list[RecordWrite] = []
+
+    async def write(self, record: RecordWrite) -> None:
+        await asyncio.sleep(0)
+        if self.writer.fail:
+            raise StatusWriteError("API server down")
+        self.requests.append(record)
+        if record.name not in self.objects:
+            assert not record.exists and record.create
+            self.bodies[record.name] = record.body
+            self.objects[record.name] = {
+                k: VMRolloutStatus.model_validate(v)
+                for k, v in record.body["status"].get("vms", {}).items()}
+        else:
+            vms = self.objects[record.name]
+            for k, v in record.patch["status"]["vms"].items():
+                if v is None:
+                    vms.pop(k, None)
+                else:
+                    vms[k] = VMRolloutStatus.model_validate(
+                        {f: x for f, x in v.items() if x is not None})
+        for row in self.objects[record.name].values():
+            if row.operation_id:
+                self.writer.operation_ids.add(row.operation_id)
+
+
 class Writer:
     def __init__(self) -> None:
         self.written: list[VMUpdateStatus] = []
         self.fail = False
         self.during: Callable[[VMUpdateStatus], Any] | None = None
+        self.operation_ids: set[str] = set()
+        self.records = Records(self)
 
     async def write(self, name: str, status: VMUpdateStatus) -> None:
         await asyncio.sleep(0)
@@ -53,8 +89,14 @@ class Writer:
     def last(self) -> VMUpdateStatus | None:
         return self.written[-1] if self.written else None
 
+    @property
+    def vms(self) -> list[VMRolloutStatus]:
+        """Every record the VMUpdateHosts hold, in (host, name) order."""
+        rows = [r for vms in self.records.objects.values() for r in vms.values()]
+        return sorted(rows, key=lambda r: (r.host, r.name))
+
     def persisted_operation_ids(self) -> set[str]:
-        return {r.operation_id for s in self.written for r in s.vms if r.operation_id}
+        return set(self.operation_ids)
 
 
 class Agent:
@@ -147,7 +189,8 @@ def make_body(the_spec: Any, status: VMUpdateStatus | None = None, generation: i
 def make_rollout(body: dict[str, Any], writer: Writer, agent: Agent,
                  events: list[tuple[str, str, str]] | None = None) -> Rollout:
     sink = events if events is not None else []
-    deps = RolloutDeps(writer=writer, agents=agent, hosts=lambda: agent.hosts,
+    deps = RolloutDeps(writer=writer, records=writer.records, agents=agent,
+                       hosts=lambda: agent.hosts, stored=lambda uid: writer.vms,
                        events=lambda *e: sink.append(e), clock=lambda: T0 + timedelta(seconds=1),
                        resync_s=0.02, update_timeout_s=5)
     return Rollout(body, deps)
@@ -184,13 +227,14 @@ async def test_a_rollout_converges_and_reports() -> None:
     last = writer.last
     assert last is not None and last.updated == 3 and last.start_time is not None
     assert sorted(agent.executions) == sorted(agent.updates) == sorted(
-        row.operation_id for row in last.vms if row.operation_id)
-    assert {row.pid_before for row in last.vms} == {11, 12, 13}
+        row.operation_id for row in writer.vms if row.operation_id)
+    assert {row.pid_before for row in writer.vms} == {11, 12, 13}
     assert [e[1] for e in events].count("UpdateStarted") == 3
     assert [e[1] for e in events].count("VMUpdated") == 3
     assert events[-1][:2] == ("Normal", "RolloutComplete")
     # startTime was written no later than the first operation id.
-    first_with_op = next(s for s in writer.written if any(v.operation_id for v in s.vms))
+    first_with_op = next(s for s in writer.written
+                         if any(v.operation_id for v in s.in_progress_vms))
     assert first_with_op.start_time is not None
 
 
@@ -214,7 +258,7 @@ async def test_a_restarted_loop_follows_and_never_starts_twice() -> None:
     assert len(set(agent.executions)) == 3
     last = writer.last
     assert last is not None
-    assert in_flight in {row.operation_id for row in last.vms}
+    assert in_flight in {row.operation_id for row in writer.vms}
 
 
 async def test_a_restart_after_the_agent_finished_records_its_result() -> None:
@@ -233,7 +277,8 @@ async def test_a_restart_after_the_agent_finished_records_its_result() -> None:
     await run_until(second, phase_is(writer, UpdatePhase.SUCCEEDED))
     assert len(agent.executions) == 1
     last = writer.last
-    assert last is not None and last.vms[0].phase == VMPhase.UPDATED and last.vms[0].pause_ms == 12
+    assert last is not None
+    assert writer.vms[0].phase == VMPhase.UPDATED and writer.vms[0].pause_ms == 12
 
 
 async def test_nothing_starts_while_status_cannot_be_written() -> None:
@@ -269,9 +314,9 @@ async def test_a_refusal_fails_the_vm_and_halts() -> None:
     await run_until(r, phase_is(writer, UpdatePhase.FAILED))
     last = writer.last
     assert last is not None
-    phases = {row.name: row.phase for row in last.vms}
+    phases = {row.name: row.phase for row in writer.vms}
     assert phases == {"x": VMPhase.FAILED, "y": VMPhase.PENDING}
-    assert "PERMISSION_DENIED" in (last.vms[0].message or "")
+    assert "PERMISSION_DENIED" in (writer.vms[0].message or "")
     assert ("Warning", "RolloutHalted") in [e[:2] for e in events]
 
 
@@ -281,7 +326,7 @@ async def test_vm_gone_at_the_agent_is_skipped() -> None:
     agent.refuse = grpc.StatusCode.NOT_FOUND
     r = make_rollout(make_body(spec()), writer, agent)
     await run_until(r, lambda: writer.last is not None
-                    and writer.last.vms[0].phase == VMPhase.SKIPPED)
+                    and writer.vms[0].phase == VMPhase.SKIPPED)
 
 
 async def test_dry_run_asks_preflight_only() -> None:
@@ -309,7 +354,7 @@ async def test_deletion_waits_for_running_operations() -> None:
     await asyncio.wait_for(task, 5)
     last = writer.last
     assert last is not None
-    phases = {row.name: (row.phase, row.message) for row in last.vms}
+    phases = {row.name: (row.phase, row.message) for row in writer.vms}
     assert phases["x"][0] == VMPhase.UPDATED
     assert phases["y"] == (VMPhase.PENDING, rollout_module.DELETING)
     assert len(agent.executions) == 1
@@ -359,7 +404,8 @@ async def test_each_operation_is_followed_by_one_task(caplog: pytest.LogCaptureF
     agent.release.clear()
 
     async def finish_during_the_write(status: VMUpdateStatus) -> None:
-        if status.vms and status.vms[0].phase == VMPhase.UPDATING and not agent.release.is_set():
+        if (status.in_progress_vms and status.in_progress_vms[0].phase == VMPhase.UPDATING
+                and not agent.release.is_set()):
             agent.release.set()
             await asyncio.sleep(0.05)  # the task posts its result and ends meanwhile
 

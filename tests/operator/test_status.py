@@ -186,15 +186,16 @@ def test_conditions_carry_the_generation() -> None:
 def test_transition_time_moves_only_when_the_status_flips() -> None:
     s = spec(strategy={"maxParallel": 1, "maxParallelPerHost": 1})
     hosts = [host("a", vm("x"), vm("y"))]
-    first = build(s, make_plan(s, hosts), now=T0)
+    plan1 = make_plan(s, hosts)
+    first = build(s, plan1, now=T0)
     later = T0 + timedelta(minutes=3)
-    second = build(s, make_plan(s, hosts, list(first.vms), now=later), previous=first,
-                   now=later)
+    plan2 = make_plan(s, hosts, list(plan1.rows), now=later)
+    second = build(s, plan2, previous=first, now=later)
     for type_ in ("Ready", "Progressing", "Degraded"):
         a, b = (find_condition(x.conditions, type_) for x in (first, second))
         assert a is not None and b is not None and a.last_transition_time == b.last_transition_time
     done = [r.model_copy(update={"phase": VMPhase.UPDATED, "operation_id": "op"})
-            for r in second.vms]
+            for r in plan2.rows]
     third = build(s, make_plan(s, [host("a", on_target("x"), on_target("y"))], done,
                                now=later), previous=second, now=later)
     ready = find_condition(third.conditions, "Ready")

@@ -166,11 +166,13 @@ def test_wire_names_are_camel_case() -> None:
         pause_p50_ms=1,
         pause_max_ms=2,
         in_progress=0,
-        vms=[m.VMRolloutStatus(host="h", name="n", pid_before=1, operation_id="x")],
     ).to_wire()
     for key in ("observedGeneration", "pauseP50Ms", "pauseMaxMs", "inProgress", "dryRunPassed"):
         assert key in status
-    assert set(status["vms"][0]) == {"host", "name", "pidBefore", "operationId", "phase"}
+    records = m.VMUpdateHostStatus(
+        vms={"n": m.VMRolloutStatus(host="h", name="n", pid_before=1, operation_id="x")},
+    ).to_wire()
+    assert set(records["vms"]["n"]) == {"host", "name", "pidBefore", "operationId", "phase"}
     vm = m.HostVM(name="a", memory_mib=256, cpr_modes=[m.CprMode.CPR_EXEC]).to_wire()
     assert vm["memoryMiB"] == 256 and vm["cprModes"] == ["CprExec"]
 
@@ -587,7 +589,7 @@ def test_condition_type_constants() -> None:
 # --- derived status fields -----------------------------------------------------------------------
 
 
-def test_recount() -> None:
+def test_counted() -> None:
     phases = [
         ("Updated", 100),
         ("Updated", 300),
@@ -606,14 +608,16 @@ def test_recount() -> None:
         m.VMRolloutStatus(host="h", name=f"vm{i}", phase=m.VMPhase(p), pause_ms=ms)
         for i, (p, ms) in enumerate(phases)
     ]
-    s = m.VMUpdateStatus(vms=rows).recount()
+    s = m.VMUpdateStatus().counted(rows)
     assert (s.targets, s.updated, s.pending, s.in_progress) == (12, 4, 1, 2)
     assert (s.failed, s.skipped, s.dry_run_passed) == (3, 1, 1)
     assert s.targets == s.updated + s.pending + s.in_progress + s.failed + s.skipped + (
         s.dry_run_passed
     )
     assert (s.pause_p50_ms, s.pause_max_ms) == (200, 300)  # RolledBack pauses do not count
-    empty = m.VMUpdateStatus(pause_p50_ms=5, pause_max_ms=5, targets=3).recount()
+    assert s.hosts == 1 and [v.name for v in s.in_progress_vms] == ["vm5", "vm6"]
+    assert [v.name for v in s.failed_vms] == ["vm7", "vm8", "vm9"]
+    empty = m.VMUpdateStatus(pause_p50_ms=5, pause_max_ms=5, targets=3).counted([])
     assert (empty.targets, empty.pause_p50_ms, empty.pause_max_ms) == (0, None, None)
 
 

@@ -50,6 +50,8 @@ def test_generated_files_are_checked_in() -> None:
     assert set(FILES) == {
         "crds/vmupdate.dev_vmupdates.yaml",
         "crds/vmupdate.dev_vmhosts.yaml",
+        "crds/vmupdate.dev_vmupdatehosts.yaml",
+        "charts/vmupdate/crds/vmupdate.dev_vmupdatehosts.yaml",
         "charts/vmupdate/crds/vmupdate.dev_vmupdates.yaml",
         "charts/vmupdate/crds/vmupdate.dev_vmhosts.yaml",
     }
