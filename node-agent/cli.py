@@ -25,7 +25,7 @@ from typing import Any
 from vmupdate_agent import config as agent_config
 from vmupdate_agent import discovery, engine, hostexec, preflight, reaper
 from vmupdate_agent.engine import Timeouts, UpdateAborted
-from vmupdate_agent.models import Outcome, ProgressEvent, RequestedMode, Target
+from vmupdate_agent.models import Outcome, Preference, ProgressEvent, RequestedMode, Target
 from vmupdate_agent.qmp import QmpError
 
 DEFAULT_CONFIG = "/etc/vmupdate/agent.yaml"
@@ -58,6 +58,10 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("--version", dest="expected_version", help="expected QEMU version")
         c.add_argument("--sha256", help="expected sha256 of the binary")
         c.add_argument("--mode", default="auto", choices=[m.value for m in RequestedMode])
+        c.add_argument("--prefer", default=Preference.SAME_PID.value,
+                       choices=[p.value for p in Preference],
+                       help="what Auto values: the same pid (cpr-exec) or the shortest pause "
+                       "(cpr-transfer)")
         c.add_argument("--extra-arg", action="append", default=[],
                        help="argument appended to the new QEMU's command line (repeatable)")
         if name == "update":
@@ -143,7 +147,8 @@ async def _preflight(args: argparse.Namespace, globs: list[str],
                      settings: engine.EngineSettings) -> int:
     eng = engine.Engine(settings)
     report = await eng.preflight(await _resolve(args, globs), _target(args),
-                                 RequestedMode(args.mode), dry_run=not args.no_dry_run)
+                                 RequestedMode(args.mode), dry_run=not args.no_dry_run,
+                                 prefer=Preference(args.prefer))
     lines = [f"{report.vm}: {'PASS' if report.passed else 'FAIL'} ({report.mode_reason})"]
     lines += [f"  [{'ok' if c.passed else 'FAIL'}] {c.name}: {c.message}" for c in report.checks]
     _print(args, report.model_dump(mode="json"), "\n".join(lines))
@@ -169,7 +174,7 @@ async def _update(args: argparse.Namespace, globs: list[str],
         result = await engine.Engine(settings).update(
             await _resolve(args, globs), _target(args), RequestedMode(args.mode),
             op_id=args.op_id, skip_preflight=args.skip_preflight,
-            use_guard=not args.no_guard, progress=show)
+            use_guard=not args.no_guard, progress=show, prefer=Preference(args.prefer))
     finally:
         reaping.cancel()
     pause = f"{result.pause_ms:.0f} ms" if result.pause_ms is not None else "unknown"

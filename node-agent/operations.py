@@ -271,7 +271,8 @@ class Operations:
         engine = Engine(self.settings)
         async with self._holding(vm.qmp_path, "run the preflight"):
             try:
-                return await engine.preflight(vm.qmp_path, spec.target.to_target(), spec.mode)
+                return await engine.preflight(vm.qmp_path, spec.target.to_target(), spec.mode,
+                                              prefer=spec.prefer)
             except (QmpError, OSError) as exc:
                 raise Refused(grpc.StatusCode.UNAVAILABLE,
                               f"preflight of {vm.name} could not complete: {exc}") from exc
@@ -359,7 +360,7 @@ class Operations:
         spec, vm = live.record.request, live.vm
         try:
             return await engine.update(vm.qmp_path, spec.target.to_target(), spec.mode,
-                                       op_id=live.id, progress=live.add)
+                                       op_id=live.id, progress=live.add, prefer=spec.prefer)
         except UpdateAborted as exc:
             # Raised before the point of no return: the old QEMU runs on untouched.
             live.note(Phase.FAILED, str(exc))
