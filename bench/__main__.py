@@ -246,6 +246,9 @@ def write_rollout_outputs(doc: dict[str, Any], out: Path) -> str:
             f"{doc['environment'].get('accelerator')}\n\n"
             f"## A small real rollout\n\n{rolloutcalc.rollout_table(doc['results'])}")
     (out / "rollout.md").write_text(text)
+    load = (doc["environment"].get("machine", {}).get("loadavg") or [0.0])[0]
+    plots.fleet_vs_ideal(doc["results"], out / "rollout-vs-ideal.png",
+                         f"real VMs and agents, load {load:.1f}, {doc['started'][:10]}")
     return text
 
 

@@ -33,6 +33,7 @@ def test_a_real_rollout_at_each_parallelism(tmp_path: Path) -> None:
         assert {g["vm"] for g in r["guests"]} == {"host-1-vm0", "host-2-vm0"}
         assert r["agent_ms"]["n"] == 2 and r["pause_ms"]["n"] == 2
         assert r["total_ms"] > 0 and r["ideal_ms"] > 0
+    assert (out / "rollout-vs-ideal.png").stat().st_size > 0
     table = (out / "rollout.md").read_text()
     assert table.count("| 2 × 1 |") == 2 and "| 2/2 |" in table
 
