@@ -476,9 +476,9 @@ class Reason(StrEnum):
 
 
 class UpdateMode(StrEnum):
-    """How the new QEMU takes over. Auto: the best the VM supports, CprExec then CprTransfer
-    (CprReboot is never chosen automatically: it needs file-backed guest RAM and pauses
-    longer)."""
+    """How the new QEMU takes over. Auto: the best the VM supports, in the order
+    strategy.prefer gives (CprExec then CprTransfer by default; CprReboot is never chosen
+    automatically: it needs file-backed guest RAM and pauses longer)."""
 
     AUTO = "Auto"
     CPR_EXEC = "CprExec"
@@ -492,6 +492,16 @@ class CprMode(StrEnum):
     CPR_EXEC = "CprExec"
     CPR_TRANSFER = "CprTransfer"
     CPR_REBOOT = "CprReboot"
+
+
+class Preference(StrEnum):
+    """What mode Auto values when a VM could be updated either way. SamePid: CprExec first
+    (the VM keeps its pid; the new QEMU's start-up falls inside the pause). ShortestPause:
+    CprTransfer first (the new QEMU starts before the guest stops, so the pause is several
+    times shorter; the VM gets a new pid). docs/benchmarks.md has the measured pauses."""
+
+    SAME_PID = "SamePid"
+    SHORTEST_PAUSE = "ShortestPause"
 
 
 class FailurePolicy(StrEnum):
@@ -666,6 +676,9 @@ class RolloutStrategy(K8sModel):
     """Halt (default) or Continue."""
     max_failures: Annotated[int, Field(ge=0, le=1000)] = 0
     """Failed VMs tolerated before a Halt rollout stops (0: stop at the first)."""
+    prefer: Preference | None = None
+    """With mode Auto only: SamePid (cpr-exec first; the default when unset) or
+    ShortestPause (cpr-transfer first)."""
 
     @staticmethod
     def format_ms(ms: float) -> str:
@@ -684,6 +697,15 @@ class RolloutStrategy(K8sModel):
 class VMUpdateSpec(K8sModel):
     """Desired state: every selected VM runs ``target``."""
 
+    __k8s_rules__ = (
+        Rule(
+            cel="!has(self.strategy.prefer) || self.mode == 'Auto'",
+            message="strategy.prefer applies only to mode Auto: remove strategy.prefer or set "
+            "mode: Auto",
+            check=lambda s: s.strategy.prefer is None or s.mode == UpdateMode.AUTO,
+        ),
+    )
+
     selector: VMSelector
     """Which VMs to update."""
     target: UpdateTarget
@@ -691,7 +713,7 @@ class VMUpdateSpec(K8sModel):
     operations finish, every VM not on the new target is updated again; changing it back is
     the rollback."""
     mode: UpdateMode = UpdateMode.AUTO
-    """Auto, CprExec, CprTransfer or CprReboot."""
+    """Auto, CprExec, CprTransfer or CprReboot (Auto follows strategy.prefer)."""
     strategy: RolloutStrategy = Field(
         default_factory=RolloutStrategy,
         # The whole default object, not {}: the API server checks the CEL rules against the

@@ -25,9 +25,10 @@ from e2e.rig.config import Flavour
 from e2e.rig.vm import Backend
 from vmupdate_agent import engine, reaper
 
-from . import fleetcalc, plots, records, report
+from . import fleetcalc, plots, records, report, rolloutcalc
 from .fleet import FleetParams, run_fleet
-from .pause import METHODS, Method, plan_cases, run_case
+from .pause import METHODS, Method, available_mib, plan_cases, room_problem, run_case
+from .rollout import RolloutParams, run_rollouts
 from .simagent import Replay, replay_from_record
 
 FULL_SIZES = "256,1024,4096,8192"
@@ -55,15 +56,17 @@ def _sizes(text: str) -> list[int]:
     return sizes
 
 
-def _counts(text: str) -> list[int]:
-    try:
-        values = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        values = []
-    if not values or any(v < 1 or v > 1000 for v in values):
-        raise argparse.ArgumentTypeError(f"--fleet-parallel: {text!r}: comma-separated "
-                                         "numbers from 1 to 1000 (the CRD's maxParallel)")
-    return values
+def _counts(flag: str) -> Any:
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(t) for t in text.split(",") if t.strip()]
+        except ValueError:
+            values = []
+        if not values or any(v < 1 or v > 1000 for v in values):
+            raise argparse.ArgumentTypeError(f"{flag}: {text!r}: comma-separated numbers "
+                                             "from 1 to 1000 (the CRD's maxParallel)")
+        return values
+    return parse
 
 
 def parser() -> argparse.ArgumentParser:
@@ -78,14 +81,25 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--from-json", type=Path, metavar="JSON",
                    help="measure nothing: tables (and plots) again from an earlier "
                    "pause.json or fleet.json")
-    p.add_argument("--only", choices=("pause", "fleet"), help="one benchmark (default: both)")
+    p.add_argument("--only", choices=("pause", "fleet", "rollout"),
+                   help="one benchmark (default: all three)")
     p.add_argument("--fleet-hosts", type=int, default=1000, help="simulated hosts (1000)")
     p.add_argument("--fleet-vms-per-host", type=int, default=20, help="VMs per host (20)")
-    p.add_argument("--fleet-parallel", type=_counts, default=[1, 10, 100, 1000],
+    p.add_argument("--fleet-parallel", type=_counts("--fleet-parallel"),
+                   default=[1, 10, 100, 1000],
                    help="maxParallel of each fleet run (default 1,10,100,1000)")
     p.add_argument("--fleet-replay", type=Path, metavar="PAUSE_JSON",
                    help="phase timings for the simulated agents (default: this run's "
                         "cpr-exec/memfd at its smallest size; else built-in ones)")
+    p.add_argument("--rollout-hosts", type=int, default=3,
+                   help="real rollout: simulated hosts, each a real agent (3)")
+    p.add_argument("--rollout-vms-per-host", type=int, default=4,
+                   help="real rollout: real VMs per host (4)")
+    p.add_argument("--rollout-parallel", type=_counts("--rollout-parallel"),
+                   default=[1, 3, 6],
+                   help="real rollout: maxParallel of each run (default 1,3,6)")
+    p.add_argument("--rollout-mem", type=int, default=256,
+                   help="real rollout: guest RAM of each VM, MiB (256)")
     p.add_argument("--flavour", choices=get_args(Flavour), default="sid",
                    help="the rig's QEMU for old and new (default sid: all three modes)")
     return p
@@ -106,6 +120,14 @@ async def run_pause(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def _run_pause(args: argparse.Namespace) -> dict[str, Any]:
+    cases = plan_cases(cast(list[Method], args.methods), cast(list[Backend], args.backends),
+                       args.sizes)
+    with open("/proc/meminfo") as f:
+        free = available_mib(f.read())
+    # Refused before the first VM boots, not an hour in (each case checks again at its start).
+    problems = [p for c in cases if (p := room_problem(c, free)) is not None]
+    if problems:
+        raise SystemExit("\n".join(problems))
     rig = load_rig()
     started = records.now()
     env: dict[str, Any] = {"machine": records.machine(),
@@ -115,8 +137,7 @@ async def _run_pause(args: argparse.Namespace) -> dict[str, Any]:
     engine.install_guard(str(runtime_dir))  # built before the first round, not inside it
     results = []
     try:
-        for case in plan_cases(cast(list[Method], args.methods),
-                               cast(list[Backend], args.backends), args.sizes):
+        for case in cases:
             results.append(await run_case(rig, case, flavour=args.flavour, rounds=args.rounds,
                                           runtime_dir=runtime_dir, log=_log))
     finally:
@@ -204,20 +225,57 @@ def write_fleet_outputs(doc: dict[str, Any], out: Path) -> str:
     return text
 
 
+async def run_rollout(args: argparse.Namespace) -> dict[str, Any]:
+    params = RolloutParams(hosts=args.rollout_hosts, vms_per_host=args.rollout_vms_per_host,
+                           parallel=tuple(args.rollout_parallel), mem_mib=args.rollout_mem)
+    workroot = Path(load_rig().share) / "bench" / f"rollout-{uuid.uuid4().hex[:8]}"
+    reaper.become_subreaper()  # the VMs are detached: reap them at once, as on a host
+    orphans = asyncio.create_task(reaper.OrphanReaper(interval=0.05, grace=0.5).run())
+    try:
+        return await run_rollouts(params, workroot, _log)
+    finally:
+        orphans.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await orphans
+        shutil.rmtree(workroot, ignore_errors=True)
+
+
+def write_rollout_outputs(doc: dict[str, Any], out: Path) -> str:
+    records.write_json(out / "rollout.json", doc)
+    text = (f"Measured: {report.machine_line(doc)}; accelerator "
+            f"{doc['environment'].get('accelerator')}\n\n"
+            f"## A small real rollout\n\n{rolloutcalc.rollout_table(doc['results'])}")
+    (out / "rollout.md").write_text(text)
+    load = (doc["environment"].get("machine", {}).get("loadavg") or [0.0])[0]
+    plots.fleet_vs_ideal(doc["results"], out / "rollout-vs-ideal.png",
+                         f"real VMs and agents, load {load:.1f}, {doc['started'][:10]}")
+    return text
+
+
+WRITERS = {"pause": write_pause_outputs, "fleet": write_fleet_outputs,
+           "rollout": write_rollout_outputs}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.rounds < 1:
         parser().error("--rounds: at least 1")
     if args.fleet_hosts < 1 or args.fleet_vms_per_host < 1:
         parser().error("--fleet-hosts, --fleet-vms-per-host: at least 1")
+    if not 1 <= args.rollout_hosts <= 16 or not 1 <= args.rollout_vms_per_host <= 16:
+        parser().error("--rollout-hosts, --rollout-vms-per-host: 1 to 16 (real VMs)")
+    if not 64 <= args.rollout_mem <= 8192:
+        parser().error("--rollout-mem: 64 to 8192 MiB")
     doc: dict[str, Any] | None = None
     if args.from_json is not None:
         try:
             doc = records.read_json(args.from_json)
         except (OSError, ValueError) as e:
             parser().error(f"--from-json: {args.from_json}: {e}")
-        write = write_fleet_outputs if doc["benchmark"] == "fleet" else write_pause_outputs
-        print(write(doc, args.out))
+        if doc["benchmark"] not in WRITERS:
+            parser().error(f"--from-json: a {doc['benchmark']!r} record; this reads "
+                           f"{', '.join(WRITERS)}")
+        print(WRITERS[doc["benchmark"]](doc, args.out))
         return 0
     if args.only in (None, "pause"):
         doc = asyncio.run(run_pause(args))
@@ -231,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
                 parser().error(f"--fleet-replay: {args.fleet_replay}: {e}")
         fleet = asyncio.run(run_fleets(args, fleet_replay(source)))
         print(write_fleet_outputs(fleet, args.out))
+    if args.only in (None, "rollout"):
+        print(write_rollout_outputs(asyncio.run(run_rollout(args)), args.out))
     return 0
 
 

@@ -58,6 +58,39 @@ def plan_cases(methods: list[Method], backends: list[Backend], sizes_mib: list[i
             if not (m == "cpr-reboot" and b == "memfd")]
 
 
+# What the rig guest writes into its RAM (e2e/rig/guest/ticker.c fills and checks a 32 MiB
+# buffer; its kernel, from the distribution's cloud image, has no page poisoning to fill
+# free memory at boot). The rest of a large guest's RAM stays untouched: for memfd and
+# /dev/shm it is never allocated on the host until something reads or writes it.
+GUEST_TOUCHED_MIB = 32
+HEADROOM_MIB = 1024  # for the host itself and the other processes of the run
+
+
+def ram_needed_mib(case: Case) -> int:
+    """Host RAM a case may need at its peak: a plain migration holds two copies of guest RAM
+    (the new QEMU's, and the old one's, which the migration reads through); a CPR case one
+    (the new QEMU maps the same memory), plus the floor's QEMU, which never touches its own."""
+    copies = 2 if case.method == "plain" else 1
+    return copies * case.mem_mib + HEADROOM_MIB
+
+
+def room_problem(case: Case, available_mib: int) -> str | None:
+    """Why the host cannot run `case` now (MemAvailable), naming the option to change."""
+    need = ram_needed_mib(case)
+    if need <= available_mib:
+        return None
+    return (f"{case.name} needs about {need} MiB of host RAM (a plain migration holds two "
+            f"copies of guest RAM) and {available_mib} MiB are available: leave "
+            f"{case.mem_mib} out of --sizes, or run it on a quieter or larger host")
+
+
+def available_mib(meminfo: str) -> int:
+    for line in meminfo.splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) // 1024
+    raise ValueError("no MemAvailable line in /proc/meminfo")
+
+
 def empty_series() -> dict[str, list[float]]:
     return {"agent_pause_ms": [], "handmade_pause_ms": [], "floor_ms": [],
             "plain_pause_ms": [], "plain_total_ms": []}
@@ -133,6 +166,10 @@ async def _plain_round(vm: TestVM, binary: str, i: int, series: dict[str, list[f
 async def run_case(rig: Rig, case: Case, *, flavour: Flavour, rounds: int,
                    runtime_dir: Path, log: Callable[[str], None]) -> dict[str, Any]:
     """All rounds of one case on one fresh VM; the record of it (raw samples)."""
+    with open("/proc/meminfo") as f:
+        problem = room_problem(case, available_mib(f.read()))
+    if problem is not None:
+        raise RuntimeError(problem)
     q = rig.qemu(flavour)
     binary = str(q.wrapper)
     series: dict[str, list[float]] = empty_series()
@@ -159,4 +196,4 @@ async def run_case(rig: Rig, case: Case, *, flavour: Flavour, rounds: int,
             shutil.rmtree(vm.workdir)
     return {**asdict(case), "flavour": flavour, "qemu_version": q.version,
             "accelerator": accel, "rounds": rounds, "series": series, "phase_ms": phases,
-            "guest_checked": guest_ok}
+            "guest_checked": guest_ok, "guest_touched_mib": min(GUEST_TOUCHED_MIB, case.mem_mib)}

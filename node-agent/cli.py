@@ -39,7 +39,13 @@ from vmupdate_agent import discovery, engine, hostexec, preflight, reaper
 from vmupdate_agent.engine import Timeouts, UpdateAborted
 from vmupdate_agent.journal import Journal
 from vmupdate_agent.live import LiveOperation
-from vmupdate_agent.models import Outcome, ProgressEvent, RequestedMode, UpdateResult
+from vmupdate_agent.models import (
+    Outcome,
+    Preference,
+    ProgressEvent,
+    RequestedMode,
+    UpdateResult,
+)
 from vmupdate_agent.operations import Operations, Refused
 from vmupdate_agent.qmp import QmpError
 from vmupdate_agent.specs import PreflightSpec, UpdateSpec
@@ -92,6 +98,10 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("--version", dest="expected_version", help="expected QEMU version")
         c.add_argument("--sha256", help="expected sha256 of the binary")
         c.add_argument("--mode", default="auto", choices=[m.value for m in RequestedMode])
+        c.add_argument("--prefer", default=Preference.SAME_PID.value,
+                       choices=[p.value for p in Preference],
+                       help="what Auto values: the same pid (cpr-exec) or the shortest pause "
+                       "(cpr-transfer)")
         c.add_argument("--extra-arg", action="append", default=[],
                        help="argument appended to the new QEMU's command line (repeatable)")
         if name == "update":
@@ -253,7 +263,8 @@ def _say_recovered(live: LiveOperation) -> None:
 
 async def _preflight(args: argparse.Namespace, settings: Settings) -> int:
     spec = _checked(lambda: PreflightSpec.model_validate(
-        {"vm": args.vm, "target": _target(args), "mode": RequestedMode(args.mode)}))
+        {"vm": args.vm, "target": _target(args), "mode": RequestedMode(args.mode),
+         "prefer": Preference(args.prefer)}))
     ops = await _operations(args, settings, settings.agent_config(args.vm), guard=True)
     report = await ops.preflight(spec, dry_run=not args.no_dry_run)
     lines = [f"{report.vm}: {'PASS' if report.passed else 'FAIL'} ({report.mode_reason})"]
@@ -266,7 +277,7 @@ async def _update(args: argparse.Namespace, settings: Settings) -> int:
     op_id = args.op_id or f"cli-{secrets.token_hex(8)}"
     spec = _checked(lambda: UpdateSpec.model_validate(
         {"vm": args.vm, "target": _target(args), "mode": RequestedMode(args.mode),
-         "operation_id": op_id}))
+         "prefer": Preference(args.prefer), "operation_id": op_id}))
     config = settings.agent_config(args.vm)
     reaper.become_subreaper()
     orphan_reaper = reaper.OrphanReaper()

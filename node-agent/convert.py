@@ -18,6 +18,7 @@ from vmupdate_agent.models import (
     CprMode,
     Outcome,
     Phase,
+    Preference,
     PreflightReport,
     ProgressEvent,
     Readiness,
@@ -62,17 +63,37 @@ def _mode_problem(v: int) -> str | None:
     return None
 
 
-def _validated(model: type[S], data: dict[str, Any], mode: int) -> S:
-    """`model` from `data` and the request's mode; every wrong field named in one message."""
+_PREFER_IN = {pb.PREFERENCE_UNSPECIFIED: Preference.SAME_PID,
+              pb.PREFERENCE_SAME_PID: Preference.SAME_PID,
+              pb.PREFERENCE_SHORTEST_PAUSE: Preference.SHORTEST_PAUSE}
+
+
+_PREFER_OUT = {Preference.SAME_PID: pb.PREFERENCE_SAME_PID,
+               Preference.SHORTEST_PAUSE: pb.PREFERENCE_SHORTEST_PAUSE}
+
+
+def _prefer_problem(v: int) -> str | None:
+    if v not in _PREFER_IN:
+        known = ", ".join(pb.Preference.Name(p) for p in _PREFER_IN)
+        return f"unknown preference {v} (known: {known})"
+    return None
+
+
+def _validated(model: type[S], data: dict[str, Any], mode: int, prefer: int) -> S:
+    """`model` from `data`, the request's mode and preference; every wrong field named in one
+    message."""
     problems = []
-    why = _mode_problem(mode)
+    why, why_prefer = _mode_problem(mode), _prefer_problem(prefer)
     try:
-        spec = model.model_validate(
-            {**data, "mode": _MODES_IN.get(mode, RequestedMode.AUTO)})  # type: ignore[call-overload]
+        requested = _MODES_IN.get(mode, RequestedMode.AUTO)  # type: ignore[call-overload]
+        preference = _PREFER_IN.get(prefer, Preference.SAME_PID)  # type: ignore[call-overload]
+        spec = model.model_validate({**data, "mode": requested, "prefer": preference})
     except ValidationError as exc:
         problems.append(describe(exc))
     if why is not None:
         problems.append(f"mode: {why}")
+    if why_prefer is not None:
+        problems.append(f"prefer: {why_prefer}")
     if problems:
         raise InvalidRequest("; ".join(problems))
     return spec
@@ -95,7 +116,7 @@ def preflight_spec(msg: pb.PreflightRequest) -> PreflightSpec:
     target = _target_data(msg)
     if target is None:
         raise _missing("target", "at least target.binary")
-    return _validated(PreflightSpec, {"vm": msg.vm, "target": target}, msg.mode)
+    return _validated(PreflightSpec, {"vm": msg.vm, "target": target}, msg.mode, msg.prefer)
 
 
 def update_spec(msg: pb.UpdateRequest) -> UpdateSpec:
@@ -106,7 +127,7 @@ def update_spec(msg: pb.UpdateRequest) -> UpdateSpec:
     timeouts = {name: (getattr(t, name) or None) for name in TimeoutsSpec.model_fields}
     data = {"operation_id": msg.operation_id, "vm": msg.vm, "target": target,
             "timeouts": timeouts, "pause_budget_ms": msg.pause_budget_ms}
-    return _validated(UpdateSpec, data, msg.mode)
+    return _validated(UpdateSpec, data, msg.mode, msg.prefer)
 
 
 def operation_id(value: str, field: str = "operation_id") -> str:
@@ -225,7 +246,7 @@ def spec_to_pb(spec: UpdateSpec) -> pb.UpdateRequest:
                          sha256=t.sha256, extra_args=t.extra_args),
         mode=_REQUESTED_OUT[spec.mode],
         timeouts=pb.Timeouts(**{k: v for k, v in tm.model_dump().items() if v is not None}),
-        pause_budget_ms=spec.pause_budget_ms)
+        pause_budget_ms=spec.pause_budget_ms, prefer=_PREFER_OUT[spec.prefer])
 
 
 def event_to_pb(operation_id: str, sequence: int, item: ProgressEvent | UpdateResult, *,

@@ -27,6 +27,7 @@ from vmupdate_agent.models import (
     CprMode,
     Outcome,
     Phase,
+    Preference,
     PreflightReport,
     ProgressEvent,
     RequestedMode,
@@ -89,7 +90,8 @@ class Engine:
 
     async def assess(self, session: QmpSession, raw: discovery.RawFacts, vm: VMInfo,
                      tgt: Target, requested: RequestedMode, *, dry_run: bool = True,
-                     run_path: str | None = None) -> PreflightReport:
+                     run_path: str | None = None,
+                     prefer: Preference = Preference.SAME_PID) -> PreflightReport:
         """`run_path`: the target's pinned copy, which the probes run instead of its path."""
         s = self.settings
         ctx = s.host
@@ -105,9 +107,9 @@ class Engine:
         host = self._host_facts(vm, raw)
         inputs = preflight.PreflightInputs(vm=vm, target=tgt, requested=requested, host=host,
                                            binary=binary, probe=probe,
-                                           use_guard=s.guard_path is not None)
+                                           use_guard=s.guard_path is not None, prefer=prefer)
         mode, _ = preflight.choose_mode(requested, vm.features,
-                                        probe.features if probe else None)
+                                        probe.features if probe else None, prefer)
         dry = None
         # Extra arguments outside the allowlist never reach a process, not even a dry run.
         if (dry_run and probe is not None and probe.ok and mode is not None
@@ -154,20 +156,22 @@ class Engine:
                                    unplugged=tuple(discovery.unplugged_devices(raw)))
 
     async def preflight(self, qmp_path: str, tgt: Target, requested: RequestedMode,
-                        *, dry_run: bool = True) -> PreflightReport:
+                        *, dry_run: bool = True,
+                        prefer: Preference = Preference.SAME_PID) -> PreflightReport:
         async with await QmpSession.open(qmp_path, timeout=self.settings.timeouts.command,
                                          command_timeout=self.settings.timeouts.command
                                          ) as session:
             raw = await discovery.gather_raw(session)
             vm = discovery.build_vm_info(raw)
-            return await self.assess(session, raw, vm, tgt, requested, dry_run=dry_run)
+            return await self.assess(session, raw, vm, tgt, requested, dry_run=dry_run,
+                                     prefer=prefer)
 
     # --- updating ------------------------------------------------------------------------
 
     async def update(self, qmp_path: str, tgt: Target, requested: RequestedMode, *,
                      op_id: str | None = None, skip_preflight: bool = False,
-                     use_guard: bool = True, progress: ProgressSink | None = None
-                     ) -> UpdateResult:
+                     use_guard: bool = True, progress: ProgressSink | None = None,
+                     prefer: Preference = Preference.SAME_PID) -> UpdateResult:
         s = self.settings
         op_id = op_id or uuid.uuid4().hex
         session = await QmpSession.open(qmp_path, timeout=s.timeouts.command,
@@ -211,11 +215,11 @@ class Engine:
                     return UpdateResult(**base, outcome=Outcome.FAILED, mode=None,
                                         message=msg, pid_after=vm.pid,
                                         version_after=str(vm.features.version))
-                mode, why = await self._mode_without_preflight(vm, run, requested)
+                mode, why = await self._mode_without_preflight(vm, run, requested, prefer)
                 await emit(Phase.PREFLIGHT, f"preflight skipped on request; {why}")
             else:
                 report = await self.assess(session, raw, vm, tgt, requested,
-                                           run_path=pinned.path)
+                                           run_path=pinned.path, prefer=prefer)
                 mode, why = report.mode, report.mode_reason
                 if not report.passed:
                     failed = "; ".join(f"{c.name}: {c.message}" for c in report.failures())
@@ -277,13 +281,13 @@ class Engine:
                             resumed_at_ns=final.resumed_ns,
                             phase_ms=op.phase_ms, preflight=report)
 
-    async def _mode_without_preflight(self, vm: VMInfo, tgt: Target, requested: RequestedMode
-                                      ) -> tuple[CprMode | None, str]:
+    async def _mode_without_preflight(self, vm: VMInfo, tgt: Target, requested: RequestedMode,
+                                      prefer: Preference) -> tuple[CprMode | None, str]:
         if requested != RequestedMode.AUTO:
             return CprMode(requested.value), f"{requested.value} was requested"
         probe = await target.probe(vm, tgt.binary, runtime_dir=self.settings.runtime_dir,
                                    ctx=self.settings.host)
-        return preflight.choose_mode(requested, vm.features, probe.features)
+        return preflight.choose_mode(requested, vm.features, probe.features, prefer)
 
     async def _run_mode(self, op: Operation, *, use_guard: bool) -> ModeResult:
         if op.mode == CprMode.CPR_EXEC:

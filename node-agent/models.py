@@ -33,6 +33,15 @@ class RequestedMode(enum.StrEnum):
     CPR_REBOOT = "cpr-reboot"
 
 
+class Preference(enum.StrEnum):
+    """What Auto values when the VM could go either way: the same pid (cpr-exec; the new
+    QEMU's start-up falls inside the pause) or the shortest pause (cpr-transfer; the new
+    QEMU starts before the guest stops, and the VM gets a new pid). Named modes ignore it."""
+
+    SAME_PID = "same-pid"
+    SHORTEST_PAUSE = "shortest-pause"
+
+
 class MemoryBackend(_Model):
     id: str
     kind: Literal["memfd", "file", "ram", "other"]

@@ -162,7 +162,8 @@ class Operations:
             async with self.vms.holding(vm.qmp_path, "run the preflight"):
                 try:
                     return await engine.preflight(vm.qmp_path, spec.target.to_target(),
-                                                  spec.mode, dry_run=dry_run)
+                                                  spec.mode, dry_run=dry_run,
+                                                  prefer=spec.prefer)
                 except (QmpError, OSError) as exc:
                     raise Refused(grpc.StatusCode.UNAVAILABLE,
                                   f"preflight of {vm.name} could not complete: {exc}") from exc
@@ -267,7 +268,7 @@ class Operations:
         try:
             return await engine.update(vm.qmp_path, spec.target.to_target(), spec.mode,
                                        op_id=live.id, progress=live.add,
-                                       skip_preflight=skip_preflight)
+                                       skip_preflight=skip_preflight, prefer=spec.prefer)
         except UpdateAborted as exc:
             # Raised before the point of no return: the old QEMU runs on untouched.
             live.note(Phase.FAILED, str(exc))

@@ -13,7 +13,7 @@ import re
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from vmupdate_agent.models import RequestedMode, Target
+from vmupdate_agent.models import Preference, RequestedMode, Target
 from vmupdate_api import extra_args
 
 # The operation id names a journal file and a runtime folder: no '/', no leading dot.
@@ -106,11 +106,12 @@ class TimeoutsSpec(_Spec):
 
 
 class PreflightSpec(_Spec):
-    """A Preflight request: which VM, which target, which mode."""
+    """A Preflight request: which VM, which target, which mode (and what Auto values)."""
 
     vm: str
     target: TargetSpec
     mode: RequestedMode
+    prefer: Preference = Preference.SAME_PID  # journals written before it hold none
 
     @field_validator("vm")
     @classmethod
@@ -138,5 +139,9 @@ class UpdateSpec(PreflightSpec):
         return v
 
     def fingerprint(self) -> str:
-        """Identifies what was asked, to tell a retry from a different request with the same id."""
-        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()
+        """Identifies what was asked, to tell a retry from a different request with the same id.
+
+        The default preference is left out, so a request journaled before the field existed
+        keeps its fingerprint."""
+        skip = {"prefer"} if self.prefer == Preference.SAME_PID else None
+        return hashlib.sha256(self.model_dump_json(exclude=skip).encode()).hexdigest()

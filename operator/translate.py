@@ -9,6 +9,7 @@ import grpc
 
 from vmupdate_api.crd_models import (
     CprMode,
+    Preference,
     RolloutStrategy,
     UpdateMode,
     UpdateTarget,
@@ -24,6 +25,11 @@ MODE_TO_PB = {
     UpdateMode.CPR_EXEC: pb.MODE_CPR_EXEC,
     UpdateMode.CPR_TRANSFER: pb.MODE_CPR_TRANSFER,
     UpdateMode.CPR_REBOOT: pb.MODE_CPR_REBOOT,
+}
+PREFER_TO_PB = {
+    None: pb.PREFERENCE_SAME_PID,
+    Preference.SAME_PID: pb.PREFERENCE_SAME_PID,
+    Preference.SHORTEST_PAUSE: pb.PREFERENCE_SHORTEST_PAUSE,
 }
 PB_TO_CPR_MODE = {
     pb.MODE_CPR_EXEC: CprMode.CPR_EXEC,
@@ -61,12 +67,14 @@ def update_request(row: VMRolloutStatus, spec: VMUpdateSpec) -> pb.UpdateRequest
     assert row.operation_id, "an update needs the operation id persisted in its row"
     return pb.UpdateRequest(operation_id=row.operation_id, vm=vm_reference(row),
                             target=target_to_pb(spec.target), mode=MODE_TO_PB[spec.mode],
-                            pause_budget_ms=spec.strategy.pause_budget_ms)
+                            pause_budget_ms=spec.strategy.pause_budget_ms,
+                            prefer=PREFER_TO_PB[spec.strategy.prefer])
 
 
 def preflight_request(row: VMRolloutStatus, spec: VMUpdateSpec) -> pb.PreflightRequest:
     return pb.PreflightRequest(vm=vm_reference(row), target=target_to_pb(spec.target),
-                               mode=MODE_TO_PB[spec.mode])
+                               mode=MODE_TO_PB[spec.mode],
+                               prefer=PREFER_TO_PB[spec.strategy.prefer])
 
 
 def phase_name(phase: int) -> str:

@@ -19,6 +19,12 @@ class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MODE_CPR_TRANSFER: _ClassVar[Mode]
     MODE_CPR_REBOOT: _ClassVar[Mode]
 
+class Preference(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PREFERENCE_UNSPECIFIED: _ClassVar[Preference]
+    PREFERENCE_SAME_PID: _ClassVar[Preference]
+    PREFERENCE_SHORTEST_PAUSE: _ClassVar[Preference]
+
 class Phase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     PHASE_UNSPECIFIED: _ClassVar[Phase]
@@ -52,6 +58,9 @@ MODE_AUTO: Mode
 MODE_CPR_EXEC: Mode
 MODE_CPR_TRANSFER: Mode
 MODE_CPR_REBOOT: Mode
+PREFERENCE_UNSPECIFIED: Preference
+PREFERENCE_SAME_PID: Preference
+PREFERENCE_SHORTEST_PAUSE: Preference
 PHASE_UNSPECIFIED: Phase
 PHASE_ACCEPTED: Phase
 PHASE_PREFLIGHT: Phase
@@ -228,14 +237,16 @@ class Target(_message.Message):
     def __init__(self, binary: _Optional[str] = ..., expected_version: _Optional[str] = ..., sha256: _Optional[str] = ..., extra_args: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PreflightRequest(_message.Message):
-    __slots__ = ("vm", "target", "mode")
+    __slots__ = ("vm", "target", "mode", "prefer")
     VM_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
+    PREFER_FIELD_NUMBER: _ClassVar[int]
     vm: str
     target: Target
     mode: Mode
-    def __init__(self, vm: _Optional[str] = ..., target: _Optional[_Union[Target, _Mapping]] = ..., mode: _Optional[_Union[Mode, str]] = ...) -> None: ...
+    prefer: Preference
+    def __init__(self, vm: _Optional[str] = ..., target: _Optional[_Union[Target, _Mapping]] = ..., mode: _Optional[_Union[Mode, str]] = ..., prefer: _Optional[_Union[Preference, str]] = ...) -> None: ...
 
 class CheckResult(_message.Message):
     __slots__ = ("name", "passed", "message")
@@ -282,20 +293,22 @@ class Timeouts(_message.Message):
     def __init__(self, qmp_command_seconds: _Optional[float] = ..., handover_seconds: _Optional[float] = ..., load_seconds: _Optional[float] = ..., guard_commit_seconds: _Optional[float] = ...) -> None: ...
 
 class UpdateRequest(_message.Message):
-    __slots__ = ("operation_id", "vm", "target", "mode", "timeouts", "pause_budget_ms")
+    __slots__ = ("operation_id", "vm", "target", "mode", "timeouts", "pause_budget_ms", "prefer")
     OPERATION_ID_FIELD_NUMBER: _ClassVar[int]
     VM_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     TIMEOUTS_FIELD_NUMBER: _ClassVar[int]
     PAUSE_BUDGET_MS_FIELD_NUMBER: _ClassVar[int]
+    PREFER_FIELD_NUMBER: _ClassVar[int]
     operation_id: str
     vm: str
     target: Target
     mode: Mode
     timeouts: Timeouts
     pause_budget_ms: int
-    def __init__(self, operation_id: _Optional[str] = ..., vm: _Optional[str] = ..., target: _Optional[_Union[Target, _Mapping]] = ..., mode: _Optional[_Union[Mode, str]] = ..., timeouts: _Optional[_Union[Timeouts, _Mapping]] = ..., pause_budget_ms: _Optional[int] = ...) -> None: ...
+    prefer: Preference
+    def __init__(self, operation_id: _Optional[str] = ..., vm: _Optional[str] = ..., target: _Optional[_Union[Target, _Mapping]] = ..., mode: _Optional[_Union[Mode, str]] = ..., timeouts: _Optional[_Union[Timeouts, _Mapping]] = ..., pause_budget_ms: _Optional[int] = ..., prefer: _Optional[_Union[Preference, str]] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("phase", "time", "message")

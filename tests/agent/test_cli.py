@@ -49,6 +49,14 @@ async def test_inventory_preflight_update(rig: Rig, vm_factory: VMFactory,
     assert rc == 1
     assert "[FAIL] target-version" in out and "expected 0.0.1" in out
 
+    # What Auto values, asked for on the command line: the preflight says what it would use.
+    rc, out, err = await run_cli(*opts, "preflight", "cli-vm", "--binary", sid,
+                                 "--prefer", "shortest-pause")
+    assert rc == 0, out + err
+    assert "Auto chose cpr-transfer: the shortest pause was preferred" in out
+    rc, out, err = await run_cli(*opts, "preflight", "cli-vm", "--binary", sid)
+    assert rc == 0 and "Auto chose cpr-exec" in out, out + err
+
     rc, out, err = await run_cli(*opts, "--json", "update", "cli-vm", "--binary", sid,
                                  "--version", rig.qemu("sid").version)
     assert rc == 0, out + err
@@ -63,5 +71,7 @@ async def test_bad_usage_is_a_clear_error(rig: Rig, runtime_dir: Path) -> None:
     rc, _, err = await run_cli(*opts, "update", "nosuchvm", "--binary", "relative/qemu")
     assert rc == 2
     assert "no VM named 'nosuchvm'" in err or "--binary must be an absolute path" in err
+    rc, _, err = await run_cli(*opts, "update", "x", "--binary", "/q", "--prefer", "fastest")
+    assert rc == 2 and "--prefer" in err and "shortest-pause" in err
     rc, _, err = await run_cli("--runtime-dir", "rel", "inventory")
     assert rc == 2 and "--runtime-dir must be absolute" in err

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 
 from vmupdate_agent import convert, specs
@@ -13,6 +15,7 @@ from vmupdate_agent.models import (
     MemoryBackend,
     Outcome,
     Phase,
+    Preference,
     PreflightReport,
     ProgressEvent,
     QemuFeatures,
@@ -68,6 +71,42 @@ def test_update_request_round_trip() -> None:
     back = convert.spec_to_pb(spec)
     assert convert.update_spec(back) == spec
     assert back.timeouts.load_seconds == 0  # "agent default" stays unset
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    (pb.PREFERENCE_UNSPECIFIED, Preference.SAME_PID), (pb.PREFERENCE_SAME_PID, Preference.SAME_PID),
+    (pb.PREFERENCE_SHORTEST_PAUSE, Preference.SHORTEST_PAUSE)])
+def test_preference_in_and_back(value: int, expected: Preference) -> None:
+    for build in (full_request, lambda: pb.PreflightRequest(
+            vm="a", target=pb.Target(binary="/q"), mode=pb.MODE_AUTO)):
+        msg = build()
+        msg.prefer = value  # type: ignore[assignment]
+        spec = (convert.update_spec(msg) if isinstance(msg, pb.UpdateRequest)
+                else convert.preflight_spec(msg))
+        assert spec.prefer == expected
+    spec = convert.update_spec(full_request())
+    spec = spec.model_copy(update={"prefer": expected})
+    assert convert.update_spec(convert.spec_to_pb(spec)) == spec
+
+
+def test_unknown_preference_is_refused_by_name() -> None:
+    msg = full_request()
+    msg.prefer = 7  # type: ignore[assignment]
+    msg.mode = 99  # type: ignore[assignment]
+    with pytest.raises(InvalidRequest) as info:
+        convert.update_spec(msg)
+    text = str(info.value)
+    assert "prefer: unknown preference 7" in text and "PREFERENCE_SHORTEST_PAUSE" in text
+    assert "mode: unknown mode 99" in text  # every wrong field in one message
+
+
+def test_fingerprint_keeps_its_value_for_the_default_preference() -> None:
+    # A request journaled before `prefer` existed has the same fingerprint when sent again.
+    spec = convert.update_spec(full_request())
+    dumped = spec.model_dump_json(exclude={"prefer"})
+    assert spec.fingerprint() == hashlib.sha256(dumped.encode()).hexdigest()
+    shortest = spec.model_copy(update={"prefer": Preference.SHORTEST_PAUSE})
+    assert shortest.fingerprint() != spec.fingerprint()
 
 
 def test_fingerprint_tells_requests_apart() -> None:

@@ -64,6 +64,17 @@ def test_every_mode_maps(mode: str) -> None:
                                                 "CprReboot": "CPR_REBOOT"}[mode]
 
 
+@pytest.mark.parametrize(("prefer", "expected"), [
+    (None, pb.PREFERENCE_SAME_PID), ("SamePid", pb.PREFERENCE_SAME_PID),
+    ("ShortestPause", pb.PREFERENCE_SHORTEST_PAUSE)])
+def test_the_preference_reaches_the_agent(prefer: str | None, expected: int) -> None:
+    strategy = {} if prefer is None else {"prefer": prefer}
+    s = spec(mode="Auto", strategy=strategy)
+    assert translate.preflight_request(row("a", "x"), s).prefer == expected
+    r = row("a", "x", VMPhase.PREFLIGHT, operation_id="vmu-op")
+    assert translate.update_request(r, s).prefer == expected
+
+
 @pytest.mark.parametrize(("phase", "expected"), [
     (pb.PHASE_ACCEPTED, VMPhase.PREFLIGHT), (pb.PHASE_PREFLIGHT, VMPhase.PREFLIGHT),
     (pb.PHASE_STOPPING, VMPhase.UPDATING), (pb.PHASE_EXECED, VMPhase.UPDATING),

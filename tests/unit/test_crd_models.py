@@ -380,6 +380,27 @@ def test_strategy_rules(strategy: dict[str, Any], message: str) -> None:
         m.RolloutStrategy.model_validate(strategy)
 
 
+@pytest.mark.parametrize(("mode", "prefer", "ok"), [
+    (mode, prefer, prefer is None or mode == "Auto")
+    for mode in ("Auto", "CprExec", "CprTransfer", "CprReboot")
+    for prefer in (None, "SamePid", "ShortestPause")])
+def test_prefer_only_with_auto(mode: str, prefer: str | None, ok: bool) -> None:
+    strategy = {} if prefer is None else {"prefer": prefer}
+    doc = minimal_spec(mode=mode, strategy=strategy)
+    if ok:
+        spec = m.VMUpdateSpec.model_validate(doc)
+        assert spec.strategy.prefer == (None if prefer is None else m.Preference(prefer))
+    else:
+        message = "strategy.prefer applies only to mode Auto"
+        with pytest.raises(ValidationError, match=re.escape(message)):
+            m.VMUpdateSpec.model_validate(doc)
+
+
+def test_prefer_unknown_value() -> None:
+    with pytest.raises(ValidationError, match="'SamePid' or 'ShortestPause'"):
+        m.RolloutStrategy.model_validate({"prefer": "Fastest"})
+
+
 def test_strategy_rules_accept() -> None:
     m.RolloutStrategy.model_validate({"maxParallel": 5, "maxParallelPerHost": 5})
     m.RolloutStrategy.model_validate({"failurePolicy": "Halt", "maxFailures": 3})

@@ -217,6 +217,7 @@ def test_rules_are_where_the_contract_says() -> None:
     assert where == [
         "vmhosts:",
         "vmhosts:.spec.nodeName",
+        "vmupdates:.spec",
         "vmupdates:.spec.selector",
         "vmupdates:.spec.selector.hostNames[]",
         "vmupdates:.spec.selector.hostSelector.matchExpressions[]",
@@ -228,7 +229,7 @@ def test_rules_are_where_the_contract_says() -> None:
         "vmupdates:.spec.target.sha256",
         "vmupdates:.spec.target.version",
     ]
-    assert len(rules()) == 15  # no transition rule: a spec edit is a new rollout
+    assert len(rules()) == 16  # no transition rule: a spec edit is a new rollout
 
 
 def test_rule_text() -> None:
@@ -249,6 +250,9 @@ def test_strategy_default_is_whole_and_valid() -> None:
     node = SCHEMAS["vmupdates"]["properties"]["spec"]["properties"]["strategy"]
     assert node["default"] == m.RolloutStrategy().to_wire()
     for name, prop in node["properties"].items():
+        if name == "prefer":  # optional: unset means SamePid, and only Auto may set it
+            assert "default" not in prop and name not in node["default"]
+            continue
         assert prop["default"] == node["default"][name]
 
 

@@ -14,6 +14,7 @@ from vmupdate_agent import discovery, preflight
 from vmupdate_agent.models import (
     CprMode,
     MemoryBackend,
+    Preference,
     QemuFeatures,
     QemuVersion,
     RequestedMode,
@@ -588,8 +589,8 @@ MODE_SETS = [tuple(m for m in ALL_MODES if m in combo)
              for n in range(4) for combo in itertools.combinations(ALL_MODES, n)]
 
 
-def expected_mode(requested: RequestedMode, old: QemuFeatures,
-                  new: QemuFeatures | None) -> CprMode | None:
+def expected_mode(requested: RequestedMode, old: QemuFeatures, new: QemuFeatures | None,
+                  prefer: Preference = Preference.SAME_PID) -> CprMode | None:
     """The rule, written out independently of the implementation."""
     if requested != RequestedMode.AUTO:
         mode = CprMode(requested.value)
@@ -597,30 +598,67 @@ def expected_mode(requested: RequestedMode, old: QemuFeatures,
         return mode if supported else None
     if new is None:
         return None
+    possible = []
     if EXEC in old.cpr_modes and EXEC in new.cpr_modes and old.has_cpr_exec_command:
-        return EXEC
+        possible.append(EXEC)
     if TRANSFER in old.cpr_modes and TRANSFER in new.cpr_modes:
-        return TRANSFER
-    return None
+        possible.append(TRANSFER)
+    first = {Preference.SAME_PID: EXEC, Preference.SHORTEST_PAUSE: TRANSFER}[prefer]
+    if first in possible:
+        return first
+    return possible[0] if possible else None
 
 
 def test_choose_mode_exhaustively() -> None:
+    """Every request x preference x the running QEMU's modes and cpr-exec-command x the
+    target's (or none, unprobed)."""
     olds = [features(V11, modes, cmd=cmd) for modes in MODE_SETS for cmd in (False, True)]
     news: list[QemuFeatures | None] = [None, *(features(V10, modes, cmd=cmd)
                                                for modes in MODE_SETS for cmd in (False, True))]
     seen = 0
-    for requested in RequestedMode:
-        for old in olds:
-            for new in news:
-                mode, why = preflight.choose_mode(requested, old, new)
-                assert mode == expected_mode(requested, old, new), (requested, old, new, why)
-                assert why
-                if requested == RequestedMode.AUTO:
-                    assert why.startswith("Auto")
-                else:
-                    assert str(requested) in why
-                seen += 1
-    assert seen == 4 * 16 * 17
+    for requested, prefer, old, new in itertools.product(RequestedMode, Preference, olds, news):
+        mode, why = preflight.choose_mode(requested, old, new, prefer)
+        assert mode == expected_mode(requested, old, new, prefer), (requested, old, new, why)
+        assert why
+        if requested == RequestedMode.AUTO:
+            assert why.startswith("Auto")
+            # The reason names the preference whenever it decided, or was overruled.
+            if mode is not None and prefer == Preference.SHORTEST_PAUSE:
+                assert "shortest pause was preferred" in why, why
+            if mode == TRANSFER and prefer == Preference.SAME_PID:
+                assert "same pid cannot be kept" in why, why
+        else:
+            assert str(requested) in why
+            # A named mode ignores the preference.
+            assert (mode, why) == preflight.choose_mode(requested, old, new)
+        seen += 1
+    assert seen == 4 * 2 * 16 * 17
+
+
+def test_choose_mode_defaults_to_the_same_pid() -> None:
+    assert preflight.choose_mode(RequestedMode.AUTO, F11, F11)[0] == EXEC
+    assert preflight.choose_mode(RequestedMode.AUTO, F11, F11, Preference.SAME_PID)[0] == EXEC
+
+
+@pytest.mark.parametrize(("old", "new", "mode", "needles"), [
+    C(F11, F11, TRANSFER, ("Auto chose cpr-transfer: the shortest pause was preferred",
+                           "the VM gets a new pid", "both support cpr-transfer"), id="both"),
+    C(features(V11, (EXEC,)), F11, EXEC,
+      ("Auto chose cpr-exec", "the shortest pause was preferred but cpr-transfer is not "
+       "supported by both"), id="old-lacks-transfer"),
+    C(F11, features(V11, (EXEC, REBOOT)), EXEC, ("cpr-transfer is not supported by both",),
+      id="new-lacks-transfer"),
+    C(F10, F11, TRANSFER, ("the shortest pause was preferred",), id="old-10.0"),
+    C(features(V9_2, (REBOOT,), cmd=False), F11, None,
+      ("Auto found no CPR mode both QEMUs support",), id="never-reboot"),
+    C(F11, None, None, ("the new binary could not be probed",), id="unprobed"),
+])
+def test_auto_with_shortest_pause(old: QemuFeatures, new: QemuFeatures | None,
+                                  mode: CprMode | None, needles: tuple[str, ...]) -> None:
+    got, why = preflight.choose_mode(RequestedMode.AUTO, old, new, Preference.SHORTEST_PAUSE)
+    assert got == mode, why
+    for needle in needles:
+        assert needle in why
 
 
 @pytest.mark.parametrize(("requested", "old", "new", "mode", "needles"), [
@@ -708,6 +746,18 @@ def test_evaluate_auto_against_qemu_10_uses_cpr_transfer(load_vm: VmLoader) -> N
     assert report.mode == TRANSFER
     assert [c.name for c in report.failures()] == ["tap-by-fd"]
     assert preflight.evaluate(good_inputs(load_vm("tap-fd"))).passed
+
+
+def test_evaluate_follows_the_preference(load_vm: VmLoader) -> None:
+    # The same tap-by-fd VM and QEMUs that can do both: the preference picks the mode, and the
+    # checks judge the mode picked (cpr-transfer refuses the tap by fd).
+    p = replace(good_inputs(load_vm("tap-fd")), prefer=Preference.SHORTEST_PAUSE)
+    report = preflight.evaluate(p)
+    assert report.mode == TRANSFER
+    assert "shortest pause was preferred" in report.mode_reason
+    assert [c.name for c in report.failures()] == ["tap-by-fd"]
+    report = preflight.evaluate(replace(p, prefer=Preference.SAME_PID))
+    assert report.mode == EXEC and report.passed
 
 
 def test_evaluate_memfd_vm_asked_for_cpr_reboot(load_vm: VmLoader) -> None:
