@@ -10,6 +10,7 @@ run elsewhere), which is the whole safety argument of this mode.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import time
