@@ -34,12 +34,12 @@ from typing import Any, TypeVar
 import grpc
 from pydantic import ValidationError
 
+from vmupdate_agent import admission, discovery, engine, hostexec, preflight, reaper, vmlock
 from vmupdate_agent import config as agent_config
-from vmupdate_agent import discovery, engine, hostexec, preflight, reaper
 from vmupdate_agent.engine import Timeouts, UpdateAborted
 from vmupdate_agent.journal import Journal
 from vmupdate_agent.live import LiveOperation
-from vmupdate_agent.models import Outcome, ProgressEvent, RequestedMode, UpdateResult
+from vmupdate_agent.models import Outcome, ProgressEvent, RequestedMode, UpdateResult, VMInfo
 from vmupdate_agent.operations import Operations, Refused
 from vmupdate_agent.qmp import QmpError
 from vmupdate_agent.specs import PreflightSpec, UpdateSpec
@@ -192,13 +192,34 @@ def _print(args: argparse.Namespace, data: Any, human: str) -> None:
         print(human)
 
 
-async def _inventory(args: argparse.Namespace, globs: list[str]) -> int:
-    if not globs:
+async def _inventory(args: argparse.Namespace, settings: Settings) -> int:
+    """Every VM, probed as the service probes them: under the VM's lock, so that a VM in the
+    middle of an operation (of the service or another CLI) is shown busy, not disturbed."""
+    if not settings.globs:
         raise UsageError("no QMP socket globs: pass --socket-glob or --config")
-    rows = await discovery.inventory(globs)
+    state_dir = settings.state_dir or str(agent_config.AgentConfig.model_fields[
+        "state_dir"].default)
+    paths = await asyncio.to_thread(discovery.find_sockets, settings.globs)
+
+    async def one(path: str) -> tuple[VMInfo | None, str]:
+        try:
+            lock = await admission.take(state_dir, path, admission.PROBE,
+                                        "vmupdate-agent inventory")
+        except vmlock.VmBusy as exc:
+            return None, f"busy: {exc}"
+        try:
+            info, _ = await discovery.discover(path, timeout=settings.engine.timeouts.command)
+            return info, ""
+        except (QmpError, OSError, KeyError, ValueError) as exc:
+            # ValueError: argv.ArgvError, a command line the agent cannot parse.
+            return None, str(exc)
+        finally:
+            lock.release()
+
     out: list[dict[str, Any]] = []
     lines: list[str] = []
-    for path, info, err in rows:
+    for path, (info, err) in zip(paths, await asyncio.gather(*(one(p) for p in paths)),
+                                 strict=True):
         if info is None:
             out.append({"socket": path, "error": err})
             lines.append(f"{path}: cannot inspect: {err}")
@@ -311,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             server = importlib.import_module("vmupdate_agent.server")
             return int(server.main_with_config(settings.cfg))
         if args.command == "inventory":
-            return asyncio.run(_inventory(args, settings.globs))
+            return asyncio.run(_inventory(args, settings))
         if args.command == "preflight":
             return asyncio.run(_preflight(args, settings))
         return asyncio.run(_update(args, settings))
