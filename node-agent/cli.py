@@ -239,8 +239,9 @@ async def _operations(args: argparse.Namespace, settings: Settings,
                       config: agent_config.AgentConfig, *, guard: bool) -> Operations:
     """The service's way in, for this process: the journal, the VM locks, recovery of what a
     dead process left running (said on stderr)."""
-    os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
-    os.makedirs(config.runtime_dir, mode=0o711, exist_ok=True)
+    await asyncio.to_thread(os.makedirs, config.state_dir, mode=0o700, exist_ok=True)
+    # Traversable (not listable): QEMUs running as a VM's user reach their work folders.
+    await asyncio.to_thread(os.makedirs, config.runtime_dir, mode=0o711, exist_ok=True)
     eng = settings.engine
     if guard:
         eng = engine.EngineSettings(
@@ -265,11 +266,12 @@ def _say_recovered(live: LiveOperation) -> None:
     rec = live.record
     if live.result is None:
         return  # run by a live process (the service, another CLI): left to it
-    how = "resolved" if rec.resolved_after_restart else "finished by its own process"
+    what = ("was left running by a process that stopped; resolved"
+            if rec.resolved_after_restart else "was finished meanwhile by the process that ran it")
     pause = f", guest pause {live.result.pause_ms:.0f} ms" if live.result.pause_ms else ""
-    print(f"vmupdate-agent: operation {rec.operation_id} on {rec.vm.name} was left running by "
-          f"a process that stopped; {how}: {live.result.outcome.value} — "
-          f"{live.result.message}{pause}", file=sys.stderr, flush=True)
+    print(f"vmupdate-agent: operation {rec.operation_id} on {rec.vm.name} {what}: "
+          f"{live.result.outcome.value} — {live.result.message}{pause}", file=sys.stderr,
+          flush=True)
 
 
 async def _preflight(args: argparse.Namespace, settings: Settings) -> int:
