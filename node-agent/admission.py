@@ -86,19 +86,7 @@ class VmAccess:
                      ) -> vmlock.VmLock:
         """The VM's cross-process lock; waits while a probe or a preflight holds it (for up
         to SOCKET_WAIT_S), VmBusy at once for an operation."""
-        holder = vmlock.Holder(operation_id=op_id, kind=kind, program=self.program,
-                               pid=os.getpid(), since_ns=time.time_ns(),
-                               vm_name=vm.name if vm else "", vm_uuid=vm.uuid if vm else "",
-                               qmp_path=path)
-        deadline = time.monotonic() + SOCKET_WAIT_S
-        while True:
-            try:
-                return await _acquire(self.config.state_dir, path, holder)
-            except vmlock.VmBusy as exc:
-                short = exc.holder is None or exc.holder.kind in WAITED_FOR
-                if not short or time.monotonic() > deadline:
-                    raise
-            await asyncio.sleep(0.02)
+        return await take(self.config.state_dir, path, kind, self.program, op_id, vm)
 
     async def probe(self, path: str, *, locked: bool = False
                      ) -> tuple[VMInfo, discovery.RawFacts]:
@@ -231,6 +219,25 @@ class VmAccess:
         why = pathpolicy.check(root, binary, self.settings.allowed_dirs)
         if why is not None:
             raise Refused(grpc.StatusCode.PERMISSION_DENIED, why)
+
+
+async def take(state_dir: str, path: str, kind: str, program: str, op_id: str = "",
+               vm: VMInfo | None = None) -> vmlock.VmLock:
+    """The VM's cross-process lock for `kind`, named after this process (`program`): waits
+    while a probe or a preflight holds it (for up to SOCKET_WAIT_S), VmBusy at once for an
+    operation."""
+    holder = vmlock.Holder(operation_id=op_id, kind=kind, program=program, pid=os.getpid(),
+                           since_ns=time.time_ns(), vm_name=vm.name if vm else "",
+                           vm_uuid=vm.uuid if vm else "", qmp_path=path)
+    deadline = time.monotonic() + SOCKET_WAIT_S
+    while True:
+        try:
+            return await _acquire(state_dir, path, holder)
+        except vmlock.VmBusy as exc:
+            short = exc.holder is None or exc.holder.kind in WAITED_FOR
+            if not short or time.monotonic() > deadline:
+                raise
+        await asyncio.sleep(0.02)
 
 
 async def _acquire(state_dir: str, path: str, holder: vmlock.Holder) -> vmlock.VmLock:

@@ -34,8 +34,8 @@ from typing import Any, TypeVar
 import grpc
 from pydantic import ValidationError
 
+from vmupdate_agent import admission, discovery, engine, hostexec, preflight, reaper, vmlock
 from vmupdate_agent import config as agent_config
-from vmupdate_agent import discovery, engine, hostexec, preflight, reaper
 from vmupdate_agent.engine import Timeouts, UpdateAborted
 from vmupdate_agent.journal import Journal
 from vmupdate_agent.live import LiveOperation
@@ -45,6 +45,7 @@ from vmupdate_agent.models import (
     ProgressEvent,
     RequestedMode,
     UpdateResult,
+    VMInfo,
 )
 from vmupdate_agent.operations import Operations, Refused
 from vmupdate_agent.qmp import QmpError
@@ -202,13 +203,34 @@ def _print(args: argparse.Namespace, data: Any, human: str) -> None:
         print(human)
 
 
-async def _inventory(args: argparse.Namespace, globs: list[str]) -> int:
-    if not globs:
+async def _inventory(args: argparse.Namespace, settings: Settings) -> int:
+    """Every VM, probed as the service probes them: under the VM's lock, so that a VM in the
+    middle of an operation (of the service or another CLI) is shown busy, not disturbed."""
+    if not settings.globs:
         raise UsageError("no QMP socket globs: pass --socket-glob or --config")
-    rows = await discovery.inventory(globs)
+    state_dir = settings.state_dir or str(agent_config.AgentConfig.model_fields[
+        "state_dir"].default)
+    paths = await asyncio.to_thread(discovery.find_sockets, settings.globs)
+
+    async def one(path: str) -> tuple[VMInfo | None, str]:
+        try:
+            lock = await admission.take(state_dir, path, admission.PROBE,
+                                        "vmupdate-agent inventory")
+        except vmlock.VmBusy as exc:
+            return None, f"busy: {exc}"
+        try:
+            info, _ = await discovery.discover(path, timeout=settings.engine.timeouts.command)
+            return info, ""
+        except (QmpError, OSError, KeyError, ValueError) as exc:
+            # ValueError: argv.ArgvError, a command line the agent cannot parse.
+            return None, str(exc)
+        finally:
+            lock.release()
+
     out: list[dict[str, Any]] = []
     lines: list[str] = []
-    for path, info, err in rows:
+    for path, (info, err) in zip(paths, await asyncio.gather(*(one(p) for p in paths)),
+                                 strict=True):
         if info is None:
             out.append({"socket": path, "error": err})
             lines.append(f"{path}: cannot inspect: {err}")
@@ -228,8 +250,9 @@ async def _operations(args: argparse.Namespace, settings: Settings,
                       config: agent_config.AgentConfig, *, guard: bool) -> Operations:
     """The service's way in, for this process: the journal, the VM locks, recovery of what a
     dead process left running (said on stderr)."""
-    os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
-    os.makedirs(config.runtime_dir, mode=0o711, exist_ok=True)
+    await asyncio.to_thread(os.makedirs, config.state_dir, mode=0o700, exist_ok=True)
+    # Traversable (not listable): QEMUs running as a VM's user reach their work folders.
+    await asyncio.to_thread(os.makedirs, config.runtime_dir, mode=0o711, exist_ok=True)
     eng = settings.engine
     if guard:
         eng = engine.EngineSettings(
@@ -254,11 +277,12 @@ def _say_recovered(live: LiveOperation) -> None:
     rec = live.record
     if live.result is None:
         return  # run by a live process (the service, another CLI): left to it
-    how = "resolved" if rec.resolved_after_restart else "finished by its own process"
+    what = ("was left running by a process that stopped; resolved"
+            if rec.resolved_after_restart else "was finished meanwhile by the process that ran it")
     pause = f", guest pause {live.result.pause_ms:.0f} ms" if live.result.pause_ms else ""
-    print(f"vmupdate-agent: operation {rec.operation_id} on {rec.vm.name} was left running by "
-          f"a process that stopped; {how}: {live.result.outcome.value} — "
-          f"{live.result.message}{pause}", file=sys.stderr, flush=True)
+    print(f"vmupdate-agent: operation {rec.operation_id} on {rec.vm.name} {what}: "
+          f"{live.result.outcome.value} — {live.result.message}{pause}", file=sys.stderr,
+          flush=True)
 
 
 async def _preflight(args: argparse.Namespace, settings: Settings) -> int:
@@ -322,7 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             server = importlib.import_module("vmupdate_agent.server")
             return int(server.main_with_config(settings.cfg))
         if args.command == "inventory":
-            return asyncio.run(_inventory(args, settings.globs))
+            return asyncio.run(_inventory(args, settings))
         if args.command == "preflight":
             return asyncio.run(_preflight(args, settings))
         return asyncio.run(_update(args, settings))

@@ -178,8 +178,13 @@ async def test_a_busy_vm_is_refused_both_ways(qemu_env: QemuEnv) -> None:
     try:
         cli = await run_cli(agent, *cli_update_args(qemu_env, "busy", "op-cli"))
         pre = await run_cli(agent, "preflight", "busy", "--binary", qemu_env.sid_binary)
+        inventory = await run_cli(agent, "inventory")
     finally:
         os.kill(agent.pid, signal.SIGCONT)
+    # The inventory does not probe a VM in the middle of an operation: it says who has it.
+    assert inventory.rc == 0, inventory.err
+    assert f"{vm.qmp_path}: cannot inspect: busy: {vm.qmp_path}: operation op-svc (update by " \
+           f"the agent service, pid {agent.pid})" in inventory.out, inventory.out
     assert cli.rc == EXIT_BUSY, (cli.rc, cli.out, cli.err)
     assert "refused: vm: busy is busy: operation op-svc" in cli.err
     assert f"(update by the agent service, pid {agent.pid})" in cli.err, cli.err
