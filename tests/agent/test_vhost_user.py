@@ -195,3 +195,32 @@ async def test_qemu_alone_carries_it_through_a_cpr_reboot_that_quits_first(
     vm.serial.assert_continuous()
     print(f"hand-made cpr-reboot with vhost-user-blk: STOP->RESUME "
           f"{(resume_ns - stop_ns) / 1e6:.0f} ms")
+
+
+async def test_cpr_exec_rollback_reconnects_the_old_qemu(
+        rig: Rig, vm_factory: VMFactory, backend: StorageDaemon, runtime_dir: Path,
+        built_guard: Path) -> None:
+    """A new QEMU that builds the machine (connecting to the back end) and then fails to load
+    (another machine type, preflight skipped): the guard's rollback execs the old binary,
+    which connects to the back end again; the disk goes on, nothing written is lost, and the
+    VM updates cleanly afterwards."""
+    agent = make_engine(rig, runtime_dir, built_guard)
+    vm = await disk_vm(rig, vm_factory, backend)
+    old_pid = vm.pid
+    mark = time.monotonic_ns()
+    result = await agent.update(str(vm.qmp_path),
+                                Target(binary=sid(rig), extra_args=("-machine", "pc-q35-9.2")),
+                                RequestedMode.CPR_EXEC, skip_preflight=True)
+    assert result.outcome == Outcome.ROLLED_BACK, result.message
+    assert result.pid_after is not None and result.pid_after != old_pid
+    # It failed in the load, after building the device (and connecting to the back end).
+    assert "Machine type received is" in vm.qemu_log(), vm.qemu_log()[-1000:]
+    await assert_disk_kept(vm, mark)
+    assert vm.pid == result.pid_after
+    vm.serial.assert_continuous()
+
+    mark = time.monotonic_ns()
+    again = await update(agent, vm, sid(rig), "cpr-exec")
+    assert again.outcome == Outcome.UPDATED, again.message
+    await assert_disk_kept(vm, mark)
+    vm.serial.assert_continuous()
