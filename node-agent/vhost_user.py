@@ -22,7 +22,8 @@ Only vhost-user-blk was tried; other vhost-user devices (net, fs, scsi, ...) and
 kernel vhost devices (vhost-vsock, vhost-scsi) stay refused in every mode. The back end must
 listen and QEMU connect (a socket chardev with path=, not server=on, not fd=): that is the
 set-up that was verified, and the only one in which the new QEMU finds the back end by
-itself. Devices given in -readconfig files are not seen here.
+itself. Devices given in -readconfig files are not seen here (their dry run then waits on the
+back end until its timeout: docs/vhost-user.md).
 """
 
 from __future__ import annotations
