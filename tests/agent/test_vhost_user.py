@@ -31,7 +31,7 @@ from e2e.rig.storage import (
     disk_lines,
     start_storage_daemon,
 )
-from e2e.rig.vm import pid_alive
+from e2e.rig.vm import pid_alive, runs
 from tests.agent import raw_cpr
 from tests.agent.conftest import make_engine
 from tests.agent.test_cpr_qemu import assert_pause_within_blackout, sid, started, update
@@ -98,13 +98,14 @@ async def test_cpr_exec_carries_vhost_user_blk_with_disk_io(
                                    RequestedMode.AUTO)
     assert report.passed, [c.message for c in report.failures()]
     assert report.mode == CprMode.CPR_EXEC
-    # Two in a row, between two paths of the build: the second one starts from a QEMU that
-    # itself connected to the back end after an exec.
-    for binary in (sid(rig, alt=True), sid(rig)):
+    # Two in a row, between two builds (sid's and trixie-backports' 11.1.3): the second one
+    # starts from a QEMU that itself connected to the back end after an exec.
+    for flavour in ("trixie-backports", "sid"):
         mark = time.monotonic_ns()
-        result = await update(agent, vm, binary, "cpr-exec")
+        result = await update(agent, vm, str(rig.qemu(flavour).wrapper), "cpr-exec")
         assert result.outcome == Outcome.UPDATED, result.message
         assert result.pid_after == pid == vm.pid
+        assert runs(pid, rig.qemu(flavour))
         await assert_disk_kept(vm, mark)
         assert_pause_within_blackout(result, vm)
         print(f"cpr-exec with vhost-user-blk: pause {result.pause_ms:.1f} ms {result.phase_ms}")
