@@ -225,3 +225,24 @@ async def test_cpr_exec_rollback_reconnects_the_old_qemu(
     assert again.outcome == Outcome.UPDATED, again.message
     await assert_disk_kept(vm, mark)
     vm.serial.assert_continuous()
+
+
+async def test_a_vhost_user_device_in_readconfig_is_refused_with_the_reason(
+        rig: Rig, vm_factory: VMFactory, backend: StorageDaemon, agent: engine.Engine,
+        runtime_dir: Path) -> None:
+    """Declared in a -readconfig file, the device is seen by discovery (the file's sections
+    read as command-line words) and refused by name: the dry run would read the same file
+    and wait on the back end the VM holds."""
+    cfg = runtime_dir / "vm-devices.cfg"  # in the share: the chrooted QEMU sees this path
+    cfg.write_text(f'[chardev "vhu0"]\n  backend = "socket"\n  path = "{backend.socket}"\n'
+                   '[device "vblk0"]\n  driver = "vhost-user-blk-pci"\n  chardev = "vhu0"\n')
+    vm = await started(vm_factory, "sid", initrd=rig.disk_initrd(),
+                       extra_args=["-readconfig", str(cfg)])
+    await wait_disk(vm, lambda d: d.writes >= 50, "the guest's disk I/O to start")
+    report = await agent.preflight(str(vm.qmp_path), Target(binary=sid(rig)),
+                                   RequestedMode.CPR_EXEC, dry_run=False)
+    [check] = [c for c in report.checks if c.name == "vhost"]
+    assert not check.passed
+    assert check.message.startswith(f"{DEVICE} is declared in a -readconfig file"), \
+        check.message
+    vm.serial.assert_continuous()
