@@ -160,6 +160,7 @@ def build_vm_info(raw: RawFacts) -> VMInfo:
         iommufd_objects=iommufd,
         vhost_devices=vhost,
         device_drivers=tuple(dict.fromkeys(decl.device_drivers)),
+        readconfig_options=tuple(raw.get("readconfig-options", [])),
     )
 
 
@@ -182,6 +183,34 @@ _CONFIG_DEVICE = re.compile(r'^\s*\[\s*device\s+"([^"]+)"\s*\]', re.MULTILINE)
 def readconfig_device_ids(text: str) -> list[str]:
     """The ids of the devices a -readconfig file declares (its `[device "ID"]` sections)."""
     return _CONFIG_DEVICE.findall(text)
+
+
+_CONFIG_SECTION = re.compile(r'^\s*\[\s*([a-z-]+)(?:\s+"([^"]*)")?\s*\]\s*$')
+_CONFIG_ENTRY = re.compile(r'^\s*([A-Za-z0-9_.-]+)\s*=\s*"([^"]*)"\s*$')  # no escapes in QEMU
+# Sections that declare what preflight judges by the command line (devices and their back ends).
+_CONFIG_AS_OPTIONS = ("device", "chardev", "netdev")
+
+
+def readconfig_options(text: str) -> list[str]:
+    """A -readconfig file's device, chardev and netdev sections as the command-line words
+    that declare the same (`[device "vblk0"] driver = "x"` -> `-device driver=x,id=vblk0`)."""
+    words: list[str] = []
+    section: tuple[str, str | None] | None = None
+    items: list[tuple[str, str | None]] = []
+
+    def flush() -> None:
+        if section is not None and section[0] in _CONFIG_AS_OPTIONS:
+            ident = [("id", section[1])] if section[1] else []
+            words.extend((f"-{section[0]}", qargv.join_keyvals([*items, *ident])))
+
+    for line in text.splitlines():
+        if m := _CONFIG_SECTION.match(line):
+            flush()
+            section, items = (m.group(1), m.group(2)), []
+        elif section is not None and (m := _CONFIG_ENTRY.match(line)):
+            items.append((m.group(1), m.group(2)))
+    flush()
+    return words
 
 
 def _declared_ids(raw: RawFacts) -> set[str]:
@@ -250,20 +279,22 @@ async def gather_raw(session: QmpSession) -> RawFacts:
     raw["peripherals"] = sorted(p["name"] for p in peri
                                 if str(p.get("type", "")).startswith("child<"))
     raw["tun-fds"] = procfs.tun_fds(pid)
-    raw["readconfig-device-ids"] = await asyncio.to_thread(_read_configs, pid, raw["argv"])
+    texts = await asyncio.to_thread(_read_configs, pid, raw["argv"])
+    raw["readconfig-device-ids"] = [i for text in texts for i in readconfig_device_ids(text)]
+    raw["readconfig-options"] = [w for text in texts for w in readconfig_options(text)]
     return raw
 
 
 def _read_configs(pid: int, argv: Sequence[str]) -> list[str]:
-    ids: list[str] = []
+    texts: list[str] = []
     for path in qargv.parse(argv).values("readconfig"):
         # As QEMU sees it (its root); relative paths are from its working directory.
         where = path if path.startswith("/") else os.path.join(f"/proc/{pid}/cwd", path)
         target = procfs.in_root(pid, where) if path.startswith("/") else where
         with contextlib.suppress(OSError, UnicodeDecodeError), \
                 open(target, encoding="utf-8") as f:
-            ids += readconfig_device_ids(f.read(1 << 20))
-    return ids
+            texts.append(f.read(1 << 20))
+    return texts
 
 
 async def _blockers(session: QmpSession, modes: list[str],

@@ -109,6 +109,8 @@ class VMInfo(_Model):
     iommufd_objects: tuple[str, ...] = ()
     vhost_devices: tuple[str, ...] = ()
     device_drivers: tuple[str, ...] = ()
+    # The device, chardev and netdev sections of its -readconfig files, as command-line words.
+    readconfig_options: tuple[str, ...] = ()
 
     @property
     def memory_bytes(self) -> int:

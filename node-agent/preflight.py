@@ -238,7 +238,7 @@ def check_vhost(p: PreflightInputs, mode: CprMode) -> str | None:
     if mode != CprMode.CPR_EXEC:
         problems += [f"netdev {t.id}: vhost descriptors cannot be handed over by {mode}"
                      for t in p.vm.taps if t.vhost and t.vhostfd is not None]
-    problems += vhost_user.problems(p.vm.argv, mode)  # its own module: the measured rule
+    problems += vhost_user.problems(p.vm.argv, mode, p.vm.readconfig_options)
     return "; ".join(problems) or None
 
 

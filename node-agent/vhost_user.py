@@ -22,7 +22,8 @@ Only vhost-user-blk was tried; other vhost-user devices (net, fs, scsi, ...) and
 kernel vhost devices (vhost-vsock, vhost-scsi) stay refused in every mode. The back end must
 listen and QEMU connect (a socket chardev with path=, not server=on, not fd=): that is the
 set-up that was verified, and the only one in which the new QEMU finds the back end by
-itself. Devices given in -readconfig files are not seen here.
+itself. A vhost-user device declared in a -readconfig file is refused in every mode: the dry
+run reads the same file and would wait on the back end (docs/vhost-user.md).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class VhostDevice:
     what: str  # how a person finds it in the command line, e.g. "device vblk0 (vhost-user-blk-pci)"
     kind: Kind
     chardev_problem: str | None = None  # why its chardev is not the verified set-up
+    in_config: bool = False  # declared in a -readconfig file, not on the command line
 
 
 def _kind(driver: str) -> Kind | None:
@@ -82,14 +84,23 @@ def _chardev_problem(chardev_id: str | None, chardevs: dict[str, dict[str, str]]
     return None
 
 
-def devices(argv: Sequence[str]) -> tuple[VhostDevice, ...]:
-    """The vhost devices a VM's command line declares, each with its kind."""
+def devices(argv: Sequence[str], readconfig_options: Sequence[str] = ()
+            ) -> tuple[VhostDevice, ...]:
+    """The vhost devices a VM declares, on its command line and in its -readconfig files
+    (`readconfig_options`: their sections as command-line words), each with its kind."""
     parsed = qargv.parse(argv)
+    config = qargv.parse([parsed.binary, *readconfig_options])
     chardevs: dict[str, dict[str, str]] = {}
-    for value in parsed.values("chardev"):
+    for value in (*parsed.values("chardev"), *config.values("chardev")):
         props = qargv.option_props(value, "backend")
         if "id" in props:
             chardevs[props["id"]] = props
+    return (*_declared(parsed, chardevs, in_config=False),
+            *_declared(config, chardevs, in_config=True))
+
+
+def _declared(parsed: qargv.QemuArgv, chardevs: dict[str, dict[str, str]], *,
+              in_config: bool) -> list[VhostDevice]:
     found: list[VhostDevice] = []
     for value in parsed.values("device"):
         props = qargv.option_props(value, "driver")
@@ -100,7 +111,7 @@ def devices(argv: Sequence[str]) -> tuple[VhostDevice, ...]:
         name = f"device {props['id']} ({driver})" if "id" in props else f"device {driver}"
         problem = (_chardev_problem(props.get("chardev"), chardevs)
                    if kind == Kind.USER_BLK else None)
-        found.append(VhostDevice(name, kind, problem))
+        found.append(VhostDevice(name, kind, problem, in_config))
     for opt in ("netdev", "nic"):
         for value in parsed.values(opt):
             props = qargv.option_props(value, "type")
@@ -108,12 +119,17 @@ def devices(argv: Sequence[str]) -> tuple[VhostDevice, ...]:
                 props.get("type", ""))
             if kind is not None:
                 found.append(VhostDevice(f"netdev {props.get('id', '?')} ({props['type']})",
-                                         kind))
-    return tuple(found)
+                                         kind, None, in_config))
+    return found
 
 
 def problem(device: VhostDevice, mode: CprMode) -> str | None:
     """Why `mode` cannot carry `device` across an update (None: it can), with what to do."""
+    if device.in_config and device.kind in (Kind.USER_BLK, Kind.USER_OTHER):
+        return (f"{device.what} is declared in a -readconfig file: preflight's dry run reads "
+                f"the same file and would wait on the back end the VM holds, so {mode} cannot "
+                "be checked. Declare the device and its chardev on the command line "
+                "(-chardev socket,... -device ...)")
     if device.kind == Kind.USER_BLK:
         if mode == CprMode.CPR_TRANSFER:
             return (f"{device.what}: cpr-transfer starts the new QEMU while the old one still "
@@ -141,5 +157,7 @@ def problem(device: VhostDevice, mode: CprMode) -> str | None:
             "would open a second vhost instance); update this VM by restarting it")
 
 
-def problems(argv: Sequence[str], mode: CprMode) -> list[str]:
-    return [msg for d in devices(argv) if (msg := problem(d, mode)) is not None]
+def problems(argv: Sequence[str], mode: CprMode, readconfig_options: Sequence[str] = ()
+             ) -> list[str]:
+    return [msg for d in devices(argv, readconfig_options)
+            if (msg := problem(d, mode)) is not None]

@@ -31,7 +31,7 @@ from e2e.rig.storage import (
     disk_lines,
     start_storage_daemon,
 )
-from e2e.rig.vm import pid_alive
+from e2e.rig.vm import pid_alive, runs
 from tests.agent import raw_cpr
 from tests.agent.conftest import make_engine
 from tests.agent.test_cpr_qemu import assert_pause_within_blackout, sid, started, update
@@ -98,13 +98,14 @@ async def test_cpr_exec_carries_vhost_user_blk_with_disk_io(
                                    RequestedMode.AUTO)
     assert report.passed, [c.message for c in report.failures()]
     assert report.mode == CprMode.CPR_EXEC
-    # Two in a row, between two paths of the build: the second one starts from a QEMU that
-    # itself connected to the back end after an exec.
-    for binary in (sid(rig, alt=True), sid(rig)):
+    # Two in a row, between two builds (sid's and trixie-backports' 11.1.3): the second one
+    # starts from a QEMU that itself connected to the back end after an exec.
+    for flavour in ("trixie-backports", "sid"):
         mark = time.monotonic_ns()
-        result = await update(agent, vm, binary, "cpr-exec")
+        result = await update(agent, vm, str(rig.qemu(flavour).wrapper), "cpr-exec")
         assert result.outcome == Outcome.UPDATED, result.message
         assert result.pid_after == pid == vm.pid
+        assert runs(pid, rig.qemu(flavour))
         await assert_disk_kept(vm, mark)
         assert_pause_within_blackout(result, vm)
         print(f"cpr-exec with vhost-user-blk: pause {result.pause_ms:.1f} ms {result.phase_ms}")
@@ -195,3 +196,53 @@ async def test_qemu_alone_carries_it_through_a_cpr_reboot_that_quits_first(
     vm.serial.assert_continuous()
     print(f"hand-made cpr-reboot with vhost-user-blk: STOP->RESUME "
           f"{(resume_ns - stop_ns) / 1e6:.0f} ms")
+
+
+async def test_cpr_exec_rollback_reconnects_the_old_qemu(
+        rig: Rig, vm_factory: VMFactory, backend: StorageDaemon, runtime_dir: Path,
+        built_guard: Path) -> None:
+    """A new QEMU that builds the machine (connecting to the back end) and then fails to load
+    (another machine type, preflight skipped): the guard's rollback execs the old binary,
+    which connects to the back end again; the disk goes on, nothing written is lost, and the
+    VM updates cleanly afterwards."""
+    agent = make_engine(rig, runtime_dir, built_guard)
+    vm = await disk_vm(rig, vm_factory, backend)
+    old_pid = vm.pid
+    mark = time.monotonic_ns()
+    result = await agent.update(str(vm.qmp_path),
+                                Target(binary=sid(rig), extra_args=("-machine", "pc-q35-9.2")),
+                                RequestedMode.CPR_EXEC, skip_preflight=True)
+    assert result.outcome == Outcome.ROLLED_BACK, result.message
+    assert result.pid_after is not None and result.pid_after != old_pid
+    # It failed in the load, after building the device (and connecting to the back end).
+    assert "Machine type received is" in vm.qemu_log(), vm.qemu_log()[-1000:]
+    await assert_disk_kept(vm, mark)
+    assert vm.pid == result.pid_after
+    vm.serial.assert_continuous()
+
+    mark = time.monotonic_ns()
+    again = await update(agent, vm, sid(rig), "cpr-exec")
+    assert again.outcome == Outcome.UPDATED, again.message
+    await assert_disk_kept(vm, mark)
+    vm.serial.assert_continuous()
+
+
+async def test_a_vhost_user_device_in_readconfig_is_refused_with_the_reason(
+        rig: Rig, vm_factory: VMFactory, backend: StorageDaemon, agent: engine.Engine,
+        runtime_dir: Path) -> None:
+    """Declared in a -readconfig file, the device is seen by discovery (the file's sections
+    read as command-line words) and refused by name: the dry run would read the same file
+    and wait on the back end the VM holds."""
+    cfg = runtime_dir / "vm-devices.cfg"  # in the share: the chrooted QEMU sees this path
+    cfg.write_text(f'[chardev "vhu0"]\n  backend = "socket"\n  path = "{backend.socket}"\n'
+                   '[device "vblk0"]\n  driver = "vhost-user-blk-pci"\n  chardev = "vhu0"\n')
+    vm = await started(vm_factory, "sid", initrd=rig.disk_initrd(),
+                       extra_args=["-readconfig", str(cfg)])
+    await wait_disk(vm, lambda d: d.writes >= 50, "the guest's disk I/O to start")
+    report = await agent.preflight(str(vm.qmp_path), Target(binary=sid(rig)),
+                                   RequestedMode.CPR_EXEC, dry_run=False)
+    [check] = [c for c in report.checks if c.name == "vhost"]
+    assert not check.passed
+    assert check.message.startswith(f"{DEVICE} is declared in a -readconfig file"), \
+        check.message
+    vm.serial.assert_continuous()

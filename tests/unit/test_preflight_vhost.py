@@ -212,3 +212,66 @@ def test_dry_run_argv_drops_vhost_user_devices_and_their_sockets() -> None:
     assert SOCK not in rendered  # no second front end knocks on the back end's socket
     assert "chardev null,id=vhu0" in rendered
     assert "hubport,id=net0" in rendered
+
+
+# --- devices declared in -readconfig files ---------------------------------------------------
+
+CONFIG = f"""# the VM's devices
+[chardev "vhu0"]
+  backend = "socket"
+  path = "{SOCK}"
+
+[device "vblk0"]
+  driver = "vhost-user-blk-pci"
+  chardev = "vhu0"
+[machine]
+  type = "pc-q35-10.0"
+[device]
+  driver = "virtio-rng-pci"
+  note = "a value, with a comma"
+"""
+
+
+def test_readconfig_sections_become_command_line_words() -> None:
+    assert discovery.readconfig_options(CONFIG) == [
+        "-chardev", f"backend=socket,path={SOCK},id=vhu0",
+        "-device", "driver=vhost-user-blk-pci,chardev=vhu0,id=vblk0",
+        "-device", "driver=virtio-rng-pci,note=a value,, with a comma",
+    ]
+    assert discovery.readconfig_options("") == []
+    assert discovery.readconfig_options('[machine]\n  type = "q35"\n') == []
+
+
+def test_build_vm_info_carries_the_readconfig_options() -> None:
+    raw = read_raw()
+    raw["readconfig-options"] = discovery.readconfig_options(CONFIG)
+    assert discovery.build_vm_info(raw).readconfig_options == tuple(raw["readconfig-options"])
+    assert discovery.build_vm_info(read_raw()).readconfig_options == ()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_vhost_user_device_from_readconfig_is_refused_in_every_mode(mode: CprMode) -> None:
+    options = discovery.readconfig_options(CONFIG)
+    [device] = vhost_user.devices(read_raw()["argv"], options)
+    assert (device.what, device.kind, device.in_config) == (
+        "device vblk0 (vhost-user-blk-pci)", Kind.USER_BLK, True)
+    msg = vhost_user.problem(device, mode)
+    assert msg is not None
+    assert msg.startswith("device vblk0 (vhost-user-blk-pci) is declared in a -readconfig file")
+    assert f"so {mode} cannot be checked" in msg and "on the command line" in msg
+
+
+def test_a_command_line_device_may_use_a_chardev_from_readconfig() -> None:
+    options = ["-chardev", f"backend=socket,path={SOCK},id=vhu0"]
+    argv = argv_with(["-device", "vhost-user-blk-pci,chardev=vhu0,id=vblk0"])
+    [device] = vhost_user.devices(argv, options)
+    assert (device.in_config, device.chardev_problem) == (False, None)
+    assert vhost_user.problem(device, EXEC) is None
+
+
+def test_preflight_refuses_a_readconfig_vhost_user_device() -> None:
+    vm = vm_with([]).model_copy(
+        update={"readconfig_options": tuple(discovery.readconfig_options(CONFIG))})
+    report = preflight.evaluate(good_inputs(vm, RequestedMode.CPR_EXEC))
+    assert [c.name for c in report.failures()] == ["vhost"]
+    assert "-readconfig" in report.failures()[0].message
