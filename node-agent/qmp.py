@@ -33,6 +33,11 @@ class QmpTimeout(QmpError):
     pass
 
 
+class QmpSilent(QmpTimeout):
+    """A QEMU accepts on its monitor (or not even that) but does not greet: hung or
+    stopped."""
+
+
 class QmpCommandError(QmpError):
     def __init__(self, command: str, error_class: str, desc: str) -> None:
         super().__init__(f"QMP {command} failed: {error_class}: {desc}")
@@ -84,8 +89,12 @@ class QmpSession:
 
     @classmethod
     async def open_retrying(cls, path: str, *, timeout: float, interval: float = 0.002,
-                            command_timeout: float = 10.0) -> QmpSession:
-        """Connect, retrying until `timeout`: for a socket a new QEMU is about to create."""
+                            command_timeout: float = 10.0,
+                            silence_timeout: float | None = None) -> QmpSession:
+        """Connect, retrying until `timeout`: for a socket a new QEMU is about to create.
+
+        `silence_timeout`: a listener that accepts but does not greet for this long is a
+        hung QEMU, not one still starting: raise QmpSilent at once instead of retrying."""
         deadline = time.monotonic() + timeout
         last: BaseException | None = None
         while True:
@@ -94,9 +103,15 @@ class QmpSession:
                 raise QmpTimeout(f"no QMP monitor answered at {path} within {timeout:.1f}s"
                                  + (f" (last error: {last})" if last else ""))
             session = cls(path, command_timeout=command_timeout)
+            wait = min(remaining, silence_timeout or 2.0)
             try:
-                await session.connect(min(remaining, 2.0))
+                await session.connect(wait)
                 return session
+            except QmpTimeout as exc:
+                last = exc
+                await session.close()
+                if silence_timeout is not None and wait >= silence_timeout:
+                    raise QmpSilent(str(exc)) from exc
             except QmpError as exc:
                 last = exc
                 await session.close()

@@ -310,6 +310,11 @@ async def wait_gone(pid: int, timeout: float) -> bool:
 
 
 async def kill_quietly(pid: int, timeout: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL after `timeout`; SIGKILL at once to a stopped process (it would
+    hold a SIGTERM until continued)."""
+    with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+        if procfs.stat_state(pid) in ("T", "t"):
+            os.kill(pid, signal.SIGKILL)
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, 15)
     if not await wait_gone(pid, timeout):

@@ -34,7 +34,7 @@ from vmupdate_agent.modes.common import (
     verify_version,
     wait_incoming_loaded,
 )
-from vmupdate_agent.qmp import QmpError, QmpSession, QmpTimeout
+from vmupdate_agent.qmp import QmpError, QmpSession, QmpSilent, QmpTimeout
 
 
 def build_commands(op: Operation, *, use_guard: bool, old_binary: str
@@ -115,7 +115,14 @@ async def _after_exec(op: Operation, *, use_guard: bool) -> ModeResult:
         try:
             session = await QmpSession.open_retrying(
                 op.vm.qmp_path, timeout=max(0.1, deadline - time.monotonic()),
-                command_timeout=op.timeouts.command)
+                command_timeout=op.timeouts.command,
+                silence_timeout=op.timeouts.command if use_guard else None)
+        except QmpSilent as exc:
+            # Hung before the guest ran in it: the watcher kills it and rolls back now
+            # rather than after its commit timeout; reconnect to the old QEMU.
+            last_error = str(exc)
+            await _guard_send(op, "abort")
+            continue
         except QmpTimeout as exc:
             last_error = str(exc)
             break
@@ -125,10 +132,13 @@ async def _after_exec(op: Operation, *, use_guard: bool) -> ModeResult:
             return await _adopt_rollback(op, session)
         except QmpError as exc:
             # The new QEMU died while loading: the guard's watcher takes over; reconnect.
+            # Or it stopped answering: the same, once the watcher is told to abort.
             last_error = str(exc)
             await session.close()
             if not use_guard:
                 break
+            if isinstance(exc, QmpTimeout):
+                await _guard_send(op, "abort")
             await asyncio.sleep(0.005)
     if use_guard:
         status = cpr_guard.read_status(op.path("guard.status")) or {}

@@ -20,6 +20,8 @@ import pytest
 
 from e2e.rig import TestVM
 from tests.agent_service.conftest import QemuEnv
+from tests.agent_service.harness import op_workdir
+from tests.agent_service.test_new_qemu_death import StateFileWatch, wait_new_qemu
 from tests.agent_service.test_update import update_request
 from vmupdate_agent import procfs
 from vmupdate_api.gen import agent_v1_pb2 as pb
@@ -191,3 +193,54 @@ async def test_a_qemu_that_stops_answering_mid_update_is_not_lost(
     print(f"\nFAULT-ROW qmp-frozen-{mid_id(row)} outcome={pb.Outcome.Name(result.outcome)} "
           f"result_after_freeze_s={result_s:.1f} max_blackout_ms={blackout:.0f} "
           f"reported_pause_ms={result.pause_ms:.0f}")
+
+
+@pytest.mark.parametrize("mode", [pb.MODE_CPR_EXEC, pb.MODE_CPR_REBOOT],
+                         ids=["cpr_exec", "cpr_reboot"])
+async def test_a_new_qemu_that_stops_answering_after_the_load_is_rolled_back(
+        qemu_env: QemuEnv, mode: int) -> None:
+    """The new QEMU loads the state and freezes before the guest runs in it: the agent's
+    next QMP call times out, and the old QEMU takes over at once (cpr-exec: the watcher is
+    told to abort, kills it and execs the old binary; cpr-reboot: the agent kills it and
+    starts the old binary on the saved state), not after the guard's commit timeout."""
+    vm = await qemu_env.vm("hangnew",
+                           backend="file" if mode == pb.MODE_CPR_REBOOT else "memfd")
+    pid, token = vm.pid, vm.token
+    agent = await qemu_env.agent()
+    client = await agent.client()
+    workdir = op_workdir(agent, "op-hangnew")
+    watch = StateFileWatch(workdir, agent.pid)
+    mark = time.monotonic_ns()
+    request = update_request(qemu_env, "op-hangnew", "hangnew", mode=mode,
+                             timeouts=pb.Timeouts(qmp_command_seconds=QMP_S,
+                                                  guard_commit_seconds=60))
+    waiting = asyncio.create_task(client.update(request, timeout=300))
+    new_pid = 0
+    try:
+        assert await asyncio.to_thread(watch.loaded.wait, 120), "no load was seen"
+        new_pid = await wait_new_qemu(vm, workdir, mode, pid, listening=False, timeout=5)
+        os.kill(new_pid, signal.SIGSTOP)
+        frozen_at = time.monotonic_ns()
+    finally:
+        watch.close()
+        os.kill(agent.pid, signal.SIGCONT)
+    result = await asyncio.wait_for(waiting, 120)
+    result_s = (time.monotonic_ns() - frozen_at) / 1e9
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(new_pid, signal.SIGCONT)
+    assert result.outcome == pb.OUTCOME_ROLLED_BACK, result.message
+    assert not procfs.alive(new_pid)
+    # Well before the guard's commit timeout (60 s here): a few QMP timeouts at most.
+    assert result_s < 6 * QMP_S, result_s
+    first = await vm.serial.wait_ticks(1, after=frozen_at, timeout=30)
+    await vm.serial.wait_ticks(20, after=first.t_ns, timeout=30)
+    assert vm.pid == result.pid_after
+    assert await vm.query_status() == "running"
+    vm.serial.assert_continuous(since=mark)
+    assert vm.token == token
+    blackout = vm.serial.max_gap_ms(since=mark)
+    print(f"\nFAULT-ROW qmp-new-qemu-frozen-after-load-"
+          f"{pb.Mode.Name(mode).removeprefix('MODE_').lower()} "
+          f"outcome={pb.Outcome.Name(result.outcome)} result_after_freeze_s={result_s:.1f} "
+          f"back_after_freeze_ms={(first.t_ns - frozen_at) / 1e6:.0f} "
+          f"max_blackout_ms={blackout:.0f} reported_pause_ms={result.pause_ms:.0f}")
