@@ -115,3 +115,29 @@ def fleet_table(results: list[dict[str, Any]]) -> str:
         ["hosts × VMs", "parallel", "phase", "total s", "ideal s", "× ideal",
          "operator API requests / VM", "operator KiB written / VM", "operator CPU s",
          "operator peak RSS MiB", "etcd MiB", "VMUpdate KiB", "failure → halt s"], rows)
+
+
+def profile_top(collapsed: str, n: int = 25) -> dict[str, list[tuple[str, float]]]:
+    """From py-spy's collapsed stacks ("frame;frame;... count" per line): the ``n`` frames
+    with the most samples on top of the stack (self) and anywhere in it (inclusive), each
+    as a share of all samples."""
+    own: dict[str, int] = {}
+    anywhere: dict[str, int] = {}
+    total = 0
+    for line in collapsed.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        samples = int(count)
+        total += samples
+        frames = stack.split(";")
+        own[frames[-1]] = own.get(frames[-1], 0) + samples
+        for frame in set(frames):
+            anywhere[frame] = anywhere.get(frame, 0) + samples
+    if not total:
+        return {"self": [], "inclusive": []}
+
+    def top(counts: dict[str, int]) -> list[tuple[str, float]]:
+        ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
+        return [(frame, samples / total) for frame, samples in ranked]
+    return {"self": top(own), "inclusive": top(anywhere)}
