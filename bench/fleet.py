@@ -172,7 +172,9 @@ async def run_fleet(p: FleetParams, workdir: Path) -> dict[str, Any]:
                                                               api=api)))
         await _wait_hosts(sandbox, p)
         proc = OperatorProcess(pki, workdir / "logs")
-        operator = ManagedProcess("operator", proc.argv(), workdir / "logs" / "operator.log",
+        # A host is stale after three missed heartbeats (the flag given last wins).
+        argv = [*proc.argv(), "--host-stale-after", str(3 * p.heartbeat_s)]
+        operator = ManagedProcess("operator", argv, workdir / "logs" / "operator.log",
                                   env={"KUBECONFIG": str(operator_kc)})
         operator.start(die_with_parent=True)
         if p.profile:
