@@ -17,6 +17,9 @@ Resources (group ``vmupdate.dev``, version ``v1alpha1``, both cluster-scoped):
   generation (as with a Deployment); earlier rollouts are kept in ``status.history``.
 * **VMHost** -- one per node, named after the node and written by that node's agent: the
   agent's endpoint, the QEMU binaries on the host and one row per VM.
+* **VMUpdateHost** -- a VMUpdate's record of each selected VM on one host (owned by the
+  VMUpdate, written by the operator), so that the VMUpdate's own status stays bounded
+  whatever the fleet: counts, the first in-flight and failed VMs, the history.
 
 Phases and conditions of a VMUpdate (written by the operator only):
 
