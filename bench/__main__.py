@@ -194,6 +194,8 @@ async def run_fleets(args: argparse.Namespace, replay: Replay) -> dict[str, Any]
             _log(f"fleet {tag}: {record['phase']} in {record['total_ms'] / 1000:.1f}s "
                  f"(ideal {record['ideal_ms'] / 1000:.1f}s)")
             results.append(record)
+            # Kept as it goes: a long series cut short still leaves its runs.
+            records.write_json(args.out / "fleet.partial.json", {"results": results})
     finally:
         shutil.rmtree(workroot, ignore_errors=True)
     env["loadavg_at_end"] = list(records.machine()["loadavg"])
