@@ -14,6 +14,10 @@ VM tasks never write status themselves: they post row changes to the loop, which
 them in order and coalesces bursts of progress into one write. The loop is the only writer
 of the object's status and records, so plain merge patches cannot lose each other's
 changes.
+
+Over 450 lines on purpose: the loop and the VM tasks it runs share one state (the rows, the
+changes posted and not yet applied, the tasks), which only this class touches; the pure
+parts live elsewhere (planning, status, records, reporting, translate).
 """
 
 from __future__ import annotations
