@@ -17,6 +17,9 @@ Resources (group ``vmupdate.dev``, version ``v1alpha1``, both cluster-scoped):
   generation (as with a Deployment); earlier rollouts are kept in ``status.history``.
 * **VMHost** -- one per node, named after the node and written by that node's agent: the
   agent's endpoint, the QEMU binaries on the host and one row per VM.
+* **VMUpdateHost** -- a VMUpdate's record of each selected VM on one host (owned by the
+  VMUpdate, written by the operator), so that the VMUpdate's own status stays bounded
+  whatever the fleet: counts, the first in-flight and failed VMs, the history.
 
 Phases and conditions of a VMUpdate (written by the operator only):
 
@@ -1074,10 +1077,12 @@ class VMUpdateHostSpec(K8sModel):
 class VMUpdateHostStatus(K8sModel):
     """The VMUpdate's record of each selected VM on one host, written by the operator."""
 
-    vms: Annotated[dict[str, VMRolloutStatus], Field(max_length=MAX_HOST_VMS)] = Field(
+    vms: Annotated[dict[str, VMRolloutStatus], Field(
+        max_length=MAX_HOST_VMS, json_schema_extra={"x-kubernetes-map-type": "atomic"})] = Field(
         default_factory=dict)
     """One record per selected VM of the host, by VM name (a map, so that the operator's
-    merge patch carries only the VMs that changed)."""
+    merge patch carries only the VMs that changed; atomic for field management, which then
+    tracks one field rather than every field of every record -- one writer owns them)."""
     targets: Annotated[int, Field(ge=0)] = 0
     """Selected VMs on this host."""
     updated: Annotated[int, Field(ge=0)] = 0

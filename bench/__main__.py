@@ -69,6 +69,13 @@ def _counts(flag: str) -> Any:
     return parse
 
 
+def _plan(text: str) -> list[tuple[int, int, int]]:
+    try:
+        return fleetcalc.parse_plan(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"--fleet-plan: {e}") from None
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="folder for JSON, tables, PNGs")
@@ -88,6 +95,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--fleet-parallel", type=_counts("--fleet-parallel"),
                    default=[1, 10, 100, 1000],
                    help="maxParallel of each fleet run (default 1,10,100,1000)")
+    p.add_argument("--fleet-plan", type=_plan, metavar="P:HxV,...",
+                   help="a fleet size per parallelism, e.g. 1:10x5,10:50x10,100:200x5 "
+                        "(instead of --fleet-hosts/--fleet-vms-per-host/--fleet-parallel)")
+    p.add_argument("--fleet-profile", action="store_true",
+                   help="sample the operator with py-spy (installed beside python)")
     p.add_argument("--fleet-replay", type=Path, metavar="PAUSE_JSON",
                    help="phase timings for the simulated agents (default: this run's "
                         "cpr-exec/memfd at its smallest size; else built-in ones)")
@@ -187,13 +199,14 @@ def fleet_replay(pause_doc: dict[str, Any] | None) -> Replay:
 async def run_fleets(args: argparse.Namespace, replay: Replay) -> dict[str, Any]:
     started = records.now()
     env: dict[str, Any] = {"machine": records.machine()}
-    base = FleetParams(hosts=args.fleet_hosts, vms_per_host=args.fleet_vms_per_host,
-                       parallel=1, replay=replay)
-    runs = [(replace(base, parallel=n), f"p{n}") for n in args.fleet_parallel]
+    plan = args.fleet_plan or [(n, args.fleet_hosts, args.fleet_vms_per_host)
+                               for n in args.fleet_parallel]
+    runs = [(FleetParams(hosts=h, vms_per_host=v, parallel=n, replay=replay,
+                         heartbeat_s=fleetcalc.heartbeat_s(h), profile=args.fleet_profile),
+             f"p{n}") for n, h, v in plan]
     # The halt: the last VM of every host fails; the first failure must stop the rollout.
-    worst = max(args.fleet_parallel)
-    runs.append((replace(base, parallel=worst, fail_every=args.fleet_vms_per_host),
-                 f"p{worst}-fail"))
+    worst = max(runs, key=lambda run: run[0].parallel)[0]
+    runs.append((replace(worst, fail_every=worst.vms_per_host), f"p{worst.parallel}-fail"))
     results = []
     workroot = Path(load_rig().share) / "bench" / f"fleet-{uuid.uuid4().hex[:8]}"
     try:
@@ -202,11 +215,13 @@ async def run_fleets(args: argparse.Namespace, replay: Replay) -> dict[str, Any]
             _log(f"fleet {tag}: {record['phase']} in {record['total_ms'] / 1000:.1f}s "
                  f"(ideal {record['ideal_ms'] / 1000:.1f}s)")
             results.append(record)
+            # Kept as it goes: a long series cut short still leaves its runs.
+            records.write_json(args.out / "fleet.partial.json", {"results": results})
     finally:
         shutil.rmtree(workroot, ignore_errors=True)
     env["loadavg_at_end"] = list(records.machine()["loadavg"])
-    params = {"hosts": args.fleet_hosts, "vms_per_host": args.fleet_vms_per_host,
-              "parallel": args.fleet_parallel, "replay": {"mode": replay.mode,
+    params = {"plan": [{"parallel": n, "hosts": h, "vms_per_host": v} for n, h, v in plan],
+              "replay": {"mode": replay.mode,
               "phases_ms": dict(replay.phases), "pause_ms": replay.pause_ms}}
     return records.document("fleet", params, env, results, started=started,
                             finished=records.now())

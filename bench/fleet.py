@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -60,6 +61,8 @@ class FleetParams:
     replay: Replay = field(default_factory=Replay)
     timeout_s: float = 1800.0
     heartbeat_s: float = 10.0
+    profile: bool = False
+    """sample the operator with py-spy (its collapsed stacks: operator-profile.txt)"""
 
 
 def vmupdate_manifest(name: str, p: FleetParams) -> dict[str, Any]:
@@ -78,6 +81,12 @@ def _etcd_db_bytes(sandbox: Sandbox) -> float:
     with urllib.request.urlopen(f"{url}/metrics", timeout=10) as answer:
         text = answer.read().decode()
     return fleetcalc.prometheus_sum(text, "etcd_mvcc_db_total_size_in_bytes")
+
+
+def _records(sandbox: Sandbox) -> list[dict[str, Any]]:
+    res = sandbox.kubectl("get", "vmupdatehosts", "-o", "json", check=True, timeout=120)
+    items: list[dict[str, Any]] = json.loads(res.stdout)["items"]
+    return items
 
 
 def _get(sandbox: Sandbox, name: str) -> dict[str, Any]:
@@ -119,6 +128,7 @@ async def run_fleet(p: FleetParams, workdir: Path) -> dict[str, Any]:
     """One rollout of a fresh fleet on a fresh control plane; the record of it."""
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
+    load_at_start = list(os.getloadavg())
     (workdir / "audit-policy.yaml").write_text(AUDIT_POLICY)
     audit_log = workdir / "audit.log"
     sandbox = await asyncio.to_thread(
@@ -128,6 +138,7 @@ async def run_fleet(p: FleetParams, workdir: Path) -> dict[str, Any]:
     stop = asyncio.Event()
     servers, tasks = [], []
     operator: ManagedProcess | None = None
+    spy: asyncio.subprocess.Process | None = None
     api: kclient.ApiClient | None = None
     try:
         crds = [*sorted((REPO / "crds").glob("*.yaml")),
@@ -161,9 +172,17 @@ async def run_fleet(p: FleetParams, workdir: Path) -> dict[str, Any]:
                                                               api=api)))
         await _wait_hosts(sandbox, p)
         proc = OperatorProcess(pki, workdir / "logs")
-        operator = ManagedProcess("operator", proc.argv(), workdir / "logs" / "operator.log",
+        # A host is stale after three missed heartbeats (the flag given last wins).
+        argv = [*proc.argv(), "--host-stale-after", str(3 * p.heartbeat_s)]
+        operator = ManagedProcess("operator", argv, workdir / "logs" / "operator.log",
                                   env={"KUBECONFIG": str(operator_kc)})
         operator.start(die_with_parent=True)
+        if p.profile:
+            spy = await asyncio.create_subprocess_exec(
+                str(Path(sys.executable).parent / "py-spy"), "record", "--pid",
+                str(operator.pid), "--rate", "50", "--format", "raw", "--nonblocking",
+                "-o", str(workdir / "operator-profile.txt"),
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
         etcd_before = await asyncio.to_thread(_etcd_db_bytes, sandbox)
         name = "fleet"
         created = time.time_ns()
@@ -173,6 +192,7 @@ async def run_fleet(p: FleetParams, workdir: Path) -> dict[str, Any]:
         stat = Path(f"/proc/{operator.pid}/stat").read_text()
         status_text = Path(f"/proc/{operator.pid}/status").read_text()
         etcd_after = await asyncio.to_thread(_etcd_db_bytes, sandbox)
+        host_records = await asyncio.to_thread(_records, sandbox)
     finally:
         stop.set()
         for t in tasks:
@@ -180,6 +200,12 @@ async def run_fleet(p: FleetParams, workdir: Path) -> dict[str, Any]:
                 await asyncio.wait_for(t, 30)
         if operator is not None:
             await asyncio.to_thread(operator.stop, 30)
+        if spy is not None:  # it writes its profile when the operator exits
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(spy.wait(), 60)
+            if spy.returncode is None:
+                spy.kill()
+                await spy.wait()
         for server in servers:
             await server.stop(0)
         if api is not None:
@@ -202,7 +228,14 @@ async def run_fleet(p: FleetParams, workdir: Path) -> dict[str, Any]:
         "operator_peak_rss_mib": fleetcalc.peak_rss_mib(status_text),
         "etcd_db_bytes": etcd_after, "etcd_db_bytes_before": etcd_before,
         "vmupdate_bytes": len(json.dumps(obj, separators=(",", ":"))),
+        "records": len(host_records),
+        "record_bytes_max": max((len(json.dumps(r, separators=(",", ":")))
+                                 for r in host_records), default=0),
+        "load_at_start": load_at_start, "load_at_end": list(os.getloadavg()),
     }
+    profile = workdir / "operator-profile.txt"
+    if p.profile and profile.exists():
+        record["profile_top"] = fleetcalc.profile_top(profile.read_text())
     record["ideal_ms"] = fleetcalc.record_ideal_ms(record)
     if failed_at is not None:
         record["failure_to_halt_ms"] = (done_ns - failed_at) / 1e6

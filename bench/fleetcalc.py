@@ -110,8 +110,61 @@ def fleet_table(results: list[dict[str, Any]]) -> str:
             op.get("requests", 0) / vms, op.get("write_bytes", 0) / vms / 1024,
             r["operator_cpu_s"], r["operator_peak_rss_mib"],
             r["etcd_db_bytes"] / 2**20, r["vmupdate_bytes"] / 1024,
-            r.get("failure_to_halt_ms", math.nan) / 1000])
+            r.get("record_bytes_max", math.nan) / 1024,
+            r.get("failure_to_halt_ms", math.nan) / 1000,
+            (r.get("load_at_start") or [math.nan])[0]])
     return markdown_table(
         ["hosts × VMs", "parallel", "phase", "total s", "ideal s", "× ideal",
          "operator API requests / VM", "operator KiB written / VM", "operator CPU s",
-         "operator peak RSS MiB", "etcd MiB", "VMUpdate KiB", "failure → halt s"], rows)
+         "operator peak RSS MiB", "etcd MiB", "VMUpdate KiB", "largest VMUpdateHost KiB",
+         "failure → halt s", "load at start"], rows)
+
+
+def profile_top(collapsed: str, n: int = 25) -> dict[str, list[tuple[str, float]]]:
+    """From py-spy's collapsed stacks ("frame;frame;... count" per line): the ``n`` frames
+    with the most samples on top of the stack (self) and anywhere in it (inclusive), each
+    as a share of all samples."""
+    own: dict[str, int] = {}
+    anywhere: dict[str, int] = {}
+    total = 0
+    for line in collapsed.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        samples = int(count)
+        total += samples
+        frames = stack.split(";")
+        own[frames[-1]] = own.get(frames[-1], 0) + samples
+        for frame in set(frames):
+            anywhere[frame] = anywhere.get(frame, 0) + samples
+    if not total:
+        return {"self": [], "inclusive": []}
+
+    def top(counts: dict[str, int]) -> list[tuple[str, float]]:
+        ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
+        return [(frame, samples / total) for frame, samples in ranked]
+    return {"self": top(own), "inclusive": top(anywhere)}
+
+
+def parse_plan(text: str) -> list[tuple[int, int, int]]:
+    """``--fleet-plan``: comma-separated ``PARALLEL:HOSTSxVMS`` (e.g. ``1:10x5,100:200x5``),
+    a fleet size per parallelism; (parallel, hosts, VMs per host) each."""
+    out = []
+    for part in (t.strip() for t in text.split(",")):
+        m = re.fullmatch(r"(\d+):(\d+)x(\d+)", part)
+        if m is None:
+            raise ValueError(f"{part!r}: PARALLEL:HOSTSxVMS, e.g. 100:200x5")
+        parallel, hosts, vms = (int(g) for g in m.groups())
+        if not (1 <= parallel <= 1000 and hosts >= 1 and 1 <= vms <= 512):
+            raise ValueError(f"{part!r}: parallel 1-1000 (the CRD's maxParallel), at least one "
+                             "host, 1-512 VMs per host (a VMHost's bound)")
+        out.append((parallel, hosts, vms))
+    if not out:
+        raise ValueError("empty")
+    return out
+
+
+def heartbeat_s(hosts: int) -> float:
+    """The simulated registrars' heartbeat: 10 s, slower for big fleets, so that their
+    VMHost writes stay near 5 a second (the operator's host-stale-after is three of them)."""
+    return max(10.0, hosts / 5)

@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from e2e.cluster.sandbox import Sandbox
+from e2e.k8s import kube
 from e2e.k8s.nodes import make_fleet
 from e2e.k8s.operator_process import OperatorProcess
 from e2e.k8s.pki import make_fleet_pki
@@ -118,7 +119,8 @@ async def demo(workdir: Path) -> int:
             print(node.logs_tail(30))
             raise
         print(cluster.kubectl("get", "vmupdates", timeout=30).stdout)
-        for row in obj["status"].get("vms", []):
+        print(cluster.kubectl("get", "vmupdatehosts", timeout=30).stdout)
+        for row in kube.rows(cluster.kubectl, obj).values():
             print(f"{row['host']}/{row['name']}: {row.get('fromVersion')} -> "
                   f"{row.get('toVersion')}, pid {row.get('pidBefore')} -> "
                   f"{row.get('pidAfter')}, mode {row.get('mode')}, guest pause "

@@ -55,8 +55,9 @@ async def rolled_out(kubectl: Kubectl, generation: int, operator: OperatorProces
                                                 f"{operator.log()[-6000:]}")
 
 
-def check_generation(obj: Any, generation: int, binary: str, placement: Placement) -> None:
-    rows = kube.rows(obj)
+def check_generation(kubectl: Kubectl, obj: Any, generation: int, binary: str,
+                     placement: Placement) -> None:
+    rows = kube.rows(kubectl, obj)
     assert set(rows) == set(VMS)
     for name in VMS:
         row, vm = rows[name], placement.vms[name]
@@ -80,12 +81,12 @@ async def test_kubectl_apply_of_an_edited_target_rolls_out_and_back(
 
     kube.apply(kubectl, manifest(first, version))
     obj = await rolled_out(kubectl, 1, operator_process)
-    check_generation(obj, 1, first, three_vms)
+    check_generation(kubectl, obj, 1, first, three_vms)
     assert obj["status"].get("history", []) == []
 
     kube.apply(kubectl, manifest(second, version))  # the edit, as a Git sync applies it
     obj = await rolled_out(kubectl, 2, operator_process)
-    check_generation(obj, 2, second, three_vms)
+    check_generation(kubectl, obj, 2, second, three_vms)
     [gen1] = obj["status"]["history"]
     assert gen1["generation"] == 1 and gen1["target"]["binary"] == first
     assert (gen1["phase"], gen1["updated"], gen1["failed"]) == ("Succeeded", 2, 0)
@@ -93,7 +94,7 @@ async def test_kubectl_apply_of_an_edited_target_rolls_out_and_back(
 
     kube.apply(kubectl, manifest(first, version))  # the rollback
     obj = await rolled_out(kubectl, 3, operator_process)
-    check_generation(obj, 3, first, three_vms)
+    check_generation(kubectl, obj, 3, first, three_vms)
     history = obj["status"]["history"]
     assert [(h["generation"], h["target"]["binary"]) for h in history] == [(1, first),
                                                                           (2, second)]

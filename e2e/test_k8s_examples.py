@@ -84,7 +84,7 @@ async def test_the_rollout_examples_do_what_their_comments_say(
     manifest, obj = example("vmupdate-dryrun.yaml", rig)
     kube.apply(kubectl, manifest)
     dry = await settled(kubectl, obj["metadata"]["name"], "DryRunComplete", operator_process)
-    rows = kube.rows(dry)
+    rows = kube.rows(kubectl, dry)
     assert set(rows) == set(vms)
     for row in rows.values():
         assert row["phase"] == "DryRunPassed" and row["mode"] == "CprTransfer", row
@@ -94,7 +94,7 @@ async def test_the_rollout_examples_do_what_their_comments_say(
     manifest, obj = example("vmupdate.yaml", rig)
     kube.apply(kubectl, manifest)
     done = await settled(kubectl, obj["metadata"]["name"], "Succeeded", operator_process)
-    rows = kube.rows(done)
+    rows = kube.rows(kubectl, done)
     assert set(rows) == set(vms)
     for name, row in rows.items():
         vm = vms[name]

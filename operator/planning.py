@@ -229,7 +229,7 @@ def _observed(row: VMRolloutStatus, vm: HostVM, host: HostInventory, spec: VMUpd
                 "phase": VMPhase.UPDATED, "uuid": vm.uuid or row.uuid,
                 "to_version": vm.qemu_version, "pid_after": vm.pid, "finished_at": now,
                 "message": ALREADY_ON_TARGET})
-        return row.model_copy(update={
+        return _with(row, {
             "phase": VMPhase.BLOCKED if row.phase == VMPhase.BLOCKED else VMPhase.PENDING,
             "uuid": vm.uuid or row.uuid, "from_version": vm.qemu_version,
             "message": None if row.phase == VMPhase.SKIPPED else row.message})
@@ -250,6 +250,14 @@ def _observed(row: VMRolloutStatus, vm: HostVM, host: HostInventory, spec: VMUpd
             "started_at": None, "finished_at": None,
             "message": f"runs {_describe(vm)} again after its update; updating it again"})
     return row
+
+
+def _with(row: VMRolloutStatus, update: dict[str, object]) -> VMRolloutStatus:
+    """``row`` with ``update`` -- the same object when nothing changes (a fleet's waiting
+    rows are looked at every step: copying each one is most of a step's work)."""
+    if all(getattr(row, name) == value for name, value in update.items()):
+        return row
+    return row.model_copy(update=update)
 
 
 def _describe(vm: HostVM) -> str:

@@ -14,6 +14,10 @@ VM tasks never write status themselves: they post row changes to the loop, which
 them in order and coalesces bursts of progress into one write. The loop is the only writer
 of the object's status and records, so plain merge patches cannot lose each other's
 changes.
+
+Over 450 lines on purpose: the loop and the VM tasks it runs share one state (the rows, the
+changes posted and not yet applied, the tasks), which only this class touches; the pure
+parts live elsewhere (planning, status, records, reporting, translate).
 """
 
 from __future__ import annotations
@@ -53,7 +57,8 @@ from vmupdate_operator.status import build_status, with_start_time
 log = logging.getLogger(__name__)
 
 RowChange = Callable[[VMRolloutStatus], VMRolloutStatus]
-COALESCE_S = 0.2  # progress events arriving within this are written together
+COALESCE_S = 0.05  # results arriving within this are written together
+PROGRESS_S = 1.0  # progress alone is written at most this often (results at once)
 DELETING = "not started: the VMUpdate is being deleted"
 
 
@@ -146,6 +151,7 @@ class Rollout:
         self._stop = asyncio.Event()
         self._deleting = False
         self._spec_error: str | None = None
+        self._progress_wake: asyncio.TimerHandle | None = None
 
     # --- control -----------------------------------------------------------------------------
 
@@ -252,14 +258,11 @@ class Rollout:
         if plan.started and not spec.dry_run:
             # Before the first real Update of this rollout.
             status = with_start_time(status, now)
-        if not await self._write_records(rows):
+        # The records and the status at once: only the records carry what a restart
+        # needs, and nothing starts unless both were written.
+        written = await asyncio.gather(self._write_records(rows), self._write_status(status))
+        if not all(written):
             return False
-        if self.status is None or status.to_wire() != self.status.to_wire():
-            try:
-                await self.deps.writer.write(self.name, status)
-            except StatusWriteError as exc:
-                log.warning("VMUpdate %s: %s; retrying", self.name, exc)
-                return False
         before, before_rows = self.status, self._reported
         self.status = status
         self._adopt(rows)
@@ -273,6 +276,16 @@ class Rollout:
             current = self._still_in_flight(key_of(row))
             if current is not None and key_of(row) not in live:
                 self._spawn(current)
+        return True
+
+    async def _write_status(self, status: VMUpdateStatus) -> bool:
+        if self.status is not None and status.to_wire() == self.status.to_wire():
+            return True
+        try:
+            await self.deps.writer.write(self.name, status)
+        except StatusWriteError as exc:
+            log.warning("VMUpdate %s: %s; retrying", self.name, exc)
+            return False
         return True
 
     async def _write_records(self, rows: Sequence[VMRolloutStatus]) -> bool:
@@ -331,6 +344,8 @@ class Rollout:
             await self._sleep(min(remaining, self.deps.resync_s))
 
     async def _cancel_tasks(self) -> None:
+        if self._progress_wake is not None:
+            self._progress_wake.cancel()
         tasks = [t for t in self._tasks.values() if not t.done()]
         for t in tasks:
             t.cancel()
@@ -338,10 +353,18 @@ class Rollout:
 
     # --- VM tasks ----------------------------------------------------------------------------
 
-    def post(self, key: Key, change: RowChange) -> None:
-        """A VM task's news: applied to the row at the next step."""
+    def post(self, key: Key, change: RowChange, *, soon: bool = True) -> None:
+        """A VM task's news: applied to the row at the next step -- at once, or (progress,
+        ``soon=False``) within PROGRESS_S, so that a fleet's progress events do not each
+        cost a write."""
         self._changes.append((key, change))
-        self._wake.set()
+        if soon:
+            self._wake.set()
+        elif self._progress_wake is None:
+            def wake() -> None:
+                self._progress_wake = None
+                self._wake.set()
+            self._progress_wake = asyncio.get_running_loop().call_later(PROGRESS_S, wake)
 
     def row(self, key: Key) -> VMRolloutStatus | None:
         row = self._by_key.get(key)
@@ -442,7 +465,8 @@ class Rollout:
     def _on_progress(self, key: Key, event: pb.OperationEvent) -> None:
         if event.HasField("progress"):
             progress = event.progress
-            self.post(key, functools.partial(translate.with_progress, progress=progress))
+            self.post(key, functools.partial(translate.with_progress, progress=progress),
+                      soon=False)
 
     def _count_result(self, result: pb.UpdateResult) -> None:
         metrics = self.deps.metrics

@@ -29,6 +29,7 @@ async def test_a_fleet_rollout_converges_and_is_measured(tmp_path: Path) -> None
     assert record["operator_cpu_s"] > 0 and record["operator_peak_rss_mib"] > 0
     assert record["etcd_db_bytes"] > 0 and record["vmupdate_bytes"] > 0
     assert "failure_to_halt_ms" not in record
+    assert record["records"] == 2 and record["record_bytes_max"] > 0  # a VMUpdateHost per host
 
 
 async def test_an_injected_failure_halts_the_rollout(tmp_path: Path) -> None:

@@ -81,10 +81,27 @@ def test_fleet_table_per_vm_costs() -> None:
               "total_ms": 4000.0, "ideal_ms": 2000.0,
               "api": {"operator": {"requests": 400, "write_bytes": 204800}},
               "operator_cpu_s": 3.5, "operator_peak_rss_mib": 120.0,
-              "etcd_db_bytes": 2 * 2**20, "vmupdate_bytes": 10240}
+              "etcd_db_bytes": 2 * 2**20, "vmupdate_bytes": 10240, "record_bytes_max": 5120,
+              "load_at_start": [4.5, 3.0, 2.0]}
     row = fleetcalc.fleet_table([record]).splitlines()[2]
     assert row == ("| 20 × 10 | 10 | Succeeded | 4.00 | 2.00 | 2.00 | 2.00 | 1.00 | 3.50 "
-                   "| 120.0 | 2.00 | 10.0 | — |")
+                   "| 120.0 | 2.00 | 10.0 | 5.00 | — | 4.50 |")
+
+
+def test_fleet_plan_and_heartbeat() -> None:
+    assert fleetcalc.parse_plan("1:10x5, 1000:1000x2") == [(1, 10, 5), (1000, 1000, 2)]
+    for bad in ("", "10x5", "0:1x1", "1001:1x1", "1:0x1", "1:1x513", "a:1x1"):
+        with pytest.raises(ValueError):
+            fleetcalc.parse_plan(bad)
+    assert fleetcalc.heartbeat_s(20) == 10.0 and fleetcalc.heartbeat_s(1000) == 200.0
+
+
+def test_profile_top_counts_self_and_inclusive_samples() -> None:
+    text = "main;loop;plan 6\nmain;loop;write 3\nmain;idle 1\nnot a sample line\n"
+    top = fleetcalc.profile_top(text, n=2)
+    assert top["self"] == [("plan", 0.6), ("write", 0.3)]
+    assert top["inclusive"] == [("main", 1.0), ("loop", 0.9)]
+    assert fleetcalc.profile_top("") == {"self": [], "inclusive": []}
 
 
 def test_the_benchmarks_vmupdate_passes_the_crd_model() -> None:
