@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from bench.__main__ import main
+from bench.rollout import RolloutParams, run_rollouts
 
 pytestmark = [pytest.mark.k8s, pytest.mark.qemu]
 
@@ -36,6 +37,23 @@ def test_a_real_rollout_at_each_parallelism(tmp_path: Path) -> None:
     assert (out / "rollout-vs-ideal.png").stat().st_size > 0
     table = (out / "rollout.md").read_text()
     assert table.count("| 2 × 1 |") == 2 and "| 2/2 |" in table
+
+
+async def test_a_failed_rollout_is_recorded_and_ends_the_series(tmp_path: Path) -> None:
+    """A target version the build does not have: preflight refuses the VM, the VMUpdate
+    fails; the record says so, the guest is unharmed on its old build, and no later run
+    starts from a state it does not have."""
+    lines: list[str] = []
+    doc = await run_rollouts(RolloutParams(hosts=1, vms_per_host=1, parallel=(1, 1),
+                                           mem_mib=128, target_version="0.0.1"),
+                             tmp_path / "work", lines.append)
+    [run] = doc["results"]
+    assert run["phase"] == "Failed" and run["updated"] == 0
+    [guest] = run["guests"]
+    assert guest["same_token"] and guest["continuous"] and guest["checksums_ok"]
+    assert not guest["runs_target"] and not guest["ok"] and "does not run" in guest["problem"]
+    assert run["guests_ok"] == 0
+    assert any("remaining runs are not started" in line for line in lines)
 
 
 def test_bad_sizes_are_refused_by_name(capsys: pytest.CaptureFixture[str]) -> None:
