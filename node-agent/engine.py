@@ -41,6 +41,7 @@ from vmupdate_agent.modes.common import (
     Operation,
     ProgressSink,
     ensure_running,
+    failed_pause_ms,
 )
 
 # Part of the engine's interface: an edge (the CLI) uses these, never the modes.
@@ -253,10 +254,11 @@ class Engine:
             result = await self._run_mode(op, use_guard=guard is not None)
         except UpdateAborted as exc:
             await op.emit(Phase.FAILED, str(exc))
+            paused = failed_pause_ms(op)  # the guest may have stopped before the failure
             await session.close()
             return UpdateResult(**base, outcome=Outcome.FAILED, mode=mode, mode_reason=why,
                                 message=str(exc), pid_after=vm.pid,
-                                version_after=str(vm.features.version),
+                                version_after=str(vm.features.version), pause_ms=paused,
                                 phase_ms=op.phase_ms, preflight=report)
         except (QmpError, OSError, TimeoutError, hostexec.HostExecError) as exc:
             # Unexpected on a path the mode did not classify: make sure of the VM's state.

@@ -103,6 +103,19 @@ def pause_ms(stop: Event | None, resume: Event | None) -> float | None:
     return round((resume.qemu_time_ns - stop.qemu_time_ns) / 1e6, 3)
 
 
+def failed_pause_ms(op: Operation) -> float | None:
+    """How long a failed attempt kept the guest stopped: from QEMU's STOP to the RESUME
+    that followed it on the old QEMU's monitor (None if it never stopped, or no RESUME was
+    seen)."""
+    events = op.session.events
+    stop = op.stop_event or next((e for e in events if e.name == "STOP"), None)
+    if stop is None:
+        return None
+    resumed = next((e for e in events if e.name == "RESUME"
+                    and e.qemu_time_ns >= stop.qemu_time_ns), None)
+    return pause_ms(stop, resumed)
+
+
 async def poll_until(fn: Callable[[], Awaitable[Any]], *, timeout: float, what: str,
                      interval: float = 0.002) -> Any:
     deadline = time.monotonic() + timeout
@@ -167,7 +180,12 @@ async def ensure_running(session: QmpSession, was_running: bool) -> str:
     except QmpError as exc:
         return f"could not check the VM's state: {exc}"
     if st.get("status") in ("paused", "postmigrate") and was_running:
+        mark = session.mark()
         await session.cmd("cont")
+        # Its RESUME ends the pause the failed attempt caused (see failed_pause_ms).
+        with contextlib.suppress(QmpTimeout):
+            await session.wait_event("RESUME", since=mark,
+                                     timeout=min(session.command_timeout, 2.0))
         return "the VM was paused by the failed attempt and has been resumed"
     return f"the VM is {st.get('status')}"
 
