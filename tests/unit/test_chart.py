@@ -320,6 +320,8 @@ def test_operator_rbac_is_exactly_what_it_uses(default_objects: list[dict[str, A
         ("vmupdate.dev", "vmupdates", "patch", ""),
         ("vmupdate.dev", "vmupdates/status", "patch", ""),
         ("vmupdate.dev", "vmhosts", "list", ""), ("vmupdate.dev", "vmhosts", "watch", ""),
+        *(("vmupdate.dev", "vmupdatehosts", verb, "")
+          for verb in ("list", "watch", "create", "patch", "deletecollection")),
         ("apiextensions.k8s.io", "customresourcedefinitions", "list", ""),
         ("apiextensions.k8s.io", "customresourcedefinitions", "watch", ""),
         ("kopf.dev", "clusterkopfpeerings", "list", ""),
