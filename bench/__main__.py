@@ -204,9 +204,11 @@ async def run_fleets(args: argparse.Namespace, replay: Replay) -> dict[str, Any]
     runs = [(FleetParams(hosts=h, vms_per_host=v, parallel=n, replay=replay,
                          heartbeat_s=fleetcalc.heartbeat_s(h), profile=args.fleet_profile),
              f"p{n}") for n, h, v in plan]
-    # The halt: the last VM of every host fails; the first failure must stop the rollout.
+    # The halt: every second VM of every host fails (the second wave, all at once); the
+    # first failure must stop the rollout.
     worst = max(runs, key=lambda run: run[0].parallel)[0]
-    runs.append((replace(worst, fail_every=worst.vms_per_host), f"p{worst.parallel}-fail"))
+    runs.append((replace(worst, fail_every=min(2, worst.vms_per_host)),
+                 f"p{worst.parallel}-fail"))
     results = []
     workroot = Path(load_rig().share) / "bench" / f"fleet-{uuid.uuid4().hex[:8]}"
     try:

@@ -84,7 +84,9 @@ def _etcd_db_bytes(sandbox: Sandbox) -> float:
 
 
 def _records(sandbox: Sandbox) -> list[dict[str, Any]]:
-    res = sandbox.kubectl("get", "vmupdatehosts", "-o", "json", check=True, timeout=120)
+    res = sandbox.kubectl("get", "vmupdatehosts", "-o", "json", timeout=120)
+    if res.returncode != 0:  # an operator of before VMUpdateHosts (a comparison run)
+        return []
     items: list[dict[str, Any]] = json.loads(res.stdout)["items"]
     return items
 

@@ -146,6 +146,7 @@ class Rollout:
         self._reported: dict[Key, VMRolloutStatus] = {}  # rows as last written
         self._written: dict[str, records.HostRows] = {}  # what each VMUpdateHost holds
         self._changes: list[tuple[Key, RowChange]] = []
+        self._pending: dict[Key, list[RowChange]] = {}  # the same, by row (for row())
         self._tasks: dict[Key, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
@@ -227,6 +228,7 @@ class Rollout:
 
     def _apply_changes(self) -> None:
         changes, self._changes = self._changes, []
+        self._pending = {}
         if not changes:
             return
         by_key = dict(self._by_key)  # the written one stays as it was (for the Events)
@@ -358,6 +360,7 @@ class Rollout:
         ``soon=False``) within PROGRESS_S, so that a fleet's progress events do not each
         cost a write."""
         self._changes.append((key, change))
+        self._pending.setdefault(key, []).append(change)
         if soon:
             self._wake.set()
         elif self._progress_wake is None:
@@ -368,8 +371,8 @@ class Rollout:
 
     def row(self, key: Key) -> VMRolloutStatus | None:
         row = self._by_key.get(key)
-        for k, change in self._changes:  # what is not applied yet
-            if row is not None and k == key:
+        for change in self._pending.get(key, ()):  # what is not applied yet
+            if row is not None:
                 row = change(row)
         return row
 
