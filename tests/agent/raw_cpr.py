@@ -16,7 +16,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import signal
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from e2e.rig import TestVM
@@ -40,6 +43,13 @@ async def _quit(session: QmpSession, pid: int) -> None:
         await session.cmd("quit")
     await session.close()
     await wait_gone(pid, _TIMEOUT)
+
+
+def _kill_launched(workdir: Path) -> None:
+    """A failed hand-made update leaves no QEMU behind: the one it launched (detached, so
+    not reaped by the test) is killed; PID 1 reaps it."""
+    with contextlib.suppress(OSError, ValueError):
+        os.kill(int((workdir / "launch.pid").read_text()), signal.SIGKILL)
 
 
 async def cpr_exec(vm: TestVM, binary: str, workdir: Path) -> tuple[int, int]:
@@ -72,6 +82,16 @@ async def cpr_transfer(vm: TestVM, binary: str, workdir: Path) -> tuple[int, int
     await launch_detached([binary, *args, "-S", "-incoming", f"unix:{main_sock}",
                            "-incoming", json.dumps(channels[1])],
                           cwd=workdir, log_path=workdir / "qemu.log")
+    try:
+        return await _transfer(vm, workdir, channels, new_qmp)
+    except BaseException:
+        _kill_launched(workdir)
+        raise
+
+
+async def _transfer(vm: TestVM, workdir: Path, channels: Sequence[Mapping[str, object]],
+                    new_qmp: Path) -> tuple[int, int]:
+    cpr_sock = workdir / "cpr.sock"
     deadline = time.monotonic() + _TIMEOUT
     while not cpr_sock.exists():  # the old QEMU connects to it: it must exist first
         if time.monotonic() > deadline:
@@ -113,6 +133,17 @@ async def cpr_reboot(vm: TestVM, binary: str, workdir: Path) -> tuple[int, int]:
     await _quit(old, old_pid)
     await launch_detached([binary, *vm.args, "-S", "-incoming", "defer"],
                           cwd=workdir, log_path=workdir / "qemu.log")
+    try:
+        resume = await _reboot_load(vm, state)
+    except BaseException:
+        _kill_launched(workdir)
+        raise
+    await vm.refresh_pid()
+    assert pid_alive(vm.pid)
+    return stop, resume
+
+
+async def _reboot_load(vm: TestVM, state: str) -> int:
     new = await QmpSession.open_retrying(str(vm.qmp_path), timeout=_TIMEOUT)
     try:
         await new.cmd("migrate-set-parameters", {"mode": "cpr-reboot"})
@@ -127,9 +158,7 @@ async def cpr_reboot(vm: TestVM, binary: str, workdir: Path) -> tuple[int, int]:
         await new.cmd("migrate-set-parameters", {"mode": "normal"})
     finally:
         await new.close()
-    await vm.refresh_pid()
-    assert pid_alive(vm.pid)
-    return stop, resume
+    return resume
 
 
 def _serial_ns(vm: TestVM) -> list[int]:
