@@ -438,25 +438,6 @@ async def test_new_process_failures_never_lose_the_vm(
         assert (await qmp.execute("query-status"))["status"] == "running"
 
 
-async def test_cpr_transfer_to_the_wrong_version_keeps_the_old_qemu(
-        rig: Rig, vm_factory: VMFactory, agent: engine.Engine) -> None:
-    """The new QEMU is checked while the old one still sends (the agent connects to it
-    meanwhile): a version other than the one asked for is found before the resume, and the
-    old QEMU takes the guest back."""
-    vm = await started(vm_factory, "backports")
-    pid, token = vm.pid, vm.token
-    result = await agent.update(str(vm.qmp_path),
-                                Target(binary=backports(rig), expected_version="0.0.1"),
-                                RequestedMode.CPR_TRANSFER, skip_preflight=True)
-    assert result.outcome == Outcome.FAILED, result.message
-    assert "did not come up" in result.message and "expected 0.0.1" in result.message
-    await vm.serial.wait_ticks(5, after=time.monotonic_ns(), timeout=30)
-    assert vm.pid == pid and vm.token == token
-    vm.serial.assert_continuous()
-    async with vm.qmp() as qmp:
-        assert (await qmp.execute("query-status"))["status"] == "running"
-
-
 async def test_pidfile_and_alternating_new_process_modes(rig: Rig, vm_factory: VMFactory,
                                                          agent: engine.Engine) -> None:
     """A VM with -pidfile (QEMU locks it) goes through cpr-transfer and cpr-reboot in turn:
