@@ -171,8 +171,7 @@ async def _finish_new(op: Operation, session: QmpSession, *, use_guard: bool) ->
     await op.emit(Phase.SAVED, "the new QEMU loaded the state (paused)")
     if use_guard:
         await _guard_send(op, "commit")
-        status = await _guard_wait(op, cpr_guard.FINAL_PHASES, timeout=5.0,
-                                   interval=COMMIT_POLL_S)
+        status = await _guard_wait(op, cpr_guard.FINAL_PHASES, timeout=5.0)
         if status.get("phase") != cpr_guard.PHASE_COMMITTED:
             await session.close()
             return await _after_exec_abort(op, f"the guard did not take the commit: "
@@ -243,13 +242,7 @@ async def _guard_send(op: Operation, message: str) -> None:
         cpr_guard.send(op.path("guard.commit"), message)
 
 
-# The guard answers a commit within a fraction of a millisecond, through its status file (no
-# event to wait on): the guest is stopped meanwhile, so look often (a read of a small file).
-COMMIT_POLL_S = 0.00025
-
-
-async def _guard_wait(op: Operation, phases: frozenset[str], timeout: float,
-                      interval: float = 0.001) -> dict[str, object]:
+async def _guard_wait(op: Operation, phases: frozenset[str], timeout: float) -> dict[str, object]:
     deadline = time.monotonic() + timeout
     while True:
         status = cpr_guard.read_status(op.path("guard.status"))
@@ -257,7 +250,7 @@ async def _guard_wait(op: Operation, phases: frozenset[str], timeout: float,
             return status
         if time.monotonic() > deadline:
             return status or {"phase": "unknown", "error": "no status file"}
-        await asyncio.sleep(interval)
+        await asyncio.sleep(0.001)
 
 
 def _lost(op: Operation, message: str) -> ModeResult:
