@@ -97,7 +97,7 @@ async def _run(op: Operation) -> ModeResult:
     ]
     try:
         await s.cmd("migrate", {"channels": channels})
-    except (QmpError, TimeoutError) as exc:
+    except QmpError as exc:
         raise await cleanup_new(f"the transfer failed: {exc}") from exc
     # The guest is stopped from here. The new QEMU opens its monitor once it has the
     # descriptors: connect to it and check it while the old one finishes sending, rather
