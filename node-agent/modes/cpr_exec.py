@@ -157,8 +157,9 @@ def _rolled_back_in_place(op: Operation, use_guard: bool) -> bool:
 
 
 async def _finish_new(op: Operation, session: QmpSession, *, use_guard: bool) -> ModeResult:
+    await wait_incoming_loaded(session, op.timeouts.load)
+    await op.emit(Phase.SAVED, "the new QEMU loaded the state (paused)")
     try:
-        # Asked before the load is done, not after: one exchange less in the guest's pause.
         version = await verify_version(session, op.target)
     except QmpError as exc:
         if use_guard:
@@ -167,8 +168,6 @@ async def _finish_new(op: Operation, session: QmpSession, *, use_guard: bool) ->
             await _guard_send(op, "abort")
             return await _after_exec_abort(op, str(exc))
         raise
-    await wait_incoming_loaded(session, op.timeouts.load)
-    await op.emit(Phase.SAVED, "the new QEMU loaded the state (paused)")
     if use_guard:
         await _guard_send(op, "commit")
         status = await _guard_wait(op, cpr_guard.FINAL_PHASES, timeout=5.0)

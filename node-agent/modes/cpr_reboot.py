@@ -153,11 +153,8 @@ async def _start(op: Operation, pinned: hostexec.PinnedContext, argv: qargv.Qemu
 
 
 async def _load(op: Operation, session: QmpSession, target: Target, state_uri: str) -> str:
-    # The version is asked before the load rather than after it: one exchange fewer
-    # between the load and the resume.
-    version = await verify_version(session, target)
     await load_saved_state(session, state_uri, op.timeouts.load)
-    return version
+    return await verify_version(session, target)
 
 
 async def load_saved_state(session: QmpSession, state_uri: str, timeout: float) -> None:
@@ -168,10 +165,7 @@ async def load_saved_state(session: QmpSession, state_uri: str, timeout: float) 
     await session.cmd("migrate-incoming", {"uri": state_uri})
     await wait_incoming_loaded(session, timeout)
     # Back to an ordinary QEMU: a later cpr-transfer or cpr-exec must not send with
-    # x-ignore-shared (its receiver would refuse the stream). Before the resume, not after:
-    # the commands run in QEMU's main loop, which the restarting guest needs too; a trial
-    # with them after the resume shortened STOP -> RESUME but not the guest's serial
-    # blackout (tests/agent/test_cpr_qemu.py::test_pause_agrees_with_serial_blackout).
+    # x-ignore-shared (its receiver would refuse the stream).
     await session.cmd("migrate-set-capabilities", {"capabilities": [
         {"capability": "x-ignore-shared", "state": False}]})
     await session.cmd("migrate-set-parameters", {"mode": "normal"})

@@ -41,7 +41,7 @@ from vmupdate_agent.modes.common import (
     wait_incoming_loaded,
     wait_outgoing_done,
 )
-from vmupdate_agent.qmp import QmpError, QmpSession
+from vmupdate_agent.qmp import QmpError
 
 
 def new_command(op: Operation) -> tuple[list[str], str, str, str]:
@@ -97,28 +97,26 @@ async def _run(op: Operation) -> ModeResult:
     ]
     try:
         await s.cmd("migrate", {"channels": channels})
-    except QmpError as exc:
-        raise await cleanup_new(f"the transfer failed: {exc}") from exc
-    # The guest is stopped from here. The new QEMU opens its monitor once it has the
-    # descriptors: connect to it and check it while the old one finishes sending, rather
-    # than after (both are needed before the resume; neither waits on the other).
-    arriving = asyncio.create_task(_connect_and_check(op, new_qmp))
-    try:
         outgoing = await wait_outgoing_done(s, op.timeouts.load)
-    except BaseException as exc:
-        await _drop(arriving)
-        if isinstance(exc, (QmpError, TimeoutError)):
-            raise await cleanup_new(f"the transfer failed: {exc}") from exc
-        raise
+    except (QmpError, TimeoutError) as exc:
+        raise await cleanup_new(f"the transfer failed: {exc}") from exc
     op.stop_event = next((e for e in s.events[mark:] if e.name == "STOP"), None)
     if outgoing.get("status") != "completed":
-        await _drop(arriving)
         raise await cleanup_new(f"the transfer {outgoing.get('status')}: "
                                 f"{outgoing.get('error-desc', '')}")
     await op.emit(Phase.TRANSFERRED, "state and descriptors handed to the new QEMU")
+
     try:
-        new, version = await arriving
+        new = await connect_new_qemu(new_qmp, new_qmp, timeout=op.timeouts.handover,
+                                     command_timeout=op.timeouts.command,
+                                     log_path=op.path("new-qemu.log"))
+    except QmpError as exc:
+        raise await cleanup_new(f"the new QEMU did not answer on QMP: {exc}") from exc
+    try:
+        await wait_incoming_loaded(new, op.timeouts.load)
+        version = await verify_version(new, op.target)
     except (QmpError, TimeoutError) as exc:
+        await new.close()
         # The guest never ran in the new QEMU (-S): the old one may take over again.
         raise await cleanup_new(f"the new QEMU did not come up: {exc}") from exc
 
@@ -143,32 +141,6 @@ async def _run(op: Operation) -> ModeResult:
                       resumed_ns=resumed.qemu_time_ns, session=new)
 
 
-
-
-async def _connect_and_check(op: Operation, new_qmp: str) -> tuple[QmpSession, str]:
-    """The new QEMU's session once it answers, is the target's version and has loaded the
-    state (paused, -S); closed again on any failure."""
-    try:
-        new = await connect_new_qemu(new_qmp, new_qmp, timeout=op.timeouts.handover,
-                                     command_timeout=op.timeouts.command,
-                                     log_path=op.path("new-qemu.log"))
-    except QmpError as exc:
-        raise QmpError(f"it did not answer on QMP: {exc}") from exc
-    try:
-        version = await verify_version(new, op.target)  # no need to wait for the load first
-        await wait_incoming_loaded(new, op.timeouts.load)
-    except BaseException:
-        await new.close()
-        raise
-    return new, version
-
-
-async def _drop(task: asyncio.Task[tuple[QmpSession, str]]) -> None:
-    """Stop connecting to the new QEMU; close its session if it was already open."""
-    task.cancel()
-    with contextlib.suppress(BaseException):
-        new, _ = await task
-        await new.close()
 
 
 def _tail(path: str, limit: int = 600) -> str:
