@@ -58,7 +58,7 @@ async def test_auto_follows_the_preference(kubectl: Kubectl, mode_vms: Vms,  # n
     for name, vm in (("prefer-short", "short-01"), ("prefer-same", "same-01")):
         obj = await ready(kubectl, name, operator_process)
         assert obj["status"]["phase"] == "Succeeded"
-        rows[vm] = kube.rows(obj)[vm]
+        rows[vm] = kube.rows(kubectl, obj)[vm]
 
     r = rows["short-01"]
     assert (r["phase"], r["mode"], r["toVersion"]) == ("Updated", "CprTransfer", tb.version), r

@@ -164,6 +164,12 @@ class VmAccess:
         candidates = [c for c in candidates if c not in busy_paths]
         probed = await asyncio.gather(*(self.probe(c) for c in candidates),
                                       return_exceptions=True)
+        for p in probed:
+            # No room for the VMs' lock files: nothing can be taken on any VM; say why.
+            full = p if isinstance(p, vmlock.StateDirFull) else (
+                p.__cause__ if isinstance(p, BaseException) else None)
+            if isinstance(full, vmlock.StateDirFull):
+                raise Refused(grpc.StatusCode.UNAVAILABLE, str(full))
         for path, p in zip(candidates, probed, strict=True):
             # Another process runs an operation on a VM it could be: that one, say so.
             if isinstance(p, vmlock.VmBusy) and (
@@ -233,6 +239,8 @@ async def take(state_dir: str, path: str, kind: str, program: str, op_id: str = 
     while True:
         try:
             return await _acquire(state_dir, path, holder)
+        except vmlock.StateDirFull as exc:
+            raise Refused(grpc.StatusCode.UNAVAILABLE, str(exc)) from exc
         except vmlock.VmBusy as exc:
             short = exc.holder is None or exc.holder.kind in WAITED_FOR
             if not short or time.monotonic() > deadline:

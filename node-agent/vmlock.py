@@ -16,6 +16,7 @@ small file operations in a worker thread.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import os
@@ -62,6 +63,19 @@ class VmBusy(Exception):
         self.holder = holder
 
 
+class StateDirFull(OSError):
+    """The VM's lock file cannot be written: its state dir has no room (an OSError, so the
+    callers that report an unreachable VM keep working; the message says what to do)."""
+
+
+def _full(exc: OSError, path: Path, state_dir: str | os.PathLike[str]) -> OSError:
+    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return exc
+    return StateDirFull(f"cannot write the VM's lock file {path}: {exc.strerror}; the "
+                        f"state_dir {state_dir} is full: free space there (or give it more "
+                        "room) and retry")
+
+
 def lock_path(state_dir: str | os.PathLike[str], qmp_path: str) -> Path:
     """The lock file of the VM at `qmp_path` (its well-known QMP socket, which an update
     keeps: cpr-transfer hands it to the new QEMU)."""
@@ -101,7 +115,10 @@ def _open(path: Path) -> int:
 def try_acquire(state_dir: str | os.PathLike[str], qmp_path: str, holder: Holder) -> VmLock:
     """Take the VM's lock now or raise VmBusy naming its holder (never waits)."""
     path = lock_path(state_dir, qmp_path)
-    fd = _open(path)
+    try:
+        fd = _open(path)
+    except OSError as exc:
+        raise _full(exc, path, state_dir) from exc
     try:
         for attempt in range(BUSY_TRIES):
             try:
@@ -121,9 +138,11 @@ def try_acquire(state_dir: str | os.PathLike[str], qmp_path: str, holder: Holder
         data = holder.model_dump_json().encode()
         os.ftruncate(fd, 0)
         os.pwrite(fd, data, 0)
-    except BaseException:
+    except BaseException as exc:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+        if isinstance(exc, OSError):
+            raise _full(exc, path, state_dir) from exc
         raise
     return VmLock(fd, path, holder)
 

@@ -10,7 +10,6 @@ run elsewhere), which is the whole safety argument of this mode.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import time
