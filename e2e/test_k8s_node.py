@@ -290,9 +290,9 @@ async def test_agent_killed_mid_update(installed: Installed, rig: Rig) -> None:
         record = await kube.wait_for(running, 120, "the agent to journal the operation",
                                      interval=0.01, describe=installed.logs)
         os.kill(agent_pid, signal.SIGKILL)
-        # Killed with the operation journaled as running (nobody else writes the record).
-        await asyncio.sleep(0.5)
-        assert json.loads(record.read_text())["state"] == "running", "ended before the kill"
+        # Killed with the operation journaled as running: from here only the restarted agent
+        # ends the record (resolved_after_restart, checked below). No look at the record
+        # now: the kubelet may restart the agent and it may resolve the record at once.
         # The kubelet restarts the container in the same pod; its agent resolves the operation.
 
         def restarted() -> Any:
@@ -318,7 +318,7 @@ async def test_agent_killed_mid_update(installed: Installed, rig: Rig) -> None:
                                   describe=installed.logs)
         print(f"agent killed with the operation running: journal outcome {outcome}, "
               f"row {row['phase']}")
-        assert done["resolved_after_restart"] is True
+        assert done["resolved_after_restart"] is True, "the operation ended before the kill"
         # Whatever the end, the VM runs in the same pid (cpr-exec), on the target (Updated) or
         # on its own QEMU (killed before the point of no return: Failed, "as before"; or
         # RolledBack), and the guest never rebooted nor lost memory.
