@@ -153,7 +153,10 @@ async def test_three_vms_on_two_hosts_converge(vmupdates: Kubectl, three_vms: Pl
     def updated_again() -> Any:
         o = ready(kubectl, "two-hosts")
         row = kube.rows(kubectl, o).get("web-01") if o else None
-        return o if row and row["operationId"] != first_op else None
+        # The records live in the host's VMUpdateHost, written apart from the VMUpdate's
+        # status: wait for the new attempt's row itself to end.
+        return o if row and row["operationId"] != first_op and row["phase"] in (
+            "Updated", "Failed", "RolledBack") else None
 
     obj = await kube.wait_for(updated_again, ROLLOUT_TIMEOUT, "web-01 to be updated again")
     row = kube.rows(kubectl, obj)["web-01"]
