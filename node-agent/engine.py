@@ -19,7 +19,16 @@ from pathlib import Path
 from typing import Any
 
 from vmupdate_agent import argv as qargv
-from vmupdate_agent import discovery, hostexec, pathpolicy, preflight, procfs, target, workdirs
+from vmupdate_agent import (
+    discovery,
+    fswatch,
+    hostexec,
+    pathpolicy,
+    preflight,
+    procfs,
+    target,
+    workdirs,
+)
 from vmupdate_agent import guard as cpr_guard
 from vmupdate_agent.config import ConfigError
 from vmupdate_agent.models import (
@@ -249,6 +258,7 @@ class Engine:
         op = Operation(op_id=op_id, vm=vm, target=run, mode=mode, session=session,
                        workdir=workdir, host=s.host, timeouts=s.timeouts, guard_path=guard,
                        progress=progress)
+        fswatch.prepare()  # the file waits of the pause use it; its set-up costs ms
         started = time.monotonic()
         try:
             result = await self._run_mode(op, use_guard=guard is not None)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import time
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from typing import Any, cast
 from qemu.qmp import ExecuteError, QMPClient
 from qemu.qmp.protocol import Runstate
 
-from vmupdate_agent import procfs
+from vmupdate_agent import fswatch, procfs
 
 log = logging.getLogger(__name__)
 
@@ -97,25 +98,28 @@ class QmpSession:
         hung QEMU, not one still starting: raise QmpSilent at once instead of retrying."""
         deadline = time.monotonic() + timeout
         last: BaseException | None = None
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise QmpTimeout(f"no QMP monitor answered at {path} within {timeout:.1f}s"
-                                 + (f" (last error: {last})" if last else ""))
-            session = cls(path, command_timeout=command_timeout)
-            wait = min(remaining, silence_timeout or 2.0)
-            try:
-                await session.connect(wait)
-                return session
-            except QmpTimeout as exc:
-                last = exc
-                await session.close()
-                if silence_timeout is not None and wait >= silence_timeout:
-                    raise QmpSilent(str(exc)) from exc
-            except QmpError as exc:
-                last = exc
-                await session.close()
-            await asyncio.sleep(interval)
+        # Woken as the socket appears (QEMU binds it) rather than at the next poll: this
+        # wait is inside the guest's pause when the new QEMU is a cpr-exec one.
+        async with fswatch.FolderWatch(os.path.dirname(path) or ".") as appeared:
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise QmpTimeout(f"no QMP monitor answered at {path} within "
+                                     f"{timeout:.1f}s" + (f" (last error: {last})" if last else ""))
+                session = cls(path, command_timeout=command_timeout)
+                wait = min(remaining, silence_timeout or 2.0)
+                try:
+                    await session.connect(wait)
+                    return session
+                except QmpTimeout as exc:
+                    last = exc
+                    await session.close()
+                    if silence_timeout is not None and wait >= silence_timeout:
+                        raise QmpSilent(str(exc)) from exc
+                except QmpError as exc:
+                    last = exc
+                    await session.close()
+                await appeared.changed(interval)
 
     async def connect(self, timeout: float) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
