@@ -16,8 +16,8 @@ import time
 from typing import Any, cast
 
 from vmupdate_agent import argv as qargv
+from vmupdate_agent import faultpoints, fswatch, procfs
 from vmupdate_agent import guard as cpr_guard
-from vmupdate_agent import procfs
 from vmupdate_agent.models import Outcome, Phase
 from vmupdate_agent.modes.common import (
     ModeResult,
@@ -157,10 +157,18 @@ def _rolled_back_in_place(op: Operation, use_guard: bool) -> bool:
 
 
 async def _finish_new(op: Operation, session: QmpSession, *, use_guard: bool) -> ModeResult:
-    await wait_incoming_loaded(session, op.timeouts.load)
-    await op.emit(Phase.SAVED, "the new QEMU loaded the state (paused)")
+    # The version is asked while the state loads (QMP answers both in turn), not after it:
+    # every round trip between the load and the resume is inside the guest's pause.
+    version_query = asyncio.create_task(verify_version(session, op.target))
     try:
-        version = await verify_version(session, op.target)
+        await wait_incoming_loaded(session, op.timeouts.load)
+    except BaseException:
+        version_query.cancel()
+        with contextlib.suppress(BaseException):
+            await version_query
+        raise
+    try:
+        version = await version_query
     except QmpError as exc:
         if use_guard:
             # Not the QEMU we meant: the guest has not run in it, so rolling back is safe.
@@ -175,6 +183,10 @@ async def _finish_new(op: Operation, session: QmpSession, *, use_guard: bool) ->
             await session.close()
             return await _after_exec_abort(op, f"the guard did not take the commit: "
                                                f"{status.get('phase')}")
+        faultpoints.reached("cpr-exec:committed")
+    # Reported once nothing but the resume is left (with the guard: committed).
+    await op.emit(Phase.SAVED, "the new QEMU loaded the state (paused)"
+                  + (" and the guard took the commit" if use_guard else ""))
     try:
         resumed = await resume(session, op.timeouts.command)
     except NotResumed as exc:
@@ -242,14 +254,19 @@ async def _guard_send(op: Operation, message: str) -> None:
 
 
 async def _guard_wait(op: Operation, phases: frozenset[str], timeout: float) -> dict[str, object]:
+    """Until the guard's status is in `phases`: woken as the watcher replaces the file (it
+    is the last wait before the resume, with the guest stopped), re-read at least every
+    50 ms anyway."""
     deadline = time.monotonic() + timeout
-    while True:
-        status = cpr_guard.read_status(op.path("guard.status"))
-        if status is not None and status.get("phase") in phases:
-            return status
-        if time.monotonic() > deadline:
-            return status or {"phase": "unknown", "error": "no status file"}
-        await asyncio.sleep(0.001)
+    async with fswatch.FolderWatch(op.workdir) as watch:
+        while True:
+            status = cpr_guard.read_status(op.path("guard.status"))
+            if status is not None and status.get("phase") in phases:
+                return status
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return status or {"phase": "unknown", "error": "no status file"}
+            await watch.changed(min(remaining, 0.05))
 
 
 def _lost(op: Operation, message: str) -> ModeResult:

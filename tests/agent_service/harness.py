@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from tests.agent_service.pki import Issued, Pki
-from vmupdate_agent import workdirs
+from vmupdate_agent import faultpoints, procfs, workdirs
 from vmupdate_operator.agent_client import AgentClient, ClientTls
 
 
@@ -37,6 +37,8 @@ class AgentProcess:
     port: int
     proc: asyncio.subprocess.Process | None = None
     clients: list[AgentClient] = field(default_factory=list)
+    # Fault points the agent stops itself at (vmupdate_agent.faultpoints), once per start.
+    stop_at: tuple[str, ...] = ()
 
     @property
     def target(self) -> str:
@@ -79,7 +81,8 @@ class AgentProcess:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "vmupdate_agent.server", "--config",
                 str(self.config_path), "--log-level", "DEBUG",
-                stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log)
+                stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
+                env={**os.environ, faultpoints.ENV: ",".join(self.stop_at)})
         probe = await AgentClient.connect(self.target, self.tls())
         try:
             waiter = asyncio.create_task(probe.wait_ready(timeout=ready_timeout))
@@ -113,6 +116,18 @@ class AgentProcess:
             raise RuntimeError(f"agent ignored SIGTERM for {timeout}s:\n{self.log()[-4000:]}"
                                ) from None
 
+    async def stopped_itself(self, timeout: float = 120.0) -> None:
+        """Until the agent has stopped at one of its `stop_at` points (SIGSTOP: state T)."""
+        deadline = time.monotonic() + timeout
+        while procfs.stat_state(self.pid) != "T":
+            if self.proc is not None and self.proc.returncode is not None:
+                raise RuntimeError(f"the agent exited before its fault point:\n"
+                                   f"{self.log()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the agent did not reach {self.stop_at} in {timeout}s:\n"
+                                   f"{self.log()[-3000:]}")
+            await asyncio.sleep(0.005)
+
     async def kill(self) -> None:
         assert self.proc is not None
         with contextlib.suppress(ProcessLookupError):
@@ -131,7 +146,8 @@ class AgentFactory:
         self.runtime_dirs: list[Path] = []
 
     def make(self, *, socket_globs: list[str], runtime_parent: Path | None = None,
-             allowed_binary_dirs: list[str] | None = None, **overrides: Any) -> AgentProcess:
+             allowed_binary_dirs: list[str] | None = None, stop_at: tuple[str, ...] = (),
+             **overrides: Any) -> AgentProcess:
         n = len(self.agents)
         # Short: sockets live below the runtime dir (sun_path has 108 bytes).
         parent = runtime_parent or self.base
@@ -153,7 +169,8 @@ class AgentFactory:
         config.update(overrides)
         path = self.base / f"agent{n}.yaml"
         path.write_text(yaml.safe_dump(config))
-        agent = AgentProcess(path, config, self.base / f"agent{n}.log", self.pki, port)
+        agent = AgentProcess(path, config, self.base / f"agent{n}.log", self.pki, port,
+                             stop_at=stop_at)
         self.agents.append(agent)
         return agent
 

@@ -30,7 +30,7 @@ import pytest_asyncio
 from tests.agent_service.conftest import QemuEnv
 from tests.agent_service.harness import AgentProcess, op_workdir
 from tests.agent_service.test_restart import frozen_at
-from tests.agent_service.test_update import check_stream
+from tests.agent_service.test_update import check_stream, update_request
 from vmupdate_agent import guard, hostexec
 from vmupdate_api.gen import agent_v1_pb2 as pb
 
@@ -40,13 +40,20 @@ pytestmark = pytest.mark.qemu
 BACK_WITHIN_S = 2.0
 
 UPDATED, FAILED, ROLLED_BACK = pb.OUTCOME_UPDATED, pb.OUTCOME_FAILED, pb.OUTCOME_ROLLED_BACK
+# Not a phase: the agent's fault point right after the guard took the commit, the `cont`
+# next (vmupdate_agent.faultpoints); the agent stops itself there, and is killed.
+COMMITTED = -2
+COMMITTED_POINT = "cpr-exec:committed"
 ROWS = [
     # (mode, phase the agent is killed at, outcomes it may end with)
     # STOPPING is reported just before `migrate` is sent: the kill may land either side.
     (pb.MODE_CPR_EXEC, pb.PHASE_STOPPING, {FAILED, ROLLED_BACK}),
     (pb.MODE_CPR_EXEC, pb.PHASE_EXECED, {ROLLED_BACK}),
-    # SAVED is reported just before the commit: the kill may land before or after it.
-    (pb.MODE_CPR_EXEC, pb.PHASE_SAVED, {ROLLED_BACK, UPDATED}),
+    # Killed after the commit, before the `cont`: the watcher resumes the guest in the new
+    # QEMU. SAVED is reported there too, but a kill on the event stream lands after the
+    # resume.
+    (pb.MODE_CPR_EXEC, COMMITTED, {UPDATED}),
+    (pb.MODE_CPR_EXEC, pb.PHASE_SAVED, {UPDATED}),
     (pb.MODE_CPR_EXEC, pb.PHASE_RESUMED, {UPDATED}),
     (pb.MODE_CPR_TRANSFER, pb.PHASE_STOPPING, {FAILED}),
     (pb.MODE_CPR_TRANSFER, pb.PHASE_TRANSFERRED, {FAILED}),
@@ -96,8 +103,20 @@ def workdir_notes(agent: AgentProcess) -> str:
 
 def row_id(row: tuple[int, int, set[int]]) -> str:
     mode, phase, _ = row
-    return (f"{pb.Mode.Name(mode).removeprefix('MODE_').lower()}-at-"
-            f"{pb.Phase.Name(phase).removeprefix('PHASE_').lower()}")
+    at = ("committed" if phase == COMMITTED
+          else pb.Phase.Name(phase).removeprefix("PHASE_").lower())
+    return f"{pb.Mode.Name(mode).removeprefix('MODE_').lower()}-at-{at}"
+
+
+async def stopped_at_point(env: QemuEnv, agent: AgentProcess, mode: int
+                           ) -> tuple[asyncio.Task[pb.UpdateResult], list[pb.OperationEvent]]:
+    """Start the update; return once the agent has stopped itself at its fault point."""
+    client = await agent.client()
+    seen: list[pb.OperationEvent] = []
+    request = update_request(env, "op-death", "death", mode=mode)
+    waiting = asyncio.create_task(client.update(request, on_event=seen.append, timeout=600))
+    await agent.stopped_itself()
+    return waiting, seen
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[row_id(r) for r in ROWS])
@@ -109,10 +128,13 @@ async def test_guest_runs_again_when_the_agent_dies(qemu_env: QemuEnv, vm_cgroup
     (vm_cgroup / "cgroup.procs").write_text(str(pid))
     vm_cgroups = cgroups_of(pid)
     assert ("pids", "/" + vm_cgroup.name) in [(h.split(":", 1)[1], p) for h, p in vm_cgroups]
-    agent = await qemu_env.agent()
+    agent = await qemu_env.agent(stop_at=(COMMITTED_POINT,) if phase == COMMITTED else ())
     assert cgroups_of(agent.pid) != vm_cgroups
     mark = time.monotonic_ns()
-    waiting, seen = await frozen_at(qemu_env, agent, "op-death", "death", phase, mode=mode)
+    if phase == COMMITTED:
+        waiting, seen = await stopped_at_point(qemu_env, agent, mode)
+    else:
+        waiting, seen = await frozen_at(qemu_env, agent, "op-death", "death", phase, mode=mode)
     keeper_cgroups = None
     if mode != pb.MODE_CPR_EXEC:
         # The keeper lives where the VM lives, not in its agent's cgroup. At RESUMED the

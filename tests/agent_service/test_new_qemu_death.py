@@ -32,7 +32,7 @@ from e2e.rig import TestVM
 from tests.agent_service.conftest import QemuEnv
 from tests.agent_service.harness import AgentProcess, op_workdir
 from tests.agent_service.test_update import check_stream, update_request
-from vmupdate_agent import procfs
+from vmupdate_agent import guard, procfs
 from vmupdate_agent.modes.common import pids_with_arg
 from vmupdate_api.gen import agent_v1_pb2 as pb
 
@@ -50,6 +50,11 @@ NOTICED_WITHIN_S = 5.0
 # Not a phase the agent reports: the moment the new QEMU has read the state file (seen with
 # inotify: the reader opens it after the writer closed it, and closes it once loaded).
 LOADED = -1
+# Not a phase either: the agent's fault point right after the guard took the commit (the
+# `cont` is next), where the agent stops itself (vmupdate_agent.faultpoints): only a fraction
+# of a millisecond separates it from the resume, too little to land a freeze from outside.
+COMMITTED = -2
+COMMITTED_POINT = "cpr-exec:committed"
 IN_OPEN, IN_CLOSE_WRITE, IN_CLOSE_NOWRITE = 0x20, 0x08, 0x10
 _EVENT = struct.Struct("iIII")
 
@@ -115,10 +120,9 @@ ROWS = [
     # LOADED: frozen while the new QEMU reads the state file, killed once it closed it.
     Row("cpr_exec-after-load-before-commit", pb.MODE_CPR_EXEC, LOADED, pb.PHASE_STOPPING,
         frozenset({ROLLED_BACK})),
-    # SAVED is reported after the load, just before the commit: frozen after the commit
-    # (or before it; then it is the previous row), killed before the `cont`.
-    Row("cpr_exec-after-commit-before-resume", pb.MODE_CPR_EXEC, pb.PHASE_SAVED,
-        pb.PHASE_SAVED, frozenset({ROLLED_BACK})),
+    # Stopped by its fault point after the commit, killed before the `cont`.
+    Row("cpr_exec-after-commit-before-resume", pb.MODE_CPR_EXEC, COMMITTED,
+        pb.PHASE_EXECED, frozenset({ROLLED_BACK})),
     Row("cpr_transfer-before-handover", pb.MODE_CPR_TRANSFER, None, pb.PHASE_STOPPING,
         frozenset({FAILED})),
     Row("cpr_transfer-after-transfer", pb.MODE_CPR_TRANSFER, pb.PHASE_TRANSFERRED,
@@ -190,6 +194,8 @@ async def run_and_kill(env: QemuEnv, agent: AgentProcess, vm: TestVM, row: Row, 
 
     def on_event(event: pb.OperationEvent) -> None:
         seen.append(event)
+        if row.freeze_at == COMMITTED:
+            return  # the agent stops itself there
         if event.progress.phase == row.after and not reached.is_set():
             if row.freeze_at not in (None, LOADED):
                 os.kill(agent.pid, signal.SIGSTOP)
@@ -199,7 +205,10 @@ async def run_and_kill(env: QemuEnv, agent: AgentProcess, vm: TestVM, row: Row, 
     request = update_request(env, op_id, vm.name, mode=row.mode)
     waiting = asyncio.create_task(client.update(request, on_event=on_event, timeout=600))
     try:
-        await asyncio.wait_for(reached.wait(), 120)
+        if row.freeze_at == COMMITTED:
+            await agent.stopped_itself()
+        else:
+            await asyncio.wait_for(reached.wait(), 120)
         if watch is not None:
             assert await asyncio.to_thread(watch.loaded.wait, 120), "no load was seen"
             new_pid = await wait_new_qemu(vm, workdir, row.mode, pid, listening=False,
@@ -209,17 +218,11 @@ async def run_and_kill(env: QemuEnv, agent: AgentProcess, vm: TestVM, row: Row, 
                                           listening=row.mode == pb.MODE_CPR_REBOOT)
         else:
             new_pid = await wait_new_qemu(vm, workdir, row.mode, pid, listening=False)
-            if row.freeze_at == pb.PHASE_SAVED:
-                # The agent runs a few ms ahead of the event it reported: if it resumed the
-                # guest already, this is not the row (the guest would tick by now).
-                frozen = time.monotonic_ns()
-                await asyncio.sleep(0.5)
-                if vm.serial.window(since=frozen) or any(
-                        e.progress.phase == pb.PHASE_RESUMED for e in seen):
-                    os.kill(agent.pid, signal.SIGCONT)
-                    result = await asyncio.wait_for(waiting, 300)
-                    assert result.outcome == UPDATED, result.message
-                    return None
+            if row.freeze_at == COMMITTED:
+                # Stopped before the `cont`: the guest has not run in the new QEMU.
+                assert not any(e.progress.phase == pb.PHASE_RESUMED for e in seen)
+                status = guard.read_status(workdir / "guard.status") or {}
+                assert status.get("phase") == guard.PHASE_COMMITTED, status
         os.kill(new_pid, signal.SIGKILL)
         killed = time.monotonic_ns()
     finally:
@@ -239,7 +242,8 @@ async def test_new_qemu_killed(qemu_env: QemuEnv, row: Row) -> None:
     vm = await qemu_env.vm("newdeath",
                            backend="file" if row.mode == pb.MODE_CPR_REBOOT else "memfd")
     token = vm.token
-    agent = await qemu_env.agent()
+    agent = await qemu_env.agent(
+        stop_at=(COMMITTED_POINT,) if row.freeze_at == COMMITTED else ())
     attempt = None
     for n in range(4):
         pid = vm.pid
