@@ -32,6 +32,9 @@ from .rollout import RolloutParams, run_rollouts
 from .simagent import Replay, replay_from_record
 
 FULL_SIZES = "256,1024,4096,8192"
+# A fleet per parallelism, so that the whole series finishes in minutes here: parallelism 1
+# over 20,000 VMs would take at least 40 minutes of replayed updates alone.
+DEFAULT_FLEET_PLAN = "1:10x3,10:50x10,100:200x10,1000:1000x20"
 
 
 def _list(kind: str, allowed: tuple[str, ...]) -> Any:
@@ -90,14 +93,15 @@ def parser() -> argparse.ArgumentParser:
                    "pause.json or fleet.json")
     p.add_argument("--only", choices=("pause", "fleet", "rollout"),
                    help="one benchmark (default: all three)")
-    p.add_argument("--fleet-hosts", type=int, default=1000, help="simulated hosts (1000)")
-    p.add_argument("--fleet-vms-per-host", type=int, default=20, help="VMs per host (20)")
+    p.add_argument("--fleet-hosts", type=int, help="simulated hosts, the same fleet at "
+                   "every --fleet-parallel (1000 when only the others are given)")
+    p.add_argument("--fleet-vms-per-host", type=int, help="VMs per host (20)")
     p.add_argument("--fleet-parallel", type=_counts("--fleet-parallel"),
-                   default=[1, 10, 100, 1000],
-                   help="maxParallel of each fleet run (default 1,10,100,1000)")
+                   help="maxParallel of each fleet run (1,10,100,1000)")
     p.add_argument("--fleet-plan", type=_plan, metavar="P:HxV,...",
-                   help="a fleet size per parallelism, e.g. 1:10x5,10:50x10,100:200x5 "
-                        "(instead of --fleet-hosts/--fleet-vms-per-host/--fleet-parallel)")
+                   help="a fleet size per parallelism (default, when none of "
+                        f"--fleet-hosts/--fleet-vms-per-host/--fleet-parallel is given: "
+                        f"{DEFAULT_FLEET_PLAN})")
     p.add_argument("--fleet-profile", action="store_true",
                    help="sample the operator with py-spy (installed beside python)")
     p.add_argument("--fleet-replay", type=Path, metavar="PAUSE_JSON",
@@ -196,11 +200,20 @@ def fleet_replay(pause_doc: dict[str, Any] | None) -> Replay:
     return replay_from_record(cases[0]) if cases else Replay()
 
 
+def fleet_plan(args: argparse.Namespace) -> list[tuple[int, int, int]]:
+    """(parallel, hosts, VMs per host) of each fleet run."""
+    if args.fleet_plan is not None:
+        return list(args.fleet_plan)
+    if (args.fleet_hosts, args.fleet_vms_per_host, args.fleet_parallel) == (None, None, None):
+        return fleetcalc.parse_plan(DEFAULT_FLEET_PLAN)
+    return [(n, args.fleet_hosts or 1000, args.fleet_vms_per_host or 20)
+            for n in args.fleet_parallel or [1, 10, 100, 1000]]
+
+
 async def run_fleets(args: argparse.Namespace, replay: Replay) -> dict[str, Any]:
     started = records.now()
     env: dict[str, Any] = {"machine": records.machine()}
-    plan = args.fleet_plan or [(n, args.fleet_hosts, args.fleet_vms_per_host)
-                               for n in args.fleet_parallel]
+    plan = fleet_plan(args)
     runs = [(FleetParams(hosts=h, vms_per_host=v, parallel=n, replay=replay,
                          heartbeat_s=fleetcalc.heartbeat_s(h), profile=args.fleet_profile),
              f"p{n}") for n, h, v in plan]
@@ -277,8 +290,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.rounds < 1:
         parser().error("--rounds: at least 1")
-    if args.fleet_hosts < 1 or args.fleet_vms_per_host < 1:
+    if (args.fleet_hosts or 1) < 1 or (args.fleet_vms_per_host or 1) < 1:
         parser().error("--fleet-hosts, --fleet-vms-per-host: at least 1")
+    if args.fleet_plan is not None and (args.fleet_hosts, args.fleet_vms_per_host,
+                                        args.fleet_parallel) != (None, None, None):
+        parser().error("--fleet-plan: give it, or --fleet-hosts/--fleet-vms-per-host/"
+                       "--fleet-parallel, not both")
     if not 1 <= args.rollout_hosts <= 16 or not 1 <= args.rollout_vms_per_host <= 16:
         parser().error("--rollout-hosts, --rollout-vms-per-host: 1 to 16 (real VMs)")
     if not 64 <= args.rollout_mem <= 8192:

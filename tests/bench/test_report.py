@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 
 from bench import plots, records, report
-from bench.__main__ import fleet_replay, main, parser, write_fleet_outputs, write_pause_outputs
+from bench.__main__ import (
+    fleet_plan,
+    fleet_replay,
+    main,
+    parser,
+    write_fleet_outputs,
+    write_pause_outputs,
+)
 from bench.pause import plan_cases
 from bench.simagent import Replay
 from tests.bench import sample
@@ -188,3 +195,21 @@ def test_fleet_outputs(tmp_path: Path) -> None:
                  str(tmp_path / "fleet.json")]) == 0
     assert (tmp_path / "again" / "fleet.md").read_text() == text
     assert (tmp_path / "fleet-vs-ideal.png").read_bytes()[:8] == PNG
+
+
+def test_the_fleet_plan_by_default_and_by_flags() -> None:
+    def plan(*flags: str) -> list[tuple[int, int, int]]:
+        return fleet_plan(parser().parse_args(["--out", "x", *flags]))
+
+    # One command: a fleet per parallelism, the largest at 1,000 x 20.
+    assert plan() == [(1, 10, 3), (10, 50, 10), (100, 200, 10), (1000, 1000, 20)]
+    assert plan("--fleet-plan", "1:2x3") == [(1, 2, 3)]
+    assert plan("--fleet-hosts", "5") == [(n, 5, 20) for n in (1, 10, 100, 1000)]
+    assert plan("--fleet-parallel", "1,10") == [(1, 1000, 20), (10, 1000, 20)]
+
+
+def test_a_plan_and_the_fleet_flags_together_are_refused(capsys: pytest.CaptureFixture[str]
+                                                         ) -> None:
+    with pytest.raises(SystemExit):
+        main(["--out", "x", "--fleet-plan", "1:2x3", "--fleet-hosts", "5"])
+    assert "not both" in capsys.readouterr().err
