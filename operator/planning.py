@@ -123,32 +123,115 @@ def plan(*, uid: str, generation: int, observed_generation: int | None, spec: VM
     ``me``, ``others``: this VMUpdate and every other one, for the one-owner rule (without
     ``me``, no VM is Blocked).
     """
-    current: dict[Key, VMRolloutStatus] = {}
-    for row in rows:
-        current.setdefault(key_of(row), row)
-    new_rollout = observed_generation != generation
-    current = {k: _reset_for_new_generation(r, generation, new_rollout)
-               for k, r in current.items()}
+    return Planner().plan(uid=uid, generation=generation,
+                          observed_generation=observed_generation, spec=spec, hosts=hosts,
+                          rows=rows, now=now, stale_after=stale_after, hold=hold, me=me,
+                          others=others)
 
-    hosts_by_name = {h.name: h for h in hosts}
-    unavailable = {h.name: unavailable_reason(h, now, stale_after) for h in hosts}
-    current, dropped, listed = _observe(spec, sorted(hosts, key=lambda h: h.name), current,
-                                        now, unavailable)
-    current = _account_for_missing(current, listed, hosts_by_name, unavailable, now)
-    if me is not None and not spec.dry_run:
-        current = _assign_owners(current, me.with_rows(current.values()), others,
-                                 hosts_by_name)
-    else:
-        current = {k: _unblocked(r) for k, r in current.items()}
 
-    ordered = [current[k] for k in sorted(current)]
-    halt = None if spec.dry_run else _halt(spec, ordered, generation)
-    canary_active = not spec.dry_run and _canary_active(spec, ordered)
-    new_rows, started, waiting = _start(
-        uid=uid, generation=generation, spec=spec, rows=ordered, hosts=hosts_by_name,
-        unavailable=unavailable, halt=halt, hold=hold, canary_active=canary_active, now=now)
-    return Plan(rows=tuple(new_rows), started=tuple(started), halt=halt,
-                canary_active=canary_active, waiting=tuple(waiting), dropped=dropped)
+@dataclass(frozen=True)
+class _Settled:
+    """A host whose rows steps 1-3 left as they were: while its inventory, its
+    availability and its rows stay the same objects, they leave them so again."""
+
+    inventory: HostInventory | None
+    unavailable: str | None
+    rows: tuple[VMRolloutStatus, ...]  # by name
+
+
+class Planner:
+    """:func:`plan`, remembering between the steps of one rollout which hosts steps 1-3
+    (generation, selection, observation, ownership) left unchanged, so that a step looks
+    again only at the hosts whose inventory, availability or rows changed: a fleet's step
+    costs what changed, not the fleet. The result is always the one :func:`plan` computes
+    from scratch (``tests/operator/test_planner.py`` compares them on random fleets)."""
+
+    def __init__(self) -> None:
+        self._settled: dict[str, _Settled] = {}
+        self._context: tuple[object, ...] | None = None
+
+    def plan(self, *, uid: str, generation: int, observed_generation: int | None,
+             spec: VMUpdateSpec, hosts: Sequence[HostInventory],
+             rows: Sequence[VMRolloutStatus], now: datetime,
+             stale_after: timedelta = DEFAULT_STALE_AFTER, hold: str | None = None,
+             me: Claim | None = None, others: Sequence[Claim] = ()) -> Plan:
+        new_rollout = observed_generation != generation
+        groups: dict[str, dict[str, VMRolloutStatus]] = {}
+        for row in rows:
+            group = groups.get(row.host)
+            if group is None:
+                group = groups[row.host] = {}
+            group.setdefault(row.name, row)
+        hosts_by_name = {h.name: h for h in hosts}
+        listings: dict[str, list[HostInventory]] = {}
+        for h in hosts:
+            listings.setdefault(h.name, []).append(h)
+        unavailable = {h.name: unavailable_reason(h, now, stale_after) for h in hosts}
+        owning = me is not None and not spec.dry_run
+        rivals = me is not None and owning and any(c.uid != me.uid and not c.dry_run
+                                                   for c in others)
+        context = (spec, generation, new_rollout, owning, me)
+        if self._context is None or self._context != context:
+            self._settled = {}  # other rules: look at every host again
+        # Several VMUpdates selecting one VM, or two VMHosts of one name: from scratch.
+        self._context = None if rivals or len(hosts_by_name) != len(hosts) else context
+        tracked = sum(len(g) for g in groups.values())
+        dropped = 0
+        out: dict[str, tuple[VMRolloutStatus, ...]] = {}
+        for name in sorted(groups.keys() | hosts_by_name.keys()):
+            group = groups.get(name, {})
+            inventory = hosts_by_name.get(name)
+            settled = self._settled.get(name)
+            if (self._context is not None and settled is not None
+                    and settled.inventory is inventory
+                    and settled.unavailable == unavailable.get(name)
+                    and len(settled.rows) == len(group)
+                    and all(group.get(r.name) is r for r in settled.rows)):
+                out[name] = settled.rows
+                continue
+            current = {(name, n): _reset_for_new_generation(r, generation, new_rollout)
+                       for n, r in group.items()}
+            current, host_dropped, listed = _observe(
+                spec, listings.get(name, []), current, now,
+                unavailable, tracked=tracked - len(current))
+            tracked += len(current) - len(group)
+            dropped += host_dropped
+            current = _account_for_missing(current, listed, hosts_by_name, unavailable, now)
+            if not owning:
+                current = {k: _unblocked(r) for k, r in current.items()}
+            elif not rivals:  # this VMUpdate owns every VM it selects
+                current = {k: _unblocked(r) if _known(r, hosts_by_name) else r
+                           for k, r in current.items()}
+            host_rows = tuple(current[k] for k in sorted(current))
+            out[name] = host_rows
+            if (self._context is not None and host_dropped == 0
+                    and len(host_rows) == len(group)
+                    and all(group.get(r.name) is r for r in host_rows)):
+                self._settled[name] = _Settled(inventory, unavailable.get(name), host_rows)
+            else:
+                self._settled.pop(name, None)
+
+        ordered = [r for name in sorted(out) for r in out[name]]
+        if rivals:
+            assert me is not None
+            current = {key_of(r): r for r in ordered}
+            current = _assign_owners(current, me.with_rows(current.values()), others,
+                                     hosts_by_name)
+            ordered = [current[k] for k in sorted(current)]
+        halt = None if spec.dry_run else _halt(spec, ordered, generation)
+        canary_active = not spec.dry_run and _canary_active(spec, ordered)
+        new_rows, started, waiting = _start(
+            uid=uid, generation=generation, spec=spec, rows=ordered, hosts=hosts_by_name,
+            unavailable=unavailable, halt=halt, hold=hold, canary_active=canary_active,
+            now=now)
+        return Plan(rows=tuple(new_rows), started=tuple(started), halt=halt,
+                    canary_active=canary_active, waiting=tuple(waiting), dropped=dropped)
+
+
+def _known(row: VMRolloutStatus, hosts: dict[str, HostInventory]) -> bool:
+    """The VM's host lists it now (the one-owner rule looks only at such VMs)."""
+    host = hosts.get(row.host)
+    return host is not None and host.vm(row.name) is not None
 
 
 # --- step 1: a new generation ---------------------------------------------------------------
@@ -181,8 +264,9 @@ def _reset_for_new_generation(row: VMRolloutStatus, generation: int, new_rollout
 
 def _observe(spec: VMUpdateSpec, hosts: Iterable[HostInventory],
              current: dict[Key, VMRolloutStatus], now: datetime,
-             unavailable: dict[str, str | None]
+             unavailable: dict[str, str | None], *, tracked: int = 0
              ) -> tuple[dict[Key, VMRolloutStatus], int, set[Key]]:
+    """``tracked``: rows kept beside ``current`` (they count towards MAX_VM_ROWS)."""
     out = dict(current)
     listed: set[Key] = set()
     dropped = 0
@@ -204,7 +288,7 @@ def _observe(spec: VMUpdateSpec, hosts: Iterable[HostInventory],
                     out[key] = _skipped(row, "no longer matches spec.selector", now)
                 continue
             if row is None:
-                if key not in out and len(out) >= MAX_VM_ROWS:
+                if key not in out and len(out) + tracked >= MAX_VM_ROWS:
                     dropped += 1
                     continue
                 row = VMRolloutStatus(host=host.name, name=vm.name, uuid=vm.uuid,
@@ -340,9 +424,10 @@ def _halt(spec: VMUpdateSpec, rows: Sequence[VMRolloutStatus], generation: int) 
                     f"canary VM {_where(first)} failed: {first.message or first.phase.value}; "
                     f"{RETRY_HINT}")
     for row in rows:
+        if row.phase != VMPhase.UPDATED or not strategy.over_pause_budget(row.pause_ms):
+            continue
         ref = parse_operation_id(row.operation_id)
-        if (row.phase == VMPhase.UPDATED and strategy.over_pause_budget(row.pause_ms)
-                and ref is not None and ref.generation == generation):
+        if ref is not None and ref.generation == generation:
             return Halt(Reason.PAUSE_BUDGET_EXCEEDED,
                         f"{_where(row)} was paused {strategy.format_ms(row.pause_ms or 0)} ms, "
                         f"over pauseBudgetMs "

@@ -153,6 +153,7 @@ class Rollout:
         self._deleting = False
         self._spec_error: str | None = None
         self._progress_wake: asyncio.TimerHandle | None = None
+        self._planner = planning.Planner()  # remembers the hosts a step need not look at
 
     # --- control -----------------------------------------------------------------------------
 
@@ -249,7 +250,7 @@ class Rollout:
         now = self.deps.clock()
         generation = self.generation
         observed = self.status.observed_generation if self.status else None
-        plan = planning.plan(uid=self.uid, generation=generation, observed_generation=observed,
+        plan = self._planner.plan(uid=self.uid, generation=generation, observed_generation=observed,
                              spec=spec, hosts=self.deps.hosts(), rows=self.rows, now=now,
                              stale_after=self.deps.stale_after,
                              hold=hold or (DELETING if self._deleting else None),
