@@ -148,6 +148,7 @@ class Planner:
 
     def __init__(self) -> None:
         self._settled: dict[str, _Settled] = {}
+        self._waited: dict[str, _Waited] = {}
         self._context: tuple[object, ...] | None = None
 
     def plan(self, *, uid: str, generation: int, observed_generation: int | None,
@@ -172,7 +173,7 @@ class Planner:
                                                    for c in others)
         context = (spec, generation, new_rollout, owning, me)
         if self._context is None or self._context != context:
-            self._settled = {}  # other rules: look at every host again
+            self._settled, self._waited = {}, {}  # other rules: look at every host again
         # Several VMUpdates selecting one VM, or two VMHosts of one name: from scratch.
         self._context = None if rivals or len(hosts_by_name) != len(hosts) else context
         tracked = sum(len(g) for g in groups.values())
@@ -211,19 +212,22 @@ class Planner:
             else:
                 self._settled.pop(name, None)
 
-        ordered = [r for name in sorted(out) for r in out[name]]
+        groups_out = sorted(out.items())
         if rivals:
             assert me is not None
-            current = {key_of(r): r for r in ordered}
+            current = {key_of(r): r for _, rs in groups_out for r in rs}
             current = _assign_owners(current, me.with_rows(current.values()), others,
                                      hosts_by_name)
-            ordered = [current[k] for k in sorted(current)]
+            groups_out = [(n, tuple(current[(n, r.name)] for r in rs)) for n, rs in groups_out]
+        ordered = [r for _, rs in groups_out for r in rs]
         halt = None if spec.dry_run else _halt(spec, ordered, generation)
         canary_active = not spec.dry_run and _canary_active(spec, ordered)
+        if self._context is None:
+            self._waited = {}
         new_rows, started, waiting = _start(
-            uid=uid, generation=generation, spec=spec, rows=ordered, hosts=hosts_by_name,
+            uid=uid, generation=generation, spec=spec, groups=groups_out, hosts=hosts_by_name,
             unavailable=unavailable, halt=halt, hold=hold, canary_active=canary_active,
-            now=now)
+            now=now, memo=self._waited if self._context is not None else None)
         return Plan(rows=tuple(new_rows), started=tuple(started), halt=halt,
                     canary_active=canary_active, waiting=tuple(waiting), dropped=dropped)
 
@@ -445,62 +449,113 @@ def _halt(spec: VMUpdateSpec, rows: Sequence[VMRolloutStatus], generation: int) 
 # --- step 5: starting -----------------------------------------------------------------------
 
 
-def _start(*, uid: str, generation: int, spec: VMUpdateSpec, rows: list[VMRolloutStatus],
+@dataclass(frozen=True)
+class _Waited:
+    """A host none of whose Pending rows could start (and why): while its rows, its
+    inventory and the reason stay the same, its rows come out the same again."""
+
+    rows_in: tuple[VMRolloutStatus, ...]
+    inventory: HostInventory | None
+    unavailable: str | None
+    held: str
+    rows_out: tuple[VMRolloutStatus, ...]
+    whys: tuple[str, ...]
+
+
+def _same(a: Sequence[VMRolloutStatus], b: Sequence[VMRolloutStatus]) -> bool:
+    return a is b or (len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True)))
+
+
+def _start(*, uid: str, generation: int, spec: VMUpdateSpec,
+           groups: Sequence[tuple[str, tuple[VMRolloutStatus, ...]]],
            hosts: dict[str, HostInventory], unavailable: dict[str, str | None],
-           halt: Halt | None, hold: str | None, canary_active: bool, now: datetime
+           halt: Halt | None, hold: str | None, canary_active: bool, now: datetime,
+           memo: dict[str, _Waited] | None = None
            ) -> tuple[list[VMRolloutStatus], list[VMRolloutStatus], list[str]]:
+    """Step 5 over the rows of each host in turn (``groups``, in host order). ``memo``: the
+    hosts an earlier step held, to reuse while nothing of theirs changed."""
     strategy = spec.strategy
-    in_flight = sum(r.phase in IN_PROGRESS_VM_PHASES for r in rows)
-    per_host = Counter(r.host for r in rows if r.phase in IN_PROGRESS_VM_PHASES)
+    in_flight = 0
+    per_host: Counter[str] = Counter()
+    for _, rows in groups:
+        for r in rows:
+            if r.phase in IN_PROGRESS_VM_PHASES:
+                in_flight += 1
+                per_host[r.host] += 1
     limit = 1 if canary_active else strategy.max_parallel
+    saturated = ("waiting for the canary to finish" if canary_active
+                 else f"waiting: {limit} VM(s) in flight (strategy.maxParallel)")
     out: list[VMRolloutStatus] = []
     started: list[VMRolloutStatus] = []
     waiting: list[str] = []
+    whys: list[str] = []  # of the host at hand, in row order
 
-    def wait(row: VMRolloutStatus, why: str) -> None:
-        if why not in waiting:
-            waiting.append(why)
-        out.append(row if row.message == why else row.model_copy(update={"message": why}))
+    def why(reason: str) -> None:
+        whys.append(reason)
+        if reason not in waiting:
+            waiting.append(reason)
 
-    for row in rows:
-        if row.phase != VMPhase.PENDING:
-            out.append(row)
+    def wait(row: VMRolloutStatus, reason: str) -> None:
+        why(reason)
+        out.append(row if row.message == reason else row.model_copy(update={"message": reason}))
+
+    for name, rows in groups:
+        # Nothing of this host can start: the same rows come out as the last time.
+        held = (HALTED if halt is not None else hold if hold is not None
+                else PAUSED if spec.paused else saturated if in_flight >= limit else None)
+        host = hosts.get(name)
+        before = memo.get(name) if memo is not None else None
+        if (held is not None and before is not None and before.held == held
+                and before.inventory is host and before.unavailable == unavailable.get(name)
+                and _same(before.rows_in, rows)):
+            out.extend(before.rows_out)
+            for reason in before.whys:
+                why(reason)
             continue
-        host = hosts.get(row.host)
-        vm = host.vm(row.name) if host is not None else None
-        if halt is not None:
-            wait(row, HALTED)
-        elif hold is not None:
-            wait(row, hold)
-        elif spec.paused:
-            wait(row, PAUSED)
-        elif unavailable.get(row.host) is not None or vm is None:
-            wait(row, unavailable.get(row.host) or f"host {row.host} does not list the VM")
-        elif host is not None and not seen_after(host, row.finished_at):
-            wait(row, f"waiting for an inventory of {row.host} taken after the VM's last "
-                      "operation")
-        elif not vm.ready and not spec.dry_run:
-            # Its agent would refuse it; starting it would only count a failure (and may
-            # halt the rollout). It starts once its host reports it ready. A dry run still
-            # asks: its preflight report is the detail the user needs.
-            if NOT_READY not in waiting:
-                waiting.append(NOT_READY)
-            reasons = "; ".join(vm.not_ready_reasons) or "its agent gave no reason"
-            out.append(row.model_copy(update={
-                "message": f"not started: not ready for an in-place update: {reasons}"}))
-        elif in_flight >= limit:
-            wait(row, "waiting for the canary to finish" if canary_active
-                 else f"waiting: {limit} VM(s) in flight (strategy.maxParallel)")
-        elif per_host[row.host] >= strategy.max_parallel_per_host:
-            wait(row, f"waiting: {strategy.max_parallel_per_host} VM(s) in flight on "
-                      f"{row.host} (strategy.maxParallelPerHost)")
-        else:
-            begun = _begin(row, vm, uid=uid, generation=generation, spec=spec, now=now,
-                           canary=canary_active)
-            in_flight += 1
-            per_host[row.host] += 1
-            out.append(begun)
-            started.append(begun)
+        first, whys = len(out), []
+        for row in rows:
+            if row.phase != VMPhase.PENDING:
+                out.append(row)
+                continue
+            vm = host.vm(row.name) if host is not None else None
+            if halt is not None:
+                wait(row, HALTED)
+            elif hold is not None:
+                wait(row, hold)
+            elif spec.paused:
+                wait(row, PAUSED)
+            elif unavailable.get(row.host) is not None or vm is None:
+                wait(row, unavailable.get(row.host) or f"host {row.host} does not list the VM")
+            elif host is not None and not seen_after(host, row.finished_at):
+                wait(row, f"waiting for an inventory of {row.host} taken after the VM's last "
+                          "operation")
+            elif not vm.ready and not spec.dry_run:
+                # Its agent would refuse it; starting it would only count a failure (and may
+                # halt the rollout). It starts once its host reports it ready. A dry run
+                # still asks: its preflight report is the detail the user needs.
+                why(NOT_READY)
+                reasons = "; ".join(vm.not_ready_reasons) or "its agent gave no reason"
+                message = f"not started: not ready for an in-place update: {reasons}"
+                out.append(row if row.message == message
+                           else row.model_copy(update={"message": message}))
+            elif in_flight >= limit:
+                wait(row, saturated)
+            elif per_host[row.host] >= strategy.max_parallel_per_host:
+                wait(row, f"waiting: {strategy.max_parallel_per_host} VM(s) in flight on "
+                          f"{row.host} (strategy.maxParallelPerHost)")
+            else:
+                begun = _begin(row, vm, uid=uid, generation=generation, spec=spec, now=now,
+                               canary=canary_active)
+                in_flight += 1
+                per_host[row.host] += 1
+                out.append(begun)
+                started.append(begun)
+        if memo is not None:
+            if held is not None:
+                memo[name] = _Waited(rows, host, unavailable.get(name), held,
+                                     tuple(out[first:]), tuple(dict.fromkeys(whys)))
+            else:
+                memo.pop(name, None)
     return out, started, waiting
 
 

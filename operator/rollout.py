@@ -298,6 +298,9 @@ class Rollout:
         writes: list[tuple[str, RecordWrite, records.HostRows]] = []
         for host, new in after.items():
             old = self._written.get(host)
+            if old is not None and len(old) == len(new) and all(
+                    old.get(name) is row for name, row in new.items()):
+                continue  # the same records (most hosts, most steps)
             patch = records.record_patch(self.name, self.uid, host, old or {}, new)
             if patch is None:
                 continue
