@@ -4,6 +4,7 @@ change between steps -- and it does look again at what changed."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from datetime import timedelta
 
@@ -46,6 +47,16 @@ def _inventory(rng: random.Random, name: str, now_s: int) -> HostInventory:
                 endpoint=None if rng.random() < 0.05 else "127.0.0.1:9443")
 
 
+def _touched(rng: random.Random, inventory: HostInventory) -> HostInventory:
+    """The same host with one small change: a VM's readiness or the agent's endpoint."""
+    if inventory.vms and rng.random() < 0.6:
+        vms = list(inventory.vms)
+        i = rng.randrange(len(vms))
+        vms[i] = vms[i].model_copy(update={"ready": not vms[i].ready})
+        return dataclasses.replace(inventory, vms=tuple(vms))
+    return dataclasses.replace(inventory, endpoint=None if inventory.endpoint else "[::1]:9443")
+
+
 def _finish(rng: random.Random, row: VMRolloutStatus, now_s: int) -> VMRolloutStatus:
     phase = VMPhase.DRY_RUN_PASSED if row.operation_id is None else rng.choice(OUTCOMES)
     return row.model_copy(update={
@@ -75,7 +86,7 @@ def test_incremental_plans_equal_plans_from_scratch(seed: int) -> None:
     rows: tuple[VMRolloutStatus, ...] = ()
     generation = observed = 1
     for step in range(1, 25):
-        now = T0 + timedelta(seconds=step)
+        now = T0 + timedelta(seconds=10 * step)  # an untouched host goes stale
         kwargs = {"uid": UID, "generation": generation, "observed_generation": observed,
                   "spec": the_spec, "hosts": list(hosts), "rows": rows, "now": now,
                   "hold": "deleting" if rng.random() < 0.05 else None,
@@ -86,13 +97,15 @@ def test_incremental_plans_equal_plans_from_scratch(seed: int) -> None:
         if rng.random() < 0.9:  # else the writes failed: the same rows again
             rows, observed = incremental.rows, generation
         # The agents finish some operations; hosts change; now and then the spec does.
-        rows = tuple(_finish(rng, r, step) if r.phase in IN_PROGRESS_VM_PHASES
+        rows = tuple(_finish(rng, r, 10 * step) if r.phase in IN_PROGRESS_VM_PHASES
                      and rng.random() < 0.5 else r for r in rows)
         for i in range(len(hosts)):
             if rng.random() < 0.15:
-                hosts[i] = _inventory(rng, hosts[i].name, step)
+                hosts[i] = _inventory(rng, hosts[i].name, 10 * step)
+            elif rng.random() < 0.15:
+                hosts[i] = _touched(rng, hosts[i])
         if rng.random() < 0.05:
-            hosts.append(_inventory(rng, f"h{len(hosts)}", step))
+            hosts.append(_inventory(rng, f"h{len(hosts)}", 10 * step))
         if rng.random() < 0.05 and hosts:
             hosts.pop(rng.randrange(len(hosts)))
         if rng.random() < 0.08:
