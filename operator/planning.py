@@ -71,6 +71,7 @@ from vmupdate_operator.ownership import Claim, blocked_message, owner
 from vmupdate_operator.selection import host_matches, name_matches, runs_target, version_matches
 
 Key = tuple[str, str]  # (host, VM name): a VM's name is unique on its host
+HostRows = tuple[VMRolloutStatus, ...]  # one host's rows, by name
 
 UPDATE_FAILURES = frozenset({VMPhase.FAILED, VMPhase.ROLLED_BACK})
 FINISHED = frozenset({VMPhase.UPDATED, VMPhase.FAILED, VMPhase.ROLLED_BACK,
@@ -107,6 +108,9 @@ class Plan:
     """Distinct reasons why Pending VMs were not started, in row order."""
     dropped: int
     """Selected VMs not tracked because status holds at most MAX_VM_ROWS rows."""
+    hosts: tuple[tuple[str, tuple[VMRolloutStatus, ...]], ...] = ()
+    """``rows`` host by host (from :class:`Planner`): a host's tuple is the same object as
+    the previous step's when none of its rows changed, so a caller need not compare them."""
 
 
 def key_of(row: VMRolloutStatus) -> Key:
@@ -204,6 +208,8 @@ class Planner:
                 current = {k: _unblocked(r) if _known(r, hosts_by_name) else r
                            for k, r in current.items()}
             host_rows = tuple(current[k] for k in sorted(current))
+            if settled is not None and _same(settled.rows, host_rows):
+                host_rows = settled.rows  # the same rows: the same tuple
             out[name] = host_rows
             if (self._context is not None and host_dropped == 0
                     and len(host_rows) == len(group)
@@ -224,12 +230,13 @@ class Planner:
         canary_active = not spec.dry_run and _canary_active(spec, ordered)
         if self._context is None:
             self._waited = {}
-        new_rows, started, waiting = _start(
+        new_hosts, started, waiting = _start(
             uid=uid, generation=generation, spec=spec, groups=groups_out, hosts=hosts_by_name,
             unavailable=unavailable, halt=halt, hold=hold, canary_active=canary_active,
             now=now, memo=self._waited if self._context is not None else None)
-        return Plan(rows=tuple(new_rows), started=tuple(started), halt=halt,
-                    canary_active=canary_active, waiting=tuple(waiting), dropped=dropped)
+        return Plan(rows=tuple(r for _, rs in new_hosts for r in rs), started=tuple(started),
+                    halt=halt, canary_active=canary_active, waiting=tuple(waiting),
+                    dropped=dropped, hosts=tuple(new_hosts))
 
 
 def _known(row: VMRolloutStatus, hosts: dict[str, HostInventory]) -> bool:
@@ -471,7 +478,8 @@ def _start(*, uid: str, generation: int, spec: VMUpdateSpec,
            hosts: dict[str, HostInventory], unavailable: dict[str, str | None],
            halt: Halt | None, hold: str | None, canary_active: bool, now: datetime,
            memo: dict[str, _Waited] | None = None
-           ) -> tuple[list[VMRolloutStatus], list[VMRolloutStatus], list[str]]:
+           ) -> tuple[list[tuple[str, tuple[VMRolloutStatus, ...]]], list[VMRolloutStatus],
+                      list[str]]:
     """Step 5 over the rows of each host in turn (``groups``, in host order). ``memo``: the
     hosts an earlier step held, to reuse while nothing of theirs changed."""
     strategy = spec.strategy
@@ -485,7 +493,8 @@ def _start(*, uid: str, generation: int, spec: VMUpdateSpec,
     limit = 1 if canary_active else strategy.max_parallel
     saturated = ("waiting for the canary to finish" if canary_active
                  else f"waiting: {limit} VM(s) in flight (strategy.maxParallel)")
-    out: list[VMRolloutStatus] = []
+    done: list[tuple[str, tuple[VMRolloutStatus, ...]]] = []
+    out: list[VMRolloutStatus] = []  # of the host at hand
     started: list[VMRolloutStatus] = []
     waiting: list[str] = []
     whys: list[str] = []  # of the host at hand, in row order
@@ -508,11 +517,11 @@ def _start(*, uid: str, generation: int, spec: VMUpdateSpec,
         if (held is not None and before is not None and before.held == held
                 and before.inventory is host and before.unavailable == unavailable.get(name)
                 and _same(before.rows_in, rows)):
-            out.extend(before.rows_out)
+            done.append((name, before.rows_out))
             for reason in before.whys:
                 why(reason)
             continue
-        first, whys = len(out), []
+        out, whys = [], []
         for row in rows:
             if row.phase != VMPhase.PENDING:
                 out.append(row)
@@ -550,13 +559,15 @@ def _start(*, uid: str, generation: int, spec: VMUpdateSpec,
                 per_host[row.host] += 1
                 out.append(begun)
                 started.append(begun)
+        host_out = rows if _same(rows, out) else tuple(out)
+        done.append((name, host_out))
         if memo is not None:
             if held is not None:
-                memo[name] = _Waited(rows, host, unavailable.get(name), held,
-                                     tuple(out[first:]), tuple(dict.fromkeys(whys)))
+                memo[name] = _Waited(rows, host, unavailable.get(name), held, host_out,
+                                     tuple(dict.fromkeys(whys)))
             else:
                 memo.pop(name, None)
-    return out, started, waiting
+    return done, started, waiting
 
 
 def _begin(row: VMRolloutStatus, vm: HostVM, *, uid: str, generation: int, spec: VMUpdateSpec,
