@@ -153,20 +153,26 @@ class Planner:
     def __init__(self) -> None:
         self._settled: dict[str, _Settled] = {}
         self._waited: dict[str, _Waited] = {}
+        self._summaries: dict[str, _Summary] = {}
         self._context: tuple[object, ...] | None = None
 
     def plan(self, *, uid: str, generation: int, observed_generation: int | None,
              spec: VMUpdateSpec, hosts: Sequence[HostInventory],
              rows: Sequence[VMRolloutStatus], now: datetime,
              stale_after: timedelta = DEFAULT_STALE_AFTER, hold: str | None = None,
-             me: Claim | None = None, others: Sequence[Claim] = ()) -> Plan:
+             me: Claim | None = None, others: Sequence[Claim] = (),
+             by_host: Sequence[tuple[str, HostRows]] | None = None) -> Plan:
+        """:func:`plan`; ``by_host``: ``rows`` host by host, each host's rows by name (as
+        the last plan's ``hosts`` with the changes since): then ``rows`` is not read, and
+        a host whose tuple is the one the last step left needs no look at all."""
         new_rollout = observed_generation != generation
-        groups: dict[str, dict[str, VMRolloutStatus]] = {}
-        for row in rows:
-            group = groups.get(row.host)
-            if group is None:
-                group = groups[row.host] = {}
-            group.setdefault(row.name, row)
+        if by_host is None:
+            groups: dict[str, dict[str, VMRolloutStatus]] = {}
+            for row in rows:
+                groups.setdefault(row.host, {}).setdefault(row.name, row)
+            given = {h: tuple(g.values()) for h, g in groups.items()}
+        else:
+            given = dict(by_host)
         hosts_by_name = {h.name: h for h in hosts}
         listings: dict[str, list[HostInventory]] = {}
         for h in hosts:
@@ -177,23 +183,26 @@ class Planner:
                                                    for c in others)
         context = (spec, generation, new_rollout, owning, me)
         if self._context is None or self._context != context:
-            self._settled, self._waited = {}, {}  # other rules: look at every host again
+            # other rules: look at every host again
+            self._settled, self._waited, self._summaries = {}, {}, {}
         # Several VMUpdates selecting one VM, or two VMHosts of one name: from scratch.
         self._context = None if rivals or len(hosts_by_name) != len(hosts) else context
-        tracked = sum(len(g) for g in groups.values())
+        tracked = sum(len(g) for g in given.values())
         dropped = 0
         out: dict[str, tuple[VMRolloutStatus, ...]] = {}
-        for name in sorted(groups.keys() | hosts_by_name.keys()):
-            group = groups.get(name, {})
+        for name in sorted(given.keys() | hosts_by_name.keys()):
+            given_rows = given.get(name, ())
             inventory = hosts_by_name.get(name)
             settled = self._settled.get(name)
             if (self._context is not None and settled is not None
                     and settled.inventory is inventory
                     and settled.unavailable == unavailable.get(name)
-                    and len(settled.rows) == len(group)
-                    and all(group.get(r.name) is r for r in settled.rows)):
+                    and _same(settled.rows, given_rows)):
                 out[name] = settled.rows
                 continue
+            group: dict[str, VMRolloutStatus] = {}
+            for row in given_rows:
+                group.setdefault(row.name, row)
             current = {(name, n): _reset_for_new_generation(r, generation, new_rollout)
                        for n, r in group.items()}
             current, host_dropped, listed = _observe(
@@ -208,8 +217,10 @@ class Planner:
                 current = {k: _unblocked(r) if _known(r, hosts_by_name) else r
                            for k, r in current.items()}
             host_rows = tuple(current[k] for k in sorted(current))
-            if settled is not None and _same(settled.rows, host_rows):
-                host_rows = settled.rows  # the same rows: the same tuple
+            if _same(given_rows, host_rows):
+                host_rows = given_rows  # the same rows: the same tuple
+            elif settled is not None and _same(settled.rows, host_rows):
+                host_rows = settled.rows
             out[name] = host_rows
             if (self._context is not None and host_dropped == 0
                     and len(host_rows) == len(group)
@@ -225,18 +236,31 @@ class Planner:
             current = _assign_owners(current, me.with_rows(current.values()), others,
                                      hosts_by_name)
             groups_out = [(n, tuple(current[(n, r.name)] for r in rs)) for n, rs in groups_out]
-        ordered = [r for _, rs in groups_out for r in rs]
-        halt = None if spec.dry_run else _halt(spec, ordered, generation)
-        canary_active = not spec.dry_run and _canary_active(spec, ordered)
+        summaries = [self._summary(n, rs, spec, generation) for n, rs in groups_out]
+        halt = None if spec.dry_run else _halt(spec, summaries)
+        canary_active = not spec.dry_run and _canary_active(spec, summaries)
         if self._context is None:
             self._waited = {}
         new_hosts, started, waiting = _start(
             uid=uid, generation=generation, spec=spec, groups=groups_out, hosts=hosts_by_name,
+            flights=[(n, h.in_flight) for (n, _), h in zip(groups_out, summaries, strict=True)],
             unavailable=unavailable, halt=halt, hold=hold, canary_active=canary_active,
             now=now, memo=self._waited if self._context is not None else None)
         return Plan(rows=tuple(r for _, rs in new_hosts for r in rs), started=tuple(started),
                     halt=halt, canary_active=canary_active, waiting=tuple(waiting),
                     dropped=dropped, hosts=tuple(new_hosts))
+
+
+    def _summary(self, name: str, rows: HostRows, spec: VMUpdateSpec, generation: int
+                 ) -> _Summary:
+        """What steps 4 and 5 need of a host's rows (remembered while they are the same)."""
+        before = self._summaries.get(name) if self._context is not None else None
+        if before is not None and before.rows is rows:
+            return before
+        summary = _summarize(rows, spec, generation)
+        if self._context is not None:
+            self._summaries[name] = summary
+        return summary
 
 
 def _known(row: VMRolloutStatus, hosts: dict[str, HostInventory]) -> bool:
@@ -406,16 +430,38 @@ def _skipped(row: VMRolloutStatus, why: str, now: datetime) -> VMRolloutStatus:
 # --- step 4: halts --------------------------------------------------------------------------
 
 
-def _updated_by_rollout(rows: Iterable[VMRolloutStatus]) -> int:
-    return sum(r.phase == VMPhase.UPDATED and r.operation_id is not None for r in rows)
+@dataclass(frozen=True)
+class _Summary:
+    """One host's rows as steps 4 and 5 count them."""
+
+    rows: HostRows
+    in_flight: int
+    updated: int  # by this rollout (with an operation id)
+    work: bool  # a row Pending or in flight
+    failures: HostRows
+    over_budget: VMRolloutStatus | None  # the first updated in this generation, over it
 
 
-def _has_work(rows: Iterable[VMRolloutStatus]) -> bool:
-    return any(r.phase == VMPhase.PENDING or r.phase in IN_PROGRESS_VM_PHASES for r in rows)
+def _summarize(rows: HostRows, spec: VMUpdateSpec, generation: int) -> _Summary:
+    strategy = spec.strategy
+    over_budget = None
+    for row in rows:
+        if row.phase != VMPhase.UPDATED or not strategy.over_pause_budget(row.pause_ms):
+            continue
+        ref = parse_operation_id(row.operation_id)
+        if ref is not None and ref.generation == generation:
+            over_budget = row
+            break
+    return _Summary(
+        rows=rows, in_flight=sum(r.phase in IN_PROGRESS_VM_PHASES for r in rows),
+        updated=sum(r.phase == VMPhase.UPDATED and r.operation_id is not None for r in rows),
+        work=any(r.phase == VMPhase.PENDING or r.phase in IN_PROGRESS_VM_PHASES for r in rows),
+        failures=tuple(r for r in rows if r.phase in UPDATE_FAILURES), over_budget=over_budget)
 
 
-def _canary_active(spec: VMUpdateSpec, rows: Sequence[VMRolloutStatus]) -> bool:
-    return _updated_by_rollout(rows) < spec.strategy.canary and _has_work(rows)
+def _canary_active(spec: VMUpdateSpec, hosts: Sequence[_Summary]) -> bool:
+    return (sum(h.updated for h in hosts) < spec.strategy.canary
+            and any(h.work for h in hosts))
 
 
 def _where(row: VMRolloutStatus) -> str:
@@ -426,24 +472,21 @@ RETRY_HINT = ("to retry, fix the cause, then change the spec (a new generation r
               "failed VMs), e.g. set spec.paused to true and back to false")
 
 
-def _halt(spec: VMUpdateSpec, rows: Sequence[VMRolloutStatus], generation: int) -> Halt | None:
+def _halt(spec: VMUpdateSpec, hosts: Sequence[_Summary]) -> Halt | None:
     strategy = spec.strategy
-    failures = [r for r in rows if r.phase in UPDATE_FAILURES]
-    if failures and strategy.canary > 0 and _updated_by_rollout(rows) < strategy.canary:
+    failures = [r for h in hosts for r in h.failures]
+    if failures and strategy.canary > 0 and sum(h.updated for h in hosts) < strategy.canary:
         first = failures[0]
         return Halt(Reason.CANARY_FAILED,
                     f"canary VM {_where(first)} failed: {first.message or first.phase.value}; "
                     f"{RETRY_HINT}")
-    for row in rows:
-        if row.phase != VMPhase.UPDATED or not strategy.over_pause_budget(row.pause_ms):
-            continue
-        ref = parse_operation_id(row.operation_id)
-        if ref is not None and ref.generation == generation:
-            return Halt(Reason.PAUSE_BUDGET_EXCEEDED,
-                        f"{_where(row)} was paused {strategy.format_ms(row.pause_ms or 0)} ms, "
-                        f"over pauseBudgetMs "
-                        f"{strategy.pause_budget_ms} (the VM itself is updated); to go on, "
-                        "raise strategy.pauseBudgetMs or make the guests pause less")
+    row = next((h.over_budget for h in hosts if h.over_budget is not None), None)
+    if row is not None:
+        return Halt(Reason.PAUSE_BUDGET_EXCEEDED,
+                    f"{_where(row)} was paused {strategy.format_ms(row.pause_ms or 0)} ms, "
+                    f"over pauseBudgetMs "
+                    f"{strategy.pause_budget_ms} (the VM itself is updated); to go on, "
+                    "raise strategy.pauseBudgetMs or make the guests pause less")
     if strategy.failure_policy == FailurePolicy.HALT and len(failures) > strategy.max_failures:
         names = ", ".join(_where(r) for r in failures[:5])
         more = f" and {len(failures) - 5} more" if len(failures) > 5 else ""
@@ -477,19 +520,14 @@ def _start(*, uid: str, generation: int, spec: VMUpdateSpec,
            groups: Sequence[tuple[str, tuple[VMRolloutStatus, ...]]],
            hosts: dict[str, HostInventory], unavailable: dict[str, str | None],
            halt: Halt | None, hold: str | None, canary_active: bool, now: datetime,
-           memo: dict[str, _Waited] | None = None
+           flights: Sequence[tuple[str, int]], memo: dict[str, _Waited] | None = None
            ) -> tuple[list[tuple[str, tuple[VMRolloutStatus, ...]]], list[VMRolloutStatus],
                       list[str]]:
     """Step 5 over the rows of each host in turn (``groups``, in host order). ``memo``: the
     hosts an earlier step held, to reuse while nothing of theirs changed."""
     strategy = spec.strategy
-    in_flight = 0
-    per_host: Counter[str] = Counter()
-    for _, rows in groups:
-        for r in rows:
-            if r.phase in IN_PROGRESS_VM_PHASES:
-                in_flight += 1
-                per_host[r.host] += 1
+    per_host: Counter[str] = Counter(dict(flights))  # rows in flight, by host
+    in_flight = sum(per_host.values())
     limit = 1 if canary_active else strategy.max_parallel
     saturated = ("waiting for the canary to finish" if canary_active
                  else f"waiting: {limit} VM(s) in flight (strategy.maxParallel)")

@@ -162,7 +162,8 @@ class Rollout:
         self._reported: dict[Key, VMRolloutStatus] = {}  # rows as last written
         self._written: dict[str, records.HostRows] = {}  # what each VMUpdateHost holds
         self._written_hosts: dict[str, planning.HostRows] = {}  # the same, as the plan's
-        self._hosts: dict[str, planning.HostRows] = {}  # self.rows by host, as the plan's
+        self._hosts: dict[str, planning.HostRows] = {}  # the adopted rows by host
+        self._current: dict[str, planning.HostRows] = {}  # self.rows by host (the planner's)
         self._changes: list[tuple[Key, RowChange]] = []
         self._pending: dict[Key, list[RowChange]] = {}  # the same, by row (for row())
         self._tasks: dict[Key, asyncio.Task[None]] = {}
@@ -232,6 +233,7 @@ class Rollout:
             by_key = {key_of(r): r for r in rows}
         self._by_key = self._reported = by_key
         self._hosts = dict(hosts)
+        self._current = dict(hosts)
 
     def _changed(self, hosts: Sequence[tuple[str, planning.HostRows]]
                  ) -> list[VMRolloutStatus] | None:
@@ -277,6 +279,11 @@ class Rollout:
                 changed.add(key)
         self._by_key = by_key
         self.rows = _replaced(self.rows, by_key, changed)
+        for host in {key[0] for key in changed}:
+            if host not in self._current:  # not from a plan: the planner groups self.rows
+                self._current = {}
+                break
+            self._current[host] = tuple(by_key[(host, r.name)] for r in self._current[host])
 
     async def step(self, *, hold: str | None = None) -> bool:
         """One reconcile: plan, write status, start what the plan started. False when the
@@ -292,7 +299,8 @@ class Rollout:
                              spec=spec, hosts=self.deps.hosts(), rows=self.rows, now=now,
                              stale_after=self.deps.stale_after,
                              hold=hold or (DELETING if self._deleting else None),
-                             me=self._claim(), others=self.deps.claims())
+                             me=self._claim(), others=self.deps.claims(),
+                             by_host=list(self._current.items()) if self._current else None)
         rows = list(plan.rows)
         status = build_status(previous=self.status, spec=spec, generation=generation,
                               plan=plan, now=now)

@@ -57,6 +57,23 @@ def _touched(rng: random.Random, inventory: HostInventory) -> HostInventory:
     return dataclasses.replace(inventory, endpoint=None if inventory.endpoint else "[::1]:9443")
 
 
+def _regrouped(before: list[tuple[str, planning.HostRows]], rows: tuple[VMRolloutStatus, ...]
+               ) -> list[tuple[str, planning.HostRows]]:
+    """``rows`` host by host, each host's tuple the one of ``before`` while its rows are the
+    same (as the rollout loop keeps them)."""
+    groups: dict[str, list[VMRolloutStatus]] = {}
+    for r in rows:
+        groups.setdefault(r.host, []).append(r)
+    old = dict(before)
+    out = []
+    for name, host_rows in groups.items():
+        kept = old.get(name, ())
+        same = len(kept) == len(host_rows) and all(
+            a is b for a, b in zip(kept, host_rows, strict=True))
+        out.append((name, kept if same else tuple(host_rows)))
+    return out
+
+
 def _finish(rng: random.Random, row: VMRolloutStatus, now_s: int) -> VMRolloutStatus:
     phase = VMPhase.DRY_RUN_PASSED if row.operation_id is None else rng.choice(OUTCOMES)
     return row.model_copy(update={
@@ -85,6 +102,7 @@ def test_incremental_plans_equal_plans_from_scratch(seed: int) -> None:
     planner = planning.Planner()
     rows: tuple[VMRolloutStatus, ...] = ()
     generation = observed = 1
+    by_host: list[tuple[str, planning.HostRows]] = []
     for step in range(1, 25):
         now = T0 + timedelta(seconds=10 * step)  # an untouched host goes stale
         kwargs = {"uid": UID, "generation": generation, "observed_generation": observed,
@@ -92,13 +110,16 @@ def test_incremental_plans_equal_plans_from_scratch(seed: int) -> None:
                   "hold": "deleting" if rng.random() < 0.05 else None,
                   "me": ME if with_me else None,
                   "others": [RIVAL] if rng.random() < 0.2 else []}
-        incremental = planner.plan(**kwargs)  # type: ignore[arg-type]
+        grouped = by_host if rng.random() < 0.7 else None  # as the loop gives them, or not
+        incremental = planner.plan(**kwargs, by_host=grouped)  # type: ignore[arg-type]
         assert incremental == planning.plan(**kwargs), f"step {step}"  # type: ignore[arg-type]
         if rng.random() < 0.9:  # else the writes failed: the same rows again
             rows, observed = incremental.rows, generation
+            by_host = list(incremental.hosts)
         # The agents finish some operations; hosts change; now and then the spec does.
         rows = tuple(_finish(rng, r, 10 * step) if r.phase in IN_PROGRESS_VM_PHASES
                      and rng.random() < 0.5 else r for r in rows)
+        by_host = _regrouped(by_host, rows)
         for i in range(len(hosts)):
             if rng.random() < 0.15:
                 hosts[i] = _inventory(rng, hosts[i].name, 10 * step)
