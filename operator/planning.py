@@ -45,6 +45,7 @@ Rules, in the order they are applied:
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -246,7 +247,8 @@ class Planner:
             flights=[(n, h.in_flight) for (n, _), h in zip(groups_out, summaries, strict=True)],
             unavailable=unavailable, halt=halt, hold=hold, canary_active=canary_active,
             now=now, memo=self._waited if self._context is not None else None)
-        return Plan(rows=tuple(r for _, rs in new_hosts for r in rs), started=tuple(started),
+        return Plan(rows=tuple(itertools.chain.from_iterable(rs for _, rs in new_hosts)),
+                    started=tuple(started),
                     halt=halt, canary_active=canary_active, waiting=tuple(waiting),
                     dropped=dropped, hosts=tuple(new_hosts))
 

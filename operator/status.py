@@ -75,7 +75,6 @@ def _clip(text: str, limit: int = MAX_MESSAGE) -> str:
 def decide_phase(spec: VMUpdateSpec, rows: Sequence[VMRolloutStatus], plan: Plan) -> UpdatePhase:
     pending = any(r.phase == VMPhase.PENDING for r in rows)
     in_flight = any(r.phase in IN_PROGRESS_VM_PHASES for r in rows)
-    failed = any(r.phase in FAILED_VM_PHASES for r in rows)
     if spec.dry_run:
         if spec.paused and pending:
             return UpdatePhase.PAUSED
@@ -86,6 +85,8 @@ def decide_phase(spec: VMUpdateSpec, rows: Sequence[VMRolloutStatus], plan: Plan
         return UpdatePhase.PAUSED
     if pending or in_flight:
         return UpdatePhase.PROGRESSING
+    # Looked for only now: finding no failure means looking at every row.
+    failed = any(r.phase in FAILED_VM_PHASES for r in rows)
     blocked = any(r.phase == VMPhase.BLOCKED for r in rows)
     return UpdatePhase.DEGRADED if failed or blocked else UpdatePhase.SUCCEEDED
 
