@@ -41,6 +41,18 @@ Rules, in the order they are applied:
    at a time and nothing else in flight; otherwise up to ``maxParallel`` in flight across the
    cluster and ``maxParallelPerHost`` per host. Dry runs use the same limits, no canary.
 6. At most ``MAX_VM_ROWS`` rows: VMs beyond that are not tracked (counted in ``dropped``).
+
+A fleet's step costs what changed, not the fleet: :class:`Planner` (one per rollout) applies
+the same rules host by host and remembers the hosts they left alone -- steps 1-3 while the
+host's inventory, availability and rows are the same objects, step 5 while, in addition,
+none of its VMs could start for the same reason -- and per-host counts for steps 4 and 5.
+Its plan is always the one :func:`plan` makes from scratch (``tests/operator/
+test_planner.py`` compares them on random fleets). Rows are immutable values, so "the same
+object" is "unchanged".
+
+Over 450 lines on purpose: the rules and the incremental planner that applies them share
+the private step functions and their per-host memories; split, one module would reach into
+the other's internals.
 """
 
 from __future__ import annotations
