@@ -167,6 +167,8 @@ class Rollout:
         self._changes: list[tuple[Key, RowChange]] = []
         self._pending: dict[Key, list[RowChange]] = {}  # the same, by row (for row())
         self._tasks: dict[Key, asyncio.Task[None]] = {}
+        self._ended: set[Key] = set()  # rows whose task ended since the last step
+        self._all_rows = True  # the first step looks at every row for tasks to follow
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._deleting = False
@@ -320,15 +322,32 @@ class Rollout:
         report(self.deps.events, self.deps.metrics, before_rows=before_rows,
                after_rows=rows if changed is None else changed,
                before=before, after=status, spec=spec, now=now)
+        self._follow(plan.started)
+        return True
+
+    def _follow(self, started: Sequence[VMRolloutStatus]) -> None:
+        """A task for each row in flight without one: every such row the first time, then
+        only the rows just started and those whose task ended (a fleet's rows are not
+        looked at again); the ended tasks are forgotten."""
+        if self._all_rows:
+            keys = [key_of(r) for r in self.rows if r.phase in IN_PROGRESS_VM_PHASES]
+        else:
+            keys = sorted({key_of(r) for r in started} | self._ended)
+        self._all_rows = False
+        ended, self._ended = self._ended, set()
+        for key in ended:
+            task = self._tasks.get(key)
+            if task is not None and task.done():
+                del self._tasks[key]
         live = self._live_tasks()
-        for row in self.rows:
-            if row.phase not in IN_PROGRESS_VM_PHASES:
+        for key in keys:
+            row = self._by_key.get(key)
+            if row is None or row.phase not in IN_PROGRESS_VM_PHASES:
                 continue
             # With the changes posted meanwhile: a task that just finished posted its result.
-            current = self._still_in_flight(key_of(row))
-            if current is not None and key_of(row) not in live:
+            current = self._still_in_flight(key)
+            if current is not None and key not in live:
                 self._spawn(current)
-        return True
 
     async def _write_status(self, status: VMUpdateStatus) -> bool:
         if self.status is not None and status.to_wire() == self.status.to_wire():
@@ -468,6 +487,7 @@ class Rollout:
             self.post(key, lambda r: r.model_copy(update={"message": message}))
         finally:
             self.deps.metrics.in_flight.dec()
+            self._ended.add(key)
             self._wake.set()
 
     async def _client(self, key: Key, delays: Iterator[float]) -> Any | None:

@@ -5,12 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import random
+from typing import Any
 
 import pytest
 
 from tests.operator.builders import host, row, spec, vm
-from tests.operator.test_rollout import Agent, Writer, make_body, make_rollout, phase_is, until
+from tests.operator.test_rollout import (
+    Agent,
+    Writer,
+    make_body,
+    make_rollout,
+    phase_is,
+    run_until,
+    until,
+)
 from vmupdate_api.crd_models import UpdatePhase, VMPhase
+from vmupdate_api.gen import agent_v1_pb2 as pb
 from vmupdate_operator import rollout as rollout_module
 from vmupdate_operator.planning import key_of
 from vmupdate_operator.rollout import _replaced
@@ -81,3 +91,26 @@ async def test_a_fleet_written_host_by_host_ends_as_its_rows_with_every_event_on
     assert reasons.count("UpdateStarted") == reasons.count("VMUpdated") == 36
     started = [e[2].split(":")[0] for e in events if e[1] == "UpdateStarted"]
     assert len(set(started)) == 36
+
+
+class CrashingAgent(Agent):
+    """The first Update call fails with an operator bug (not an agent error)."""
+
+    crashed = False
+
+    async def update(self, request: pb.UpdateRequest, **kwargs: Any) -> pb.UpdateResult:
+        if not self.crashed:
+            self.crashed = True
+            raise RuntimeError("a bug in the operator")
+        return await super().update(request, **kwargs)
+
+
+@pytest.mark.usefixtures("fast")
+async def test_a_row_whose_task_ended_in_flight_is_followed_again() -> None:
+    writer = Writer()
+    agent = CrashingAgent(writer, [host("a", vm("x")), host("b", vm("y"))])
+    r = make_rollout(make_body(spec(strategy={"maxParallel": 1, "maxParallelPerHost": 1})),
+                     writer, agent)
+    await run_until(r, phase_is(writer, UpdatePhase.SUCCEEDED))
+    assert agent.crashed and len(agent.executions) == 2
+    assert all(v.phase == VMPhase.UPDATED for v in writer.vms)
