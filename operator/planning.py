@@ -264,7 +264,6 @@ class Planner:
                     halt=halt, canary_active=canary_active, waiting=tuple(waiting),
                     dropped=dropped, hosts=tuple(new_hosts))
 
-
     def _summary(self, name: str, rows: HostRows, spec: VMUpdateSpec, generation: int
                  ) -> _Summary:
         """What steps 4 and 5 need of a host's rows (remembered while they are the same)."""
