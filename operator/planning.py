@@ -291,8 +291,10 @@ def superseded(row: VMRolloutStatus, generation: int, new_rollout: bool) -> bool
         return False  # its operation finishes first
     if new_rollout:
         return row.phase != VMPhase.PENDING or row.operation_id is not None
+    if row.phase not in FINISHED:
+        return False
     ref = parse_operation_id(row.operation_id)
-    return row.phase in FINISHED and ref is not None and ref.generation != generation
+    return ref is not None and ref.generation != generation
 
 
 def _reset_for_new_generation(row: VMRolloutStatus, generation: int, new_rollout: bool
@@ -387,9 +389,10 @@ def _observed(row: VMRolloutStatus, vm: HostVM, host: HostInventory, spec: VMUpd
 def _with(row: VMRolloutStatus, update: dict[str, object]) -> VMRolloutStatus:
     """``row`` with ``update`` -- the same object when nothing changes (a fleet's waiting
     rows are looked at every step: copying each one is most of a step's work)."""
-    if all(getattr(row, name) == value for name, value in update.items()):
-        return row
-    return row.model_copy(update=update)
+    for name, value in update.items():
+        if getattr(row, name) != value:
+            return row.model_copy(update=update)
+    return row
 
 
 def _describe(vm: HostVM) -> str:
