@@ -94,8 +94,12 @@ def _spec(rng: random.Random) -> tuple[VMUpdateSpec, bool]:
                 paused=rng.random() < 0.1), rng.random() < 0.3
 
 
-@pytest.mark.parametrize("seed", range(40))
-def test_incremental_plans_equal_plans_from_scratch(seed: int) -> None:
+@pytest.mark.parametrize(("seed", "max_rows"), [*((s, None) for s in range(40)),
+                                               *((s, 12) for s in range(40, 60))])
+def test_incremental_plans_equal_plans_from_scratch(seed: int, max_rows: int | None,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    if max_rows is not None:  # VMs beyond the limit are dropped, whichever host they are on
+        monkeypatch.setattr(planning, "MAX_VM_ROWS", max_rows)
     rng = random.Random(seed)
     hosts = [_inventory(rng, f"h{i}", 0) for i in range(rng.randint(1, 12))]
     the_spec, with_me = _spec(rng)
@@ -133,6 +137,16 @@ def test_incremental_plans_equal_plans_from_scratch(seed: int) -> None:
             the_spec, with_me = _spec(rng)
             generation += rng.random() < 0.7  # the planner's result depends on the spec alone
         with_me ^= rng.random() < 0.1
+
+
+def test_rows_limit_counts_the_rows_of_every_host_before(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(planning, "MAX_VM_ROWS", 3)
+    hosts = [host(name, vm("x"), vm("y")) for name in ("a", "b", "c")]
+    plan = planning.plan(uid=UID, generation=1, observed_generation=1, spec=spec(paused=True),
+                         hosts=hosts, rows=(), now=T0)
+    assert [(r.host, r.name) for r in plan.rows] == [("a", "x"), ("a", "y"), ("b", "x")]
+    assert plan.dropped == 3
 
 
 def test_rows_limit_counts_the_hosts_it_did_not_look_at_again(
