@@ -242,6 +242,10 @@ class Planner:
             else:
                 self._settled.pop(name, None)
 
+        for memory in (self._settled, self._waited, self._summaries):
+            if len(memory) > len(out):  # hosts gone (no VMHost and no rows): forgotten
+                for gone in memory.keys() - out.keys():
+                    del memory[gone]
         groups_out = sorted(out.items())
         if rivals:
             assert me is not None
