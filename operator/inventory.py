@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import cached_property
 from typing import Any
 
 from pydantic import ValidationError
@@ -49,7 +50,16 @@ class HostInventory:
                    heartbeat=status.heartbeat_time, vms=tuple(status.vms))
 
     def vm(self, name: str) -> HostVM | None:
-        return next((vm for vm in self.vms if vm.name == name), None)
+        return self._by_name.get(name)
+
+    @cached_property
+    def _by_name(self) -> dict[str, HostVM]:
+        """The VMs by name (the first of a name, as a scan would find): a lookup per row of
+        a fleet must not scan the host's VMs."""
+        out: dict[str, HostVM] = {}
+        for vm in self.vms:
+            out.setdefault(vm.name, vm)
+        return out
 
 
 def unavailable_reason(host: HostInventory, now: datetime,

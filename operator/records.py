@@ -107,7 +107,8 @@ def record_patch(vmupdate: str, uid: str, host: str, before: Mapping[str, VMRoll
     the changed VMs (removed ones as null), the counts and the failed label."""
     changed: dict[str, Any] = {}
     for name, row in after.items():
-        if before.get(name) != row:
+        old = before.get(name)
+        if old is not row and old != row:
             changed[name] = _row_wire(row)
     for name in before.keys() - after.keys():
         changed[name] = None

@@ -23,6 +23,7 @@ parts live elsewhere (planning, status, records, reporting, translate).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import functools
 import logging
@@ -99,6 +100,21 @@ def _not_started(row: VMRolloutStatus, generation: int) -> VMRolloutStatus:
                    "this VM)"})
 
 
+def _replaced(rows: list[VMRolloutStatus], by_key: Mapping[Key, VMRolloutStatus],
+              changed: set[Key]) -> list[VMRolloutStatus]:
+    """``rows`` (sorted by key) with the ``changed`` ones taken from ``by_key``: found by
+    bisection, so a change costs what it changed, not the fleet."""
+    if len(by_key) != len(rows):  # duplicate keys (records read at start): every row
+        return [by_key[key_of(r)] for r in rows]
+    out = list(rows)
+    for key in changed:
+        i = bisect.bisect_left(out, key, key=key_of)
+        if i == len(out) or key_of(out[i]) != key:
+            return [by_key[key_of(r)] for r in rows]  # not sorted after all
+        out[i] = by_key[key]
+    return out
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -145,14 +161,20 @@ class Rollout:
         self._by_key: dict[Key, VMRolloutStatus] = {}  # rows with the changes applied
         self._reported: dict[Key, VMRolloutStatus] = {}  # rows as last written
         self._written: dict[str, records.HostRows] = {}  # what each VMUpdateHost holds
+        self._written_hosts: dict[str, planning.HostRows] = {}  # the same, as the plan's
+        self._hosts: dict[str, planning.HostRows] = {}  # the adopted rows by host
+        self._current: dict[str, planning.HostRows] = {}  # self.rows by host (the planner's)
         self._changes: list[tuple[Key, RowChange]] = []
         self._pending: dict[Key, list[RowChange]] = {}  # the same, by row (for row())
         self._tasks: dict[Key, asyncio.Task[None]] = {}
+        self._ended: set[Key] = set()  # rows whose task ended since the last step
+        self._all_rows = True  # the first step looks at every row for tasks to follow
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._deleting = False
         self._spec_error: str | None = None
         self._progress_wake: asyncio.TimerHandle | None = None
+        self._planner = planning.Planner()  # remembers the hosts a step need not look at
 
     # --- control -----------------------------------------------------------------------------
 
@@ -199,10 +221,29 @@ class Rollout:
         self._written = records.by_host(stored)
         self._adopt(stored)
 
-    def _adopt(self, rows: list[VMRolloutStatus]) -> None:
-        """``rows`` are written: the loop's state from now on."""
+    def _adopt(self, rows: list[VMRolloutStatus],
+               hosts: Sequence[tuple[str, planning.HostRows]] = ()) -> None:
+        """``rows`` (``hosts``: the same, host by host) are written: the loop's state from
+        now on. Only the hosts whose rows are other objects than before are looked at."""
         self.rows = rows
-        self._by_key = self._reported = {key_of(r): r for r in rows}
+        by_key = dict(self._reported)
+        for name, host_rows in hosts:
+            if self._hosts.get(name) is not host_rows:
+                for r in host_rows:
+                    by_key[key_of(r)] = r
+        if not hosts or len(by_key) != len(rows):  # not the plan's, or rows left
+            by_key = {key_of(r): r for r in rows}
+        self._by_key = self._reported = by_key
+        self._hosts = dict(hosts)
+        self._current = dict(hosts)
+
+    def _changed(self, hosts: Sequence[tuple[str, planning.HostRows]]
+                 ) -> list[VMRolloutStatus] | None:
+        """The rows of the hosts whose rows are not those adopted last (None: all may)."""
+        if not self._hosts:
+            return None
+        return [r for name, host_rows in hosts if self._hosts.get(name) is not host_rows
+                for r in host_rows]
 
     def spec(self) -> VMUpdateSpec | None:
         try:
@@ -232,12 +273,19 @@ class Rollout:
         if not changes:
             return
         by_key = dict(self._by_key)  # the written one stays as it was (for the Events)
+        changed: set[Key] = set()
         for key, change in changes:
             row = by_key.get(key)
             if row is not None:
                 by_key[key] = change(row)
+                changed.add(key)
         self._by_key = by_key
-        self.rows = [by_key[key_of(r)] for r in self.rows]
+        self.rows = _replaced(self.rows, by_key, changed)
+        for host in {key[0] for key in changed}:
+            if host not in self._current:  # not from a plan: the planner groups self.rows
+                self._current = {}
+                break
+            self._current[host] = tuple(by_key[(host, r.name)] for r in self._current[host])
 
     async def step(self, *, hold: str | None = None) -> bool:
         """One reconcile: plan, write status, start what the plan started. False when the
@@ -249,11 +297,12 @@ class Rollout:
         now = self.deps.clock()
         generation = self.generation
         observed = self.status.observed_generation if self.status else None
-        plan = planning.plan(uid=self.uid, generation=generation, observed_generation=observed,
+        plan = self._planner.plan(uid=self.uid, generation=generation, observed_generation=observed,
                              spec=spec, hosts=self.deps.hosts(), rows=self.rows, now=now,
                              stale_after=self.deps.stale_after,
                              hold=hold or (DELETING if self._deleting else None),
-                             me=self._claim(), others=self.deps.claims())
+                             me=self._claim(), others=self.deps.claims(),
+                             by_host=list(self._current.items()) if self._current else None)
         rows = list(plan.rows)
         status = build_status(previous=self.status, spec=spec, generation=generation,
                               plan=plan, now=now)
@@ -262,23 +311,43 @@ class Rollout:
             status = with_start_time(status, now)
         # The records and the status at once: only the records carry what a restart
         # needs, and nothing starts unless both were written.
-        written = await asyncio.gather(self._write_records(rows), self._write_status(status))
+        written = await asyncio.gather(self._write_records(rows, plan.hosts),
+                                       self._write_status(status))
         if not all(written):
             return False
         before, before_rows = self.status, self._reported
+        changed = self._changed(plan.hosts)
         self.status = status
-        self._adopt(rows)
-        report(self.deps.events, self.deps.metrics, before_rows=before_rows, after_rows=rows,
+        self._adopt(rows, plan.hosts)
+        report(self.deps.events, self.deps.metrics, before_rows=before_rows,
+               after_rows=rows if changed is None else changed,
                before=before, after=status, spec=spec, now=now)
+        self._follow(plan.started)
+        return True
+
+    def _follow(self, started: Sequence[VMRolloutStatus]) -> None:
+        """A task for each row in flight without one: every such row the first time, then
+        only the rows just started and those whose task ended (a fleet's rows are not
+        looked at again); the ended tasks are forgotten."""
+        if self._all_rows:
+            keys = [key_of(r) for r in self.rows if r.phase in IN_PROGRESS_VM_PHASES]
+        else:
+            keys = sorted({key_of(r) for r in started} | self._ended)
+        self._all_rows = False
+        ended, self._ended = self._ended, set()
+        for key in ended:
+            task = self._tasks.get(key)
+            if task is not None and task.done():
+                del self._tasks[key]
         live = self._live_tasks()
-        for row in self.rows:
-            if row.phase not in IN_PROGRESS_VM_PHASES:
+        for key in keys:
+            row = self._by_key.get(key)
+            if row is None or row.phase not in IN_PROGRESS_VM_PHASES:
                 continue
             # With the changes posted meanwhile: a task that just finished posted its result.
-            current = self._still_in_flight(key_of(row))
-            if current is not None and key_of(row) not in live:
+            current = self._still_in_flight(key)
+            if current is not None and key not in live:
                 self._spawn(current)
-        return True
 
     async def _write_status(self, status: VMUpdateStatus) -> bool:
         if self.status is not None and status.to_wire() == self.status.to_wire():
@@ -290,13 +359,22 @@ class Rollout:
             return False
         return True
 
-    async def _write_records(self, rows: Sequence[VMRolloutStatus]) -> bool:
+    async def _write_records(self, rows: Sequence[VMRolloutStatus],
+                             hosts: Sequence[tuple[str, planning.HostRows]] = ()) -> bool:
         """Write the records that changed, host by host (several at once); True when every
-        write succeeded (each success is remembered, so a retry sends only the rest)."""
-        after = records.by_host(rows)
+        write succeeded (each success is remembered, so a retry sends only the rest).
+        ``hosts``: ``rows`` host by host, as the plan gave them (a host whose rows are the
+        tuple last written is not looked at)."""
+        plain = {h: rs for h, rs in hosts}
+        after = ({h: {r.name: r for r in rs} for h, rs in hosts
+                  if self._written_hosts.get(h) is not rs} if hosts else records.by_host(rows))
         writes: list[tuple[str, RecordWrite, records.HostRows]] = []
         for host, new in after.items():
             old = self._written.get(host)
+            if old is not None and len(old) == len(new) and all(
+                    old.get(name) is row for name, row in new.items()):
+                self._remember(host, new, plain)
+                continue  # the same records
             patch = records.record_patch(self.name, self.uid, host, old or {}, new)
             if patch is None:
                 continue
@@ -315,11 +393,20 @@ class Rollout:
                 except StatusWriteError as exc:
                     log.warning("VMUpdate %s: %s; retrying", self.name, exc)
                     return False
-            self._written[host] = new
+            self._remember(host, new, plain)
             return True
 
         results = await asyncio.gather(*(one(*w) for w in writes))
         return all(results)
+
+    def _remember(self, host: str, new: records.HostRows,
+                  plain: Mapping[str, planning.HostRows]) -> None:
+        """The VMUpdateHost of ``host`` holds ``new`` (``plain``: the plan's tuples)."""
+        self._written[host] = new
+        if host in plain:
+            self._written_hosts[host] = plain[host]
+        else:
+            self._written_hosts.pop(host, None)
 
     def _live_tasks(self) -> set[Key]:
         return {k for k, t in self._tasks.items() if not t.done()}
@@ -400,6 +487,7 @@ class Rollout:
             self.post(key, lambda r: r.model_copy(update={"message": message}))
         finally:
             self.deps.metrics.in_flight.dec()
+            self._ended.add(key)
             self._wake.set()
 
     async def _client(self, key: Key, delays: Iterator[float]) -> Any | None:

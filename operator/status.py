@@ -13,7 +13,8 @@ and ``lastTransitionTime`` that moves only when a condition's status changes
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 
 from vmupdate_api.crd_models import (
@@ -31,6 +32,7 @@ from vmupdate_api.crd_models import (
     RolloutTarget,
     UpdatePhase,
     VMPhase,
+    VMRef,
     VMRolloutStatus,
     VMUpdateSpec,
     VMUpdateStatus,
@@ -48,16 +50,22 @@ COMPLETE_PHASES = frozenset({UpdatePhase.SUCCEEDED, UpdatePhase.DEGRADED, Update
                              UpdatePhase.DRY_RUN_COMPLETE})
 
 
-def _names(rows: Sequence[VMRolloutStatus], *, detail: bool = False) -> str:
+def _names(rows: Iterable[VMRolloutStatus | VMRef], count: int, *, detail: bool = False
+           ) -> str:
+    """The first of ``count`` VMs (``rows``: them, in order; only the first few are read)."""
     parts = []
-    for row in rows[:_LISTED]:
+    for row in itertools.islice(rows, _LISTED):
         text = f"{row.name} on {row.host}"
         if detail and row.message:
             text += f" ({row.message})"
         parts.append(text)
-    if len(rows) > _LISTED:
-        parts.append(f"and {len(rows) - _LISTED} more")
+    if count > _LISTED:
+        parts.append(f"and {count - _LISTED} more")
     return ", ".join(parts)
+
+
+def _of(rows: Sequence[VMRolloutStatus], phase: VMPhase) -> Iterator[VMRolloutStatus]:
+    return (r for r in rows if r.phase == phase)
 
 
 def _clip(text: str, limit: int = MAX_MESSAGE) -> str:
@@ -67,7 +75,6 @@ def _clip(text: str, limit: int = MAX_MESSAGE) -> str:
 def decide_phase(spec: VMUpdateSpec, rows: Sequence[VMRolloutStatus], plan: Plan) -> UpdatePhase:
     pending = any(r.phase == VMPhase.PENDING for r in rows)
     in_flight = any(r.phase in IN_PROGRESS_VM_PHASES for r in rows)
-    failed = any(r.phase in FAILED_VM_PHASES for r in rows)
     if spec.dry_run:
         if spec.paused and pending:
             return UpdatePhase.PAUSED
@@ -78,6 +85,8 @@ def decide_phase(spec: VMUpdateSpec, rows: Sequence[VMRolloutStatus], plan: Plan
         return UpdatePhase.PAUSED
     if pending or in_flight:
         return UpdatePhase.PROGRESSING
+    # Looked for only now: finding no failure means looking at every row.
+    failed = any(r.phase in FAILED_VM_PHASES for r in rows)
     blocked = any(r.phase == VMPhase.BLOCKED for r in rows)
     return UpdatePhase.DEGRADED if failed or blocked else UpdatePhase.SUCCEEDED
 
@@ -111,13 +120,15 @@ def _conditions(spec: VMUpdateSpec, status: VMUpdateStatus, rows: Sequence[VMRol
                 plan: Plan, generation: int) -> list[ConditionUpdate]:
     phase = status.phase
     target = f"QEMU {spec.target.version} at {spec.target.binary}"
-    in_flight = [r for r in rows if r.phase in IN_PROGRESS_VM_PHASES]
-    failed = [r for r in rows if r.phase in FAILED_VM_PHASES]
-    pending = [r for r in rows if r.phase == VMPhase.PENDING]
-    blocked = [r for r in rows if r.phase == VMPhase.BLOCKED]
+    # The counts and the first VMs of each kind, as status has them (a fleet's rows are
+    # not looked at again; only the first Blocked ones are looked for).
+    in_flight, failed = status.in_progress, status.failed
+    pending, blocked = status.pending, status.blocked
     done = f"{status.updated} of {status.targets} selected VM(s) run {target}"
-    overlap = (f"{len(blocked)} selected VM(s) belong to other VMUpdates: "
-               f"{_names(blocked, detail=True)}")
+    overlap = (f"{blocked} selected VM(s) belong to other VMUpdates: "
+               f"{_names(_of(rows, VMPhase.BLOCKED), blocked, detail=True)}"
+               if blocked else "")
+    failures = _names(status.failed_vms, failed, detail=True)
 
     def make(type_: str, ok: bool | None, reason: str, message: str) -> ConditionUpdate:
         value = (ConditionStatus.UNKNOWN if ok is None
@@ -138,13 +149,12 @@ def _conditions(spec: VMUpdateSpec, status: VMUpdateStatus, rows: Sequence[VMRol
                       + (f"; {status.updated} already run {target}" if status.updated else ""))
                  if not failed else
                  make(COND_READY, False, Reason.DRY_RUN_FAILED,
-                      f"preflight failed on {len(failed)} of {checked} VM(s): "
-                      f"{_names(failed, detail=True)}"))
+                      f"preflight failed on {failed} of {checked} VM(s): {failures}"))
     elif phase == UpdatePhase.FAILED and plan.halt is not None:
         ready = make(COND_READY, False, Reason.ROLLOUT_HALTED, f"{done}; halted")
     elif phase == UpdatePhase.DEGRADED and failed:
         ready = make(COND_READY, False, Reason.VM_UPDATE_FAILED,
-                     f"{done}; {len(failed)} failed: {_names(failed, detail=True)}")
+                     f"{done}; {failed} failed: {failures}")
     elif phase == UpdatePhase.DEGRADED:
         ready = make(COND_READY, False, Reason.OVERLAPPING_VMUPDATE, f"{done}; {overlap}")
     else:
@@ -155,21 +165,21 @@ def _conditions(spec: VMUpdateSpec, status: VMUpdateStatus, rows: Sequence[VMRol
         reason = RUNNING_PREFLIGHT if spec.dry_run else Reason.UPDATING_VMS
         verb = "checking" if spec.dry_run else "updating"
         if in_flight:
-            message = f"{verb} {_names(in_flight)}"
+            message = f"{verb} {_names(status.in_progress_vms, in_flight)}"
             if pending:
-                message += f"; {len(pending)} VM(s) waiting"
+                message += f"; {pending} VM(s) waiting"
         else:
-            message = f"{len(pending)} VM(s) waiting: " + "; ".join(plan.waiting)
+            message = f"{pending} VM(s) waiting: " + "; ".join(plan.waiting)
         progressing = make(COND_PROGRESSING, True, reason, message)
     elif phase == UpdatePhase.PAUSED:
         progressing = make(COND_PROGRESSING, False, Reason.ROLLOUT_PAUSED,
-                           f"spec.paused is true: {len(pending)} VM(s) wait"
-                           + (f", {len(in_flight)} still finishing" if in_flight else "")
+                           f"spec.paused is true: {pending} VM(s) wait"
+                           + (f", {in_flight} still finishing" if in_flight else "")
                            + "; set spec.paused to false to go on")
     elif phase == UpdatePhase.FAILED and plan.halt is not None:
         progressing = make(COND_PROGRESSING, False, Reason.ROLLOUT_HALTED,
                            plan.halt.message
-                           + (f"; {len(in_flight)} update(s) still finishing" if in_flight
+                           + (f"; {in_flight} update(s) still finishing" if in_flight
                               else ""))
     elif phase == UpdatePhase.DRY_RUN_COMPLETE:
         progressing = make(COND_PROGRESSING, False, DRY_RUN_COMPLETE,
@@ -188,7 +198,7 @@ def _conditions(spec: VMUpdateSpec, status: VMUpdateStatus, rows: Sequence[VMRol
     elif failed:
         reason = Reason.DRY_RUN_FAILED if spec.dry_run else Reason.VM_UPDATE_FAILED
         degraded = make(COND_DEGRADED, True, reason,
-                        f"{len(failed)} VM(s) failed: {_names(failed, detail=True)}")
+                        f"{failed} VM(s) failed: {failures}")
     elif blocked and not spec.dry_run:
         degraded = make(COND_DEGRADED, True, Reason.OVERLAPPING_VMUPDATE, overlap)
     elif plan.dropped:
