@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.rounds < 1:
         parser().error("--rounds: at least 1")
-    if (args.fleet_hosts or 1) < 1 or (args.fleet_vms_per_host or 1) < 1:
+    if any(n is not None and n < 1 for n in (args.fleet_hosts, args.fleet_vms_per_host)):
         parser().error("--fleet-hosts, --fleet-vms-per-host: at least 1")
     if args.fleet_plan is not None and (args.fleet_hosts, args.fleet_vms_per_host,
                                         args.fleet_parallel) != (None, None, None):
