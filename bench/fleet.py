@@ -97,6 +97,28 @@ def _get(sandbox: Sandbox, name: str) -> dict[str, Any]:
     return obj
 
 
+@dataclass(frozen=True)
+class _CpuNow:
+    machine: str  # /proc/stat
+    operator: float
+    control_plane: float
+    simulated_hosts: float
+
+
+def _cpu_now(operator_pid: int, control_plane_pids: list[int]) -> _CpuNow:
+    tck = os.sysconf("SC_CLK_TCK")
+
+    def of(pid: int) -> float:
+        try:
+            return fleetcalc.cpu_seconds(Path(f"/proc/{pid}/stat").read_text(), tck)
+        except OSError:
+            return 0.0
+    own = os.times()
+    return _CpuNow(machine=Path("/proc/stat").read_text(), operator=of(operator_pid),
+                   control_plane=sum(of(pid) for pid in control_plane_pids),
+                   simulated_hosts=own.user + own.system)
+
+
 async def _wait_done(sandbox: Sandbox, name: str, timeout: float) -> tuple[dict[str, Any], int]:
     """Poll (admin, not audited) until the rollout is Succeeded or Failed; (object, when)."""
     deadline = time.monotonic() + timeout
@@ -187,10 +209,12 @@ async def run_fleet(p: FleetParams, workdir: Path) -> dict[str, Any]:
                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
         etcd_before = await asyncio.to_thread(_etcd_db_bytes, sandbox)
         name = "fleet"
+        cpu_before = await asyncio.to_thread(_cpu_now, operator.pid, sandbox.pids)
         created = time.time_ns()
         sandbox.kubectl("apply", "-f", "-", input=json.dumps(vmupdate_manifest(name, p)),
                         check=True)
         obj, done_ns = await _wait_done(sandbox, name, p.timeout_s)
+        cpu_after = await asyncio.to_thread(_cpu_now, operator.pid, sandbox.pids)
         stat = Path(f"/proc/{operator.pid}/stat").read_text()
         status_text = Path(f"/proc/{operator.pid}/status").read_text()
         etcd_after = await asyncio.to_thread(_etcd_db_bytes, sandbox)
@@ -228,6 +252,11 @@ async def run_fleet(p: FleetParams, workdir: Path) -> dict[str, Any]:
                 "registrars": vars(costs.get(REGISTRAR, fleetcalc.ApiCost()))},
         "operator_cpu_s": fleetcalc.cpu_seconds(stat, os.sysconf("SC_CLK_TCK")),
         "operator_peak_rss_mib": fleetcalc.peak_rss_mib(status_text),
+        # Where the machine's CPUs went between the apply and the end: on these 2 CPUs the
+        # operator, the API server with etcd, and the simulated hosts (this process) share.
+        "machine_busy": fleetcalc.machine_busy(cpu_before.machine, cpu_after.machine),
+        "rollout_cpu_s": {k: round(getattr(cpu_after, k) - getattr(cpu_before, k), 2)
+                          for k in ("operator", "control_plane", "simulated_hosts")},
         "etcd_db_bytes": etcd_after, "etcd_db_bytes_before": etcd_before,
         "vmupdate_bytes": len(json.dumps(obj, separators=(",", ":"))),
         "records": len(host_records),

@@ -90,6 +90,24 @@ def cpu_seconds(stat: str, ticks_per_second: int) -> float:
     return (int(rest[11]) + int(rest[12])) / ticks_per_second
 
 
+def machine_busy(stat_before: str, stat_after: str) -> float:
+    """The share of all CPUs' time that was busy (not idle, not waiting for I/O) between two
+    reads of /proc/stat, 0-1."""
+    def split(text: str) -> tuple[int, int]:
+        for line in text.splitlines():
+            if line.startswith("cpu "):
+                fields = [int(v) for v in line.split()[1:]]
+                # user nice system idle iowait irq softirq steal (guest time is in user).
+                counted = fields[:8]
+                return sum(counted), counted[3] + counted[4]
+        raise ValueError("no aggregate cpu line in /proc/stat")
+    total0, idle0 = split(stat_before)
+    total1, idle1 = split(stat_after)
+    if total1 <= total0:
+        return math.nan
+    return 1 - (idle1 - idle0) / (total1 - total0)
+
+
 def peak_rss_mib(status: str) -> float:
     """VmHWM of a /proc/<pid>/status text, MiB."""
     for line in status.splitlines():
@@ -112,12 +130,23 @@ def fleet_table(results: list[dict[str, Any]]) -> str:
             r["etcd_db_bytes"] / 2**20, r["vmupdate_bytes"] / 1024,
             r.get("record_bytes_max", math.nan) / 1024,
             r.get("failure_to_halt_ms", math.nan) / 1000,
+            *_cpu_columns(r),
             (r.get("load_at_start") or [math.nan])[0]])
     return markdown_table(
         ["hosts × VMs", "parallel", "phase", "total s", "ideal s", "× ideal",
          "operator API requests / VM", "operator KiB written / VM", "operator CPU s",
          "operator peak RSS MiB", "etcd MiB", "VMUpdate KiB", "largest VMUpdateHost KiB",
-         "failure → halt s", "load at start"], rows)
+         "failure → halt s", "machine CPU busy %",
+         "CPU s in the rollout: operator / API server + etcd / simulated hosts",
+         "load at start"], rows)
+
+
+def _cpu_columns(r: dict[str, Any]) -> list[Any]:
+    cpu = r.get("rollout_cpu_s")
+    if not cpu:  # records from before these were measured
+        return [math.nan, "—"]
+    return [100 * r.get("machine_busy", math.nan),
+            f"{cpu['operator']:.0f} / {cpu['control_plane']:.0f} / {cpu['simulated_hosts']:.0f}"]
 
 
 def profile_top(collapsed: str, n: int = 25) -> dict[str, list[tuple[str, float]]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -85,7 +86,22 @@ def test_fleet_table_per_vm_costs() -> None:
               "load_at_start": [4.5, 3.0, 2.0]}
     row = fleetcalc.fleet_table([record]).splitlines()[2]
     assert row == ("| 20 × 10 | 10 | Succeeded | 4.00 | 2.00 | 2.00 | 2.00 | 1.00 | 3.50 "
-                   "| 120.0 | 2.00 | 10.0 | 5.00 | — | 4.50 |")
+                   "| 120.0 | 2.00 | 10.0 | 5.00 | — | — | — | 4.50 |")
+    record.update(machine_busy=0.955, rollout_cpu_s={
+        "operator": 3.2, "control_plane": 2.6, "simulated_hosts": 1.4})
+    row = fleetcalc.fleet_table([record]).splitlines()[2]
+    assert row.endswith("| 5.00 | — | 95.5 | 3 / 3 / 1 | 4.50 |")
+
+
+def test_machine_busy_from_two_reads_of_proc_stat() -> None:
+    # user nice system idle iowait irq softirq steal guest guest_nice
+    before = "cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 1 2 3 4\n"
+    after = "cpu  250 0 100 900 50 0 0 0 10 0\ncpu0 1 2 3 4\n"
+    # 300 ticks passed, 100 of them idle: two thirds busy (guest time is inside user).
+    assert fleetcalc.machine_busy(before, after) == pytest.approx(2 / 3)
+    assert math.isnan(fleetcalc.machine_busy(after, after))
+    with pytest.raises(ValueError, match="aggregate"):
+        fleetcalc.machine_busy("cpu0 1 2\n", after)
 
 
 def test_fleet_plan_and_heartbeat() -> None:

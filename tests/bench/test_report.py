@@ -188,7 +188,7 @@ def test_fleet_outputs(tmp_path: Path) -> None:
     text = write_fleet_outputs(doc, tmp_path)
     assert "Test CPU ×2" in text and "QEMU" not in text
     assert "| 2 × 2 | 2 | Failed | 0.90 | 0.30 | 3.00 | 2.00 | 1.00 |" in text
-    assert text.rstrip().endswith("| 1.50 | — |")  # halt 1.5 s; no load recorded
+    assert text.rstrip().endswith("| 1.50 | — | — | — |")  # halt 1.5 s; no CPU, no load recorded
     assert records.read_json(tmp_path / "fleet.json")["results"] == [
         {**record, "ideal_ms": 300.0}]  # recomputed from the record's fields
     assert main(["--out", str(tmp_path / "again"), "--from-json",
