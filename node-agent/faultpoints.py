@@ -23,6 +23,8 @@ ENV = "VMUPDATE_AGENT_STOP_AT"
 
 #: The points: where they are, and what the agent has done when it stops there.
 POINTS = {
+    "cpr-exec:execed": "cpr-exec, QEMU saved its state and exec'd (the guard, then the new "
+                       "QEMU); the agent has not reconnected yet",
     "cpr-exec:committed": "cpr-exec, the new QEMU loaded and verified, the guard took the "
                           "commit; the guest is still paused (the `cont` is next)",
 }

@@ -72,15 +72,29 @@ class Operation:
     _phase: str = "start"
     stop_event: Event | None = None
 
+    _deferred: list[tuple[Phase, str, float, int]] = field(default_factory=list)
+
     async def emit(self, phase: Phase, message: str) -> None:
-        now = time.monotonic()
+        """Report a phase now (after any deferred ones, in their order)."""
+        deferred, self._deferred = self._deferred, []
+        for event in deferred:
+            await self._report(*event)
+        await self._report(phase, message, time.monotonic(), time.time_ns())
+
+    def defer(self, phase: Phase, message: str) -> None:
+        """A phase reached inside the guest's pause: stamped now, reported with the next
+        `emit`. Reporting journals the event at once (a file write in a worker thread),
+        which inside the pause lengthened it by a millisecond or two."""
+        self._deferred.append((phase, message, time.monotonic(), time.time_ns()))
+
+    async def _report(self, phase: Phase, message: str, mono: float, wall_ns: int) -> None:
         self.phase_ms[self._phase] = round(self.phase_ms.get(self._phase, 0.0)
-                                           + (now - self._t_phase) * 1000, 3)
-        self._phase, self._t_phase = phase.value, now
+                                           + (mono - self._t_phase) * 1000, 3)
+        self._phase, self._t_phase = phase.value, mono
         log.info("%s %s: %s", self.vm.name, phase.value, message)
         if self.progress is not None:
             stopped = self.stop_event.qemu_time_ns if self.stop_event else None
-            res = self.progress(ProgressEvent(phase=phase, time_ns=time.time_ns(),
+            res = self.progress(ProgressEvent(phase=phase, time_ns=wall_ns,
                                               message=message, guest_stopped_ns=stopped))
             if res is not None:
                 await res

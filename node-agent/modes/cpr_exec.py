@@ -100,7 +100,9 @@ async def run(op: Operation, *, use_guard: bool) -> ModeResult:
         raise UpdateAborted(f"cpr-exec failed inside QEMU before the exec: "
                             f"{info.get('error-desc', info.get('status'))}; {note}")
     await s.close()
-    await op.emit(Phase.EXECED, "QEMU exec'd; waiting for the new QEMU to load the state")
+    # Inside the pause: reported with the next event (see Operation.defer).
+    op.defer(Phase.EXECED, "QEMU exec'd; waiting for the new QEMU to load the state")
+    faultpoints.reached("cpr-exec:execed")
     return await _after_exec(op, use_guard=use_guard)
 
 
@@ -183,6 +185,9 @@ async def _finish_new(op: Operation, session: QmpSession, *, use_guard: bool) ->
             await session.close()
             return await _after_exec_abort(op, f"the guard did not take the commit: "
                                                f"{status.get('phase')}")
+    op.defer(Phase.SAVED, "the new QEMU loaded the state"
+             + (" and the guard took the commit" if use_guard else ""))
+    if use_guard:
         faultpoints.reached("cpr-exec:committed")
     try:
         resumed = await resume(session, op.timeouts.command)
@@ -197,11 +202,6 @@ async def _finish_new(op: Operation, session: QmpSession, *, use_guard: bool) ->
                                            f"resumed in it ({exc})")
     if use_guard:
         await _guard_send(op, "resumed")  # the watcher may exit now
-    # Reported after the resume, not before the `cont`: an event is journaled at once (a
-    # file write in a worker thread), which inside the pause added up to 1.5 ms to it. The
-    # point after the commit is the fault point above.
-    await op.emit(Phase.SAVED, "the new QEMU had loaded the state"
-                  + (" and the guard took the commit" if use_guard else ""))
     await op.emit(Phase.RESUMED, "the guest runs in the new QEMU")
     return ModeResult(outcome=Outcome.UPDATED, message=f"updated in place to QEMU {version}",
                       pid_after=session.peer_pid, version_after=version,

@@ -40,20 +40,19 @@ pytestmark = pytest.mark.qemu
 BACK_WITHIN_S = 2.0
 
 UPDATED, FAILED, ROLLED_BACK = pb.OUTCOME_UPDATED, pb.OUTCOME_FAILED, pb.OUTCOME_ROLLED_BACK
-# Not a phase: the agent's fault point right after the guard took the commit, the `cont`
-# next (vmupdate_agent.faultpoints); the agent stops itself there, and is killed.
-COMMITTED = -2
-COMMITTED_POINT = "cpr-exec:committed"
+# Not phases: the agent's fault points (vmupdate_agent.faultpoints), where it stops itself
+# and is killed: after the exec (EXECED is reported only after the pause), and after the
+# guard took the commit, the `cont` next.
+EXECED_POINT, COMMITTED = -3, -2
+FAULT_POINTS = {EXECED_POINT: "cpr-exec:execed", COMMITTED: "cpr-exec:committed"}
 ROWS = [
     # (mode, phase the agent is killed at, outcomes it may end with)
     # STOPPING is reported just before `migrate` is sent: the kill may land either side.
     (pb.MODE_CPR_EXEC, pb.PHASE_STOPPING, {FAILED, ROLLED_BACK}),
-    (pb.MODE_CPR_EXEC, pb.PHASE_EXECED, {ROLLED_BACK}),
+    (pb.MODE_CPR_EXEC, EXECED_POINT, {ROLLED_BACK}),
     # Killed after the commit, before the `cont`: the watcher resumes the guest in the new
-    # QEMU. SAVED is reported there too, but a kill on the event stream lands after the
-    # resume.
+    # QEMU.
     (pb.MODE_CPR_EXEC, COMMITTED, {UPDATED}),
-    (pb.MODE_CPR_EXEC, pb.PHASE_SAVED, {UPDATED}),
     (pb.MODE_CPR_EXEC, pb.PHASE_RESUMED, {UPDATED}),
     (pb.MODE_CPR_TRANSFER, pb.PHASE_STOPPING, {FAILED}),
     (pb.MODE_CPR_TRANSFER, pb.PHASE_TRANSFERRED, {FAILED}),
@@ -103,7 +102,7 @@ def workdir_notes(agent: AgentProcess) -> str:
 
 def row_id(row: tuple[int, int, set[int]]) -> str:
     mode, phase, _ = row
-    at = ("committed" if phase == COMMITTED
+    at = (FAULT_POINTS[phase].removeprefix("cpr-exec:") if phase in FAULT_POINTS
           else pb.Phase.Name(phase).removeprefix("PHASE_").lower())
     return f"{pb.Mode.Name(mode).removeprefix('MODE_').lower()}-at-{at}"
 
@@ -128,10 +127,11 @@ async def test_guest_runs_again_when_the_agent_dies(qemu_env: QemuEnv, vm_cgroup
     (vm_cgroup / "cgroup.procs").write_text(str(pid))
     vm_cgroups = cgroups_of(pid)
     assert ("pids", "/" + vm_cgroup.name) in [(h.split(":", 1)[1], p) for h, p in vm_cgroups]
-    agent = await qemu_env.agent(stop_at=(COMMITTED_POINT,) if phase == COMMITTED else ())
+    agent = await qemu_env.agent(stop_at=(FAULT_POINTS[phase],) if phase in FAULT_POINTS
+                                 else ())
     assert cgroups_of(agent.pid) != vm_cgroups
     mark = time.monotonic_ns()
-    if phase == COMMITTED:
+    if phase in FAULT_POINTS:
         waiting, seen = await stopped_at_point(qemu_env, agent, mode)
     else:
         waiting, seen = await frozen_at(qemu_env, agent, "op-death", "death", phase, mode=mode)

@@ -50,11 +50,12 @@ NOTICED_WITHIN_S = 5.0
 # Not a phase the agent reports: the moment the new QEMU has read the state file (seen with
 # inotify: the reader opens it after the writer closed it, and closes it once loaded).
 LOADED = -1
-# Not a phase either: the agent's fault point right after the guard took the commit (the
-# `cont` is next), where the agent stops itself (vmupdate_agent.faultpoints): only a fraction
-# of a millisecond separates it from the resume, too little to land a freeze from outside.
-COMMITTED = -2
-COMMITTED_POINT = "cpr-exec:committed"
+# Not phases either: the agent's fault points (vmupdate_agent.faultpoints), where it stops
+# itself. After the exec (EXECED is reported only after the pause) and after the guard took
+# the commit, where only a fraction of a millisecond separates it from the resume: too
+# little to land a freeze from outside.
+EXECED_POINT, COMMITTED = -3, -2
+FAULT_POINTS = {EXECED_POINT: "cpr-exec:execed", COMMITTED: "cpr-exec:committed"}
 IN_OPEN, IN_CLOSE_WRITE, IN_CLOSE_NOWRITE = 0x20, 0x08, 0x10
 _EVENT = struct.Struct("iIII")
 
@@ -115,7 +116,7 @@ class Row:
 
 
 ROWS = [
-    Row("cpr_exec-after-exec-before-load", pb.MODE_CPR_EXEC, pb.PHASE_EXECED, pb.PHASE_EXECED,
+    Row("cpr_exec-after-exec-before-load", pb.MODE_CPR_EXEC, EXECED_POINT, pb.PHASE_STOPPING,
         frozenset({ROLLED_BACK})),
     # LOADED: frozen while the new QEMU reads the state file, killed once it closed it.
     Row("cpr_exec-after-load-before-commit", pb.MODE_CPR_EXEC, LOADED, pb.PHASE_STOPPING,
@@ -194,7 +195,7 @@ async def run_and_kill(env: QemuEnv, agent: AgentProcess, vm: TestVM, row: Row, 
 
     def on_event(event: pb.OperationEvent) -> None:
         seen.append(event)
-        if row.freeze_at == COMMITTED:
+        if row.freeze_at in FAULT_POINTS:
             return  # the agent stops itself there
         if event.progress.phase == row.after and not reached.is_set():
             if row.freeze_at not in (None, LOADED):
@@ -205,7 +206,7 @@ async def run_and_kill(env: QemuEnv, agent: AgentProcess, vm: TestVM, row: Row, 
     request = update_request(env, op_id, vm.name, mode=row.mode)
     waiting = asyncio.create_task(client.update(request, on_event=on_event, timeout=600))
     try:
-        if row.freeze_at == COMMITTED:
+        if row.freeze_at in FAULT_POINTS:
             await agent.stopped_itself()
         else:
             await asyncio.wait_for(reached.wait(), 120)
@@ -242,8 +243,8 @@ async def test_new_qemu_killed(qemu_env: QemuEnv, row: Row) -> None:
     vm = await qemu_env.vm("newdeath",
                            backend="file" if row.mode == pb.MODE_CPR_REBOOT else "memfd")
     token = vm.token
-    agent = await qemu_env.agent(
-        stop_at=(COMMITTED_POINT,) if row.freeze_at == COMMITTED else ())
+    point = FAULT_POINTS.get(row.freeze_at) if row.freeze_at is not None else None
+    agent = await qemu_env.agent(stop_at=(point,) if point else ())
     attempt = None
     for n in range(4):
         pid = vm.pid
