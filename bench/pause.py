@@ -93,16 +93,18 @@ def available_mib(meminfo: str) -> int:
 
 def empty_series() -> dict[str, list[float]]:
     return {"agent_pause_ms": [], "handmade_pause_ms": [], "floor_ms": [],
-            "plain_pause_ms": [], "plain_total_ms": []}
+            "agent_unguarded_pause_ms": [], "plain_pause_ms": [], "plain_total_ms": []}
 
 
-async def agent_update(rig: Rig, vm: TestVM, runtime_dir: Path, binary: str, mode: str
-                       ) -> UpdateResult:
-    """One update by the agent's CLI, as its own process."""
+async def agent_update(rig: Rig, vm: TestVM, runtime_dir: Path, binary: str, mode: str,
+                       *, guard: bool = True) -> UpdateResult:
+    """One update by the agent's CLI, as its own process (`guard=False`: cpr-exec without
+    the guard, to tell its share of the pause from the agent's own)."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "vmupdate_agent.cli", "--allowed-dir",
         str(Path(rig.share) / "bin"), "--runtime-dir", str(runtime_dir), "--json", "update",
         str(vm.qmp_path), "--binary", binary, "--mode", mode,
+        *(() if guard else ("--no-guard",)),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
         out, err = await asyncio.wait_for(proc.communicate(), AGENT_TIMEOUT)
@@ -131,14 +133,20 @@ async def _accelerator(vm: TestVM) -> str:
 async def _cpr_round(rig: Rig, vm: TestVM, case: Case, binary: str, runtime_dir: Path,
                      i: int, series: dict[str, list[float]], phases: list[dict[str, float]]
                      ) -> None:
-    async def by_agent() -> None:
-        result = await agent_update(rig, vm, runtime_dir, binary, case.method)
+    async def by_agent(guard: bool = True) -> None:
+        result = await agent_update(rig, vm, runtime_dir, binary, case.method, guard=guard)
         if result.outcome != Outcome.UPDATED or result.pause_ms is None:
             raise RuntimeError(f"{case.name} round {i}: the agent did not update: "
                                f"{result.outcome} {result.message}")
-        series["agent_pause_ms"].append(result.pause_ms)
-        phases.append(dict(result.phase_ms))
+        if guard:
+            series["agent_pause_ms"].append(result.pause_ms)
+            phases.append(dict(result.phase_ms))
+        else:
+            series["agent_unguarded_pause_ms"].append(result.pause_ms)
         await _settle(vm)
+
+    async def by_agent_unguarded() -> None:
+        await by_agent(guard=False)
 
     async def by_hand() -> None:
         workdir = vm.workdir / f"hand{i}"
@@ -147,8 +155,10 @@ async def _cpr_round(rig: Rig, vm: TestVM, case: Case, binary: str, runtime_dir:
         series["handmade_pause_ms"].append((resume - stop) / 1e6)
         await _settle(vm)
 
-    # Alternate which goes first, so neither always follows the other's after-effects.
-    for step in ((by_agent, by_hand) if i % 2 == 0 else (by_hand, by_agent)):
+    # Rotate which goes first, so none always follows another's after-effects. cpr-exec also
+    # runs without its guard: what the guard costs, apart from the agent's own work.
+    steps = [by_agent, by_hand] + ([by_agent_unguarded] if case.method == "cpr-exec" else [])
+    for step in steps[i % len(steps):] + steps[:i % len(steps)]:
         await step()
     series["floor_ms"].append(await plain.startup_floor(vm, binary, vm.workdir / f"floor{i}"))
 

@@ -17,9 +17,9 @@ PHASE_MEANING = {
     "accepted": "preflight checks",
     "preflight": "set-up before STOP (parameters; cpr-transfer: start the new QEMU)",
     "stopping": "STOP, save; cpr-exec: exec; cpr-reboot: save",
-    "execed": "cpr-exec: new QEMU start-up + load, guard check",
+    "execed": "cpr-exec: new QEMU start-up + load, its version, the guard's commit",
     "transferred": "cpr-transfer: load in the new QEMU",
-    "saved": "commit + `cont` until RESUME (cpr-reboot: new QEMU start-up + load too)",
+    "saved": "`cont` until RESUME (cpr-reboot: new QEMU start-up + load too)",
     "resumed": "verify version, pid, runstate",
     "verified": "finish",
     "total": "the whole operation",
@@ -68,18 +68,23 @@ def overhead_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if r["method"] == "plain":
             continue
         agent, hand = _s(r, "agent_pause_ms"), _s(r, "handmade_pause_ms")
+        unguarded = _s(r, "agent_unguarded_pause_ms")  # cpr-exec only; older records: none
         rows.append({"case": f"{_label(r)} {_size(int(r['mem_mib']))}", "agent": agent,
                      "handmade": hand, "ratio": ratio(agent, hand),
                      "paired": paired_ratios(r["series"]["agent_pause_ms"],
-                                             r["series"]["handmade_pause_ms"])})
+                                             r["series"]["handmade_pause_ms"]),
+                     "unguarded": unguarded,
+                     "unguarded_ratio": ratio(unguarded, hand) if unguarded.n else math.nan})
     return rows
 
 
 def overhead_table(results: list[dict[str, Any]]) -> str:
     return markdown_table(
-        ["case", "agent ms", "hand-made ms", "ratio of medians", "round ratios"],
+        ["case", "agent ms", "hand-made ms", "ratio of medians", "round ratios",
+         "agent without the guard ms", "its ratio of medians"],
         [[o["case"], o["agent"].cell(), o["handmade"].cell(), o["ratio"],
-          o["paired"].cell(2)] for o in overhead_rows(results)])
+          o["paired"].cell(2), o["unguarded"].cell() if o["unguarded"].n else "—",
+          o["unguarded_ratio"]] for o in overhead_rows(results)])
 
 
 def phase_summaries(phases: list[dict[str, float]]) -> dict[str, Summary]:

@@ -45,6 +45,19 @@ def test_overhead_is_agent_over_handmade_for_cpr_cases_only() -> None:
         report.overhead_table(sample.results()))
 
 
+def test_cpr_exec_without_the_guard_is_set_beside_the_agent() -> None:
+    results = sample.results()
+    results[0]["series"]["agent_unguarded_pause_ms"] = [51.0, 52.0, 53.0]
+    rows = report.overhead_rows(results)
+    assert rows[0]["unguarded"].median == 52.0
+    assert rows[0]["unguarded_ratio"] == pytest.approx(1.04)
+    # Not measured (other modes, older records): a dash, not a zero.
+    assert rows[1]["unguarded"].n == 0 and math.isnan(rows[1]["unguarded_ratio"])
+    table = report.overhead_table(results).splitlines()
+    assert table[2].endswith("| 52.0 (51.0–53.0) | 1.04 |")
+    assert table[4].endswith("| — | — |")
+
+
 def test_phases_in_the_agents_order_then_unknown_ones() -> None:
     phases = report.phase_summaries([{"total": 9.0, "zeta": 1.0, "stopping": 2.0},
                                      {"stopping": 4.0, "start": 1.0}])
