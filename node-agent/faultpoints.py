@@ -25,6 +25,8 @@ ENV = "VMUPDATE_AGENT_STOP_AT"
 POINTS = {
     "cpr-exec:execed": "cpr-exec, QEMU saved its state and exec'd (the guard, then the new "
                        "QEMU); the agent has not reconnected yet",
+    "cpr-transfer:transferred": "cpr-transfer, the new QEMU holds the whole state, checked "
+                                "and paused; the old one is stopped (the `cont` is next)",
     "cpr-exec:committed": "cpr-exec, the new QEMU loaded and verified, the guard took the "
                           "commit; the guest is still paused (the `cont` is next)",
 }

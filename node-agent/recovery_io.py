@@ -186,6 +186,7 @@ async def _load_saved_state(rec: OperationRecord, facts: RecoveryFacts,
     async with await QmpSession.open(rec.vm.qmp_path, timeout=timeouts.command,
                                      command_timeout=timeouts.command) as s:
         await cpr_reboot.load_saved_state(s, f"file:{facts.saved_state}", timeouts.load)
+        await cpr_reboot.leave_cpr_reboot(s)
         write_pidfiles(rec.vm.argv, s.peer_pid)
 
 async def _adopt_transfer_target(rec: OperationRecord, facts: RecoveryFacts,

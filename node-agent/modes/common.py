@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vmupdate_agent import argv as qargv
+from vmupdate_agent import fswatch, hostexec, procfs
 from vmupdate_agent import guard as cpr_guard
-from vmupdate_agent import hostexec, procfs
 from vmupdate_agent.models import CprMode, Outcome, Phase, ProgressEvent, Target, VMInfo
 from vmupdate_agent.qmp import Event, QmpError, QmpSession, QmpTimeout
 
@@ -239,19 +239,23 @@ async def connect_new_qemu(qmp_path: str, marker: str, *, timeout: float,
     guest is stopped while this waits)."""
     deadline = time.monotonic() + timeout
     started = time.monotonic()
-    while True:
-        try:
-            return await QmpSession.open(qmp_path, timeout=1.0,
-                                         command_timeout=command_timeout)
-        except QmpError as exc:
-            last = exc
-        if time.monotonic() - started > 0.5 and not pids_with_arg(marker):
-            tail = _file_tail(log_path)
-            raise QmpError("the new QEMU exited before answering on QMP"
-                           + (f": {tail}" if tail else ""))
-        if time.monotonic() > deadline:
-            raise QmpError(f"the new QEMU did not answer on QMP within {timeout:.0f}s: {last}")
-        await asyncio.sleep(0.002)
+    # Woken as the socket appears rather than at the next poll (cpr-transfer's new QEMU
+    # opens its monitor only once it has the descriptors, inside the pause).
+    async with fswatch.FolderWatch(os.path.dirname(qmp_path) or ".") as appeared:
+        while True:
+            try:
+                return await QmpSession.open(qmp_path, timeout=1.0,
+                                             command_timeout=command_timeout)
+            except QmpError as exc:
+                last = exc
+            if time.monotonic() - started > 0.5 and not pids_with_arg(marker):
+                tail = _file_tail(log_path)
+                raise QmpError("the new QEMU exited before answering on QMP"
+                               + (f": {tail}" if tail else ""))
+            if time.monotonic() > deadline:
+                raise QmpError(f"the new QEMU did not answer on QMP within {timeout:.0f}s: "
+                               f"{last}")
+            await appeared.changed(0.002)
 
 
 def _file_tail(path: str, limit: int = 600) -> str:

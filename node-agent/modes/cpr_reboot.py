@@ -7,6 +7,10 @@ the agent starts the old binary on the same state file and RAM, so the VM is nev
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+
 from vmupdate_agent import argv as qargv
 from vmupdate_agent import hostexec
 from vmupdate_agent.models import Outcome, Phase, Target
@@ -33,6 +37,8 @@ from vmupdate_agent.modes.common import (
     wait_outgoing_done,
 )
 from vmupdate_agent.qmp import QmpError, QmpSession
+
+log = logging.getLogger(__name__)
 
 _CAPS = [{"capability": "x-ignore-shared", "state": True}]
 # In the operation's work folder; found there again by an agent restarted mid-operation.
@@ -95,8 +101,9 @@ async def _handover(op: Operation, s: QmpSession, pinned: hostexec.PinnedContext
         await session.close()
         await _kill_started(op)
         return await _restart_old(op, pinned, state_uri, str(exc), old_binary)
-    await op.emit(Phase.TRANSFERRED, f"the new QEMU (pid {session.peer_pid}) loaded the "
-                  "saved state (paused)")
+    # Inside the pause: reported with the next event (see Operation.defer).
+    op.defer(Phase.TRANSFERRED, f"the new QEMU (pid {session.peer_pid}) loaded the "
+             "saved state (paused)")
     try:
         resumed = await resume(session, op.timeouts.command)
     except NotResumed as exc:
@@ -107,6 +114,7 @@ async def _handover(op: Operation, s: QmpSession, pinned: hostexec.PinnedContext
         return await _restart_old(op, pinned, state_uri, f"it failed as the guest was "
                                   f"being resumed in it: {exc}", old_binary)
     await op.emit(Phase.RESUMED, f"the guest runs in the new QEMU (pid {session.peer_pid})")
+    await _leave_after_resume(op, session)
     rewrite_pidfile(op, session.peer_pid)
     return ModeResult(outcome=Outcome.UPDATED,
                       message=f"restarted on QEMU {version} in pid {session.peer_pid}",
@@ -128,6 +136,7 @@ async def _restart_old(op: Operation, pinned: hostexec.PinnedContext, state_uri:
                                   f"one ({exc})", pid_after=None, version_after=None,
                           pause_ms=None)
     resumed = await resume(session, op.timeouts.command)
+    await _leave_after_resume(op, session)
     rewrite_pidfile(op, session.peer_pid)
     await op.emit(Phase.RECOVERED, f"the new QEMU failed; QEMU {version} restarted on the "
                   "saved state")
@@ -153,24 +162,43 @@ async def _start(op: Operation, pinned: hostexec.PinnedContext, argv: qargv.Qemu
 
 
 async def _load(op: Operation, session: QmpSession, target: Target, state_uri: str) -> str:
-    await load_saved_state(session, state_uri, op.timeouts.load)
-    return await verify_version(session, target)
+    # The version is asked while the state loads (QMP answers in turn): inside the pause.
+    version_query = asyncio.create_task(verify_version(session, target))
+    try:
+        await load_saved_state(session, state_uri, op.timeouts.load)
+    except BaseException:
+        version_query.cancel()
+        with contextlib.suppress(BaseException):
+            await version_query
+        raise
+    return await version_query
 
 
 async def load_saved_state(session: QmpSession, state_uri: str, timeout: float) -> None:
     """Load a cpr-reboot's saved state into a QEMU started with `-incoming defer` (left
-    paused: -S)."""
+    paused: -S). Then `leave_cpr_reboot`."""
     await session.cmd("migrate-set-parameters", {"mode": "cpr-reboot"})
     await session.cmd("migrate-set-capabilities", {"capabilities": _CAPS})
     await session.cmd("migrate-incoming", {"uri": state_uri})
     await wait_incoming_loaded(session, timeout)
-    # Back to an ordinary QEMU: a later cpr-transfer or cpr-exec must not send with
-    # x-ignore-shared (its receiver would refuse the stream).
+
+
+async def leave_cpr_reboot(session: QmpSession) -> None:
+    """Back to an ordinary QEMU: a later cpr-transfer or cpr-exec must not send with
+    x-ignore-shared (its receiver would refuse the stream)."""
     await session.cmd("migrate-set-capabilities", {"capabilities": [
         {"capability": "x-ignore-shared", "state": False}]})
     await session.cmd("migrate-set-parameters", {"mode": "normal"})
 
 
+async def _leave_after_resume(op: Operation, session: QmpSession) -> None:
+    # After the resume, not before: the guest runs either way; a failure here only leaves
+    # the parameters set, which every mode's next update sets again (reset_capabilities).
+    try:
+        await leave_cpr_reboot(session)
+    except QmpError as exc:
+        log.warning("%s: could not reset the migration parameters after the resume: %s",
+                    op.vm.name, exc)
 
 
 async def _kill_started(op: Operation) -> None:

@@ -10,13 +10,15 @@ run elsewhere), which is the whole safety argument of this mode.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import os
 import time
 from pathlib import Path
 
 from vmupdate_agent import argv as qargv
-from vmupdate_agent import hostexec
+from vmupdate_agent import faultpoints, hostexec
 from vmupdate_agent.models import Outcome, Phase
 from vmupdate_agent.modes.common import (
     ModeResult,
@@ -40,7 +42,9 @@ from vmupdate_agent.modes.common import (
     wait_incoming_loaded,
     wait_outgoing_done,
 )
-from vmupdate_agent.qmp import QmpError
+from vmupdate_agent.qmp import QmpError, QmpSession
+
+log = logging.getLogger(__name__)
 
 
 def new_command(op: Operation) -> tuple[list[str], str, str, str]:
@@ -96,50 +100,104 @@ async def _run(op: Operation) -> ModeResult:
     ]
     try:
         await s.cmd("migrate", {"channels": channels})
-        outgoing = await wait_outgoing_done(s, op.timeouts.load)
-    except (QmpError, TimeoutError) as exc:
-        raise await cleanup_new(f"the transfer failed: {exc}") from exc
-    op.stop_event = next((e for e in s.events[mark:] if e.name == "STOP"), None)
-    if outgoing.get("status") != "completed":
-        raise await cleanup_new(f"the transfer {outgoing.get('status')}: "
-                                f"{outgoing.get('error-desc', '')}")
-    await op.emit(Phase.TRANSFERRED, "state and descriptors handed to the new QEMU")
-
-    try:
-        new = await connect_new_qemu(new_qmp, new_qmp, timeout=op.timeouts.handover,
-                                     command_timeout=op.timeouts.command,
-                                     log_path=op.path("new-qemu.log"))
     except QmpError as exc:
-        raise await cleanup_new(f"the new QEMU did not answer on QMP: {exc}") from exc
+        raise await cleanup_new(f"the transfer failed: {exc}") from exc
+    # The guest is stopped from here. The new QEMU is connected to, checked and waited for
+    # while the old one finishes sending, and resumed as soon as it holds the whole state:
+    # the old one's own "completed" is read after the resume (both ends of one stream).
+    arriving = asyncio.create_task(_connect_and_check(op, new_qmp))
+    outgoing = asyncio.create_task(wait_outgoing_done(s, op.timeouts.load))
     try:
-        await wait_incoming_loaded(new, op.timeouts.load)
-        version = await verify_version(new, op.target)
-    except (QmpError, TimeoutError) as exc:
-        await new.close()
-        # The guest never ran in the new QEMU (-S): the old one may take over again.
-        raise await cleanup_new(f"the new QEMU did not come up: {exc}") from exc
+        await asyncio.wait({arriving, outgoing}, return_when=asyncio.FIRST_COMPLETED)
+        op.stop_event = next((e for e in s.events[mark:] if e.name == "STOP"), None)
+        if outgoing.done() and (outgoing.exception() is not None
+                                or outgoing.result().get("status") != "completed"):
+            await _drop(arriving)
+            failure = outgoing.exception()
+            raise await cleanup_new(f"the transfer failed: {failure}" if failure is not None else
+                                    f"the transfer {outgoing.result().get('status')}: "
+                                    f"{outgoing.result().get('error-desc', '')}")
+        try:
+            new, version = await arriving
+        except (QmpError, TimeoutError) as exc:
+            # The guest never ran in the new QEMU (-S): the old one may take over again, once
+            # its side of the stream has ended (the new one is killed first, which ends it).
+            for pid in pids_with_arg(new_qmp):
+                await kill_quietly(pid)
+            with contextlib.suppress(BaseException):
+                await outgoing
+            raise await cleanup_new(f"the new QEMU did not come up: {exc}") from exc
+        op.defer(Phase.TRANSFERRED, "state and descriptors handed to the new QEMU")
+        faultpoints.reached("cpr-transfer:transferred")
 
+        try:
+            resumed = await resume(new, op.timeouts.command)
+        except NotResumed as exc:
+            await new.close()
+            # No RESUME came: the guest has not run in the new QEMU; the old one takes over.
+            raise await cleanup_new(f"the new QEMU failed as the guest was being resumed in "
+                                    f"it: {exc}") from exc
+        # Seen long before (the old QEMU stops before it sends); read again in case its event
+        # was still in the connection's buffer at the first look.
+        op.stop_event = op.stop_event or next(
+            (e for e in s.events[mark:] if e.name == "STOP"), None)
+        await op.emit(Phase.RESUMED, f"the guest runs in the new QEMU (pid {new.peer_pid})")
+        try:
+            sent = await outgoing
+        except (QmpError, TimeoutError) as exc:
+            sent = {"status": f"unknown ({exc})"}
+        if sent.get("status") != "completed":
+            # The new QEMU had loaded the whole state, so the guest runs there; the old one is
+            # retired as always.
+            log.warning("%s: the old QEMU reports the transfer %s after the new one loaded it",
+                        op.vm.name, sent.get("status"))
+        old_pid = op.vm.pid
+        await retire_old_qemu(s, old_pid, op.timeouts.command)
+        # The old QEMU removes its socket when it exits; only now can the VM's well-known QMP
+        # path be handed to the new one, and the pidfile (which the old one deleted) rewritten.
+        hand_over_qmp(op.workdir, op.vm.qmp_path)
+        rewrite_pidfile(op, new.peer_pid)
+        return ModeResult(outcome=Outcome.UPDATED,
+                          message=f"transferred to QEMU {version} in pid {new.peer_pid}",
+                          pid_after=new.peer_pid, version_after=version,
+                          pause_ms=pause_ms(op.stop_event, resumed),
+                          resumed_ns=resumed.qemu_time_ns, session=new)
+    finally:
+        if not outgoing.done():
+            outgoing.cancel()
+        with contextlib.suppress(BaseException):
+            await outgoing
+
+
+async def _connect_and_check(op: Operation, new_qmp: str) -> tuple[QmpSession, str]:
+    """The new QEMU's session once it answers, is the target's version and has loaded the
+    state (paused, -S); closed again on any failure."""
+    new = await connect_new_qemu(new_qmp, new_qmp, timeout=op.timeouts.handover,
+                                 command_timeout=op.timeouts.command,
+                                 log_path=op.path("new-qemu.log"))
     try:
-        resumed = await resume(new, op.timeouts.command)
-    except NotResumed as exc:
+        # Asked while the state loads (QMP answers in turn): one round trip less after it.
+        version_query = asyncio.create_task(verify_version(new, op.target))
+        try:
+            await wait_incoming_loaded(new, op.timeouts.load)
+        except BaseException:
+            version_query.cancel()
+            with contextlib.suppress(BaseException):
+                await version_query
+            raise
+        version = await version_query
+    except BaseException:
         await new.close()
-        # No RESUME came: the guest has not run in the new QEMU; the old one takes over.
-        raise await cleanup_new(f"the new QEMU failed as the guest was being resumed in "
-                                f"it: {exc}") from exc
-    await op.emit(Phase.RESUMED, f"the guest runs in the new QEMU (pid {new.peer_pid})")
-    old_pid = op.vm.pid
-    await retire_old_qemu(s, old_pid, op.timeouts.command)
-    # The old QEMU removes its socket when it exits; only now can the VM's well-known QMP
-    # path be handed to the new one, and the pidfile (which the old one deleted) rewritten.
-    hand_over_qmp(op.workdir, op.vm.qmp_path)
-    rewrite_pidfile(op, new.peer_pid)
-    return ModeResult(outcome=Outcome.UPDATED,
-                      message=f"transferred to QEMU {version} in pid {new.peer_pid}",
-                      pid_after=new.peer_pid, version_after=version,
-                      pause_ms=pause_ms(op.stop_event, resumed),
-                      resumed_ns=resumed.qemu_time_ns, session=new)
+        raise
+    return new, version
 
 
+async def _drop(task: asyncio.Task[tuple[QmpSession, str]]) -> None:
+    """Stop connecting to the new QEMU; close its session if it was already open."""
+    task.cancel()
+    with contextlib.suppress(BaseException):
+        new, _ = await task
+        await new.close()
 
 
 def _tail(path: str, limit: int = 600) -> str:

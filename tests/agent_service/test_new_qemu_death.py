@@ -50,12 +50,10 @@ NOTICED_WITHIN_S = 5.0
 # Not a phase the agent reports: the moment the new QEMU has read the state file (seen with
 # inotify: the reader opens it after the writer closed it, and closes it once loaded).
 LOADED = -1
-# Not phases either: the agent's fault points (vmupdate_agent.faultpoints), where it stops
-# itself. After the exec (EXECED is reported only after the pause) and after the guard took
-# the commit, where only a fraction of a millisecond separates it from the resume: too
-# little to land a freeze from outside.
-EXECED_POINT, COMMITTED = -3, -2
-FAULT_POINTS = {EXECED_POINT: "cpr-exec:execed", COMMITTED: "cpr-exec:committed"}
+# A row may freeze the agent at one of its fault points (vmupdate_agent.faultpoints, named
+# by a string), where it stops itself: the events inside the pause (EXECED, TRANSFERRED) are
+# reported only after it, and after cpr-exec's commit only a fraction of a millisecond
+# separates the agent from the resume: too little to land a freeze from outside.
 IN_OPEN, IN_CLOSE_WRITE, IN_CLOSE_NOWRITE = 0x20, 0x08, 0x10
 _EVENT = struct.Struct("iIII")
 
@@ -110,24 +108,24 @@ class Row:
     mode: int
     # The phase the agent is frozen at before the kill; None: kill the new QEMU as soon as
     # it exists (after `after` is reported), with the agent running.
-    freeze_at: int | None
+    freeze_at: int | str | None
     after: int
     outcomes: frozenset[int]
 
 
 ROWS = [
-    Row("cpr_exec-after-exec-before-load", pb.MODE_CPR_EXEC, EXECED_POINT, pb.PHASE_STOPPING,
+    Row("cpr_exec-after-exec-before-load", pb.MODE_CPR_EXEC, "cpr-exec:execed", pb.PHASE_STOPPING,
         frozenset({ROLLED_BACK})),
     # LOADED: frozen while the new QEMU reads the state file, killed once it closed it.
     Row("cpr_exec-after-load-before-commit", pb.MODE_CPR_EXEC, LOADED, pb.PHASE_STOPPING,
         frozenset({ROLLED_BACK})),
     # Stopped by its fault point after the commit, killed before the `cont`.
-    Row("cpr_exec-after-commit-before-resume", pb.MODE_CPR_EXEC, COMMITTED,
+    Row("cpr_exec-after-commit-before-resume", pb.MODE_CPR_EXEC, "cpr-exec:committed",
         pb.PHASE_EXECED, frozenset({ROLLED_BACK})),
     Row("cpr_transfer-before-handover", pb.MODE_CPR_TRANSFER, None, pb.PHASE_STOPPING,
         frozenset({FAILED})),
-    Row("cpr_transfer-after-transfer", pb.MODE_CPR_TRANSFER, pb.PHASE_TRANSFERRED,
-        pb.PHASE_TRANSFERRED, frozenset({FAILED})),
+    Row("cpr_transfer-after-transfer", pb.MODE_CPR_TRANSFER, "cpr-transfer:transferred",
+        pb.PHASE_STOPPING, frozenset({FAILED})),
     # The guest runs in the new QEMU: killing it kills the VM. LOST if the agent was still
     # finishing the operation; UPDATED if it had finished before the kill (it runs a few ms
     # ahead of the event it reported).
@@ -195,7 +193,7 @@ async def run_and_kill(env: QemuEnv, agent: AgentProcess, vm: TestVM, row: Row, 
 
     def on_event(event: pb.OperationEvent) -> None:
         seen.append(event)
-        if row.freeze_at in FAULT_POINTS:
+        if isinstance(row.freeze_at, str):
             return  # the agent stops itself there
         if event.progress.phase == row.after and not reached.is_set():
             if row.freeze_at not in (None, LOADED):
@@ -206,7 +204,7 @@ async def run_and_kill(env: QemuEnv, agent: AgentProcess, vm: TestVM, row: Row, 
     request = update_request(env, op_id, vm.name, mode=row.mode)
     waiting = asyncio.create_task(client.update(request, on_event=on_event, timeout=600))
     try:
-        if row.freeze_at in FAULT_POINTS:
+        if isinstance(row.freeze_at, str):
             await agent.stopped_itself()
         else:
             await asyncio.wait_for(reached.wait(), 120)
@@ -219,7 +217,7 @@ async def run_and_kill(env: QemuEnv, agent: AgentProcess, vm: TestVM, row: Row, 
                                           listening=row.mode == pb.MODE_CPR_REBOOT)
         else:
             new_pid = await wait_new_qemu(vm, workdir, row.mode, pid, listening=False)
-            if row.freeze_at == COMMITTED:
+            if row.freeze_at == "cpr-exec:committed":
                 # Stopped before the `cont`: the guest has not run in the new QEMU.
                 assert not any(e.progress.phase == pb.PHASE_RESUMED for e in seen)
                 status = guard.read_status(workdir / "guard.status") or {}
@@ -243,8 +241,8 @@ async def test_new_qemu_killed(qemu_env: QemuEnv, row: Row) -> None:
     vm = await qemu_env.vm("newdeath",
                            backend="file" if row.mode == pb.MODE_CPR_REBOOT else "memfd")
     token = vm.token
-    point = FAULT_POINTS.get(row.freeze_at) if row.freeze_at is not None else None
-    agent = await qemu_env.agent(stop_at=(point,) if point else ())
+    agent = await qemu_env.agent(
+        stop_at=(row.freeze_at,) if isinstance(row.freeze_at, str) else ())
     attempt = None
     for n in range(4):
         pid = vm.pid

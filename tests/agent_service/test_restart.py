@@ -38,14 +38,23 @@ async def guard_phase(path: Path, wanted: set[str], timeout: float) -> dict[str,
     raise AssertionError(f"guard status {status} never reached {wanted}")
 
 
-async def frozen_at(env: QemuEnv, agent: AgentProcess, op_id: str, vm_name: str, phase: int,
-                    **request_fields: Any
+async def frozen_at(env: QemuEnv, agent: AgentProcess, op_id: str, vm_name: str,
+                    phase: int | str, **request_fields: Any
                     ) -> tuple[asyncio.Task[pb.UpdateResult], list[pb.OperationEvent]]:
     """Start an update through the client library and freeze the agent (SIGSTOP) as soon as
-    it reports `phase`: it gets no further than a few ms past it. Returns the client's
-    waiting call (it reattaches to a restarted agent) and the events it saw."""
+    it reports `phase`: it gets no further than a few ms past it. A `phase` that is a fault
+    point's name (the agent started with it in `stop_at`): the agent stops itself there.
+    Returns the client's waiting call (it reattaches to a restarted agent) and the events
+    it saw."""
     client = await agent.client()
     seen: list[pb.OperationEvent] = []
+    if isinstance(phase, str):
+        assert phase in agent.stop_at, (phase, agent.stop_at)
+        request = update_request(env, op_id, vm_name, **request_fields)
+        waiting = asyncio.create_task(client.update(request, on_event=seen.append,
+                                                    timeout=600))
+        await agent.stopped_itself()
+        return waiting, seen
     frozen = asyncio.Event()
 
     def on_event(event: pb.OperationEvent) -> None:
@@ -224,12 +233,13 @@ async def test_a_reboot_cut_with_no_new_qemu_is_lost_and_says_how_to_restart_it(
     vm.serial.assert_continuous(since=mark)
 
 
-async def killed_at(env: QemuEnv, vm: TestVM, op_id: str, phase: int, **request_fields: Any
-                    ) -> tuple[AgentProcess, asyncio.Task[pb.UpdateResult],
-                               list[pb.OperationEvent]]:
-    """Start an update, SIGKILL the agent as soon as it reports `phase`, and its keeper
-    before it (so that the restarted agent finds the host as the dead one left it)."""
-    agent = await env.agent()
+async def killed_at(env: QemuEnv, vm: TestVM, op_id: str, phase: int | str,
+                    **request_fields: Any) -> tuple[AgentProcess, asyncio.Task[pb.UpdateResult],
+                                                    list[pb.OperationEvent]]:
+    """Start an update, SIGKILL the agent as soon as it reports `phase` (or stops itself at
+    that fault point), and its keeper before it (so that the restarted agent finds the host
+    as the dead one left it)."""
+    agent = await env.agent(stop_at=(phase,) if isinstance(phase, str) else ())
     waiting, seen = await frozen_at(env, agent, op_id, vm.name, phase, **request_fields)
     await kill_keeper(agent, op_id)
     os.kill(agent.pid, signal.SIGKILL)
@@ -244,7 +254,8 @@ async def test_killed_agent_resumes_the_old_qemu_when_the_transfer_target_never_
     vm = await qemu_env.vm("transfer")
     pid, token = vm.pid, vm.token
     mark = time.monotonic_ns()
-    agent, waiting, seen = await killed_at(qemu_env, vm, "op-tr", pb.PHASE_TRANSFERRED,
+    # TRANSFERRED is reported after the resume: the agent stops itself where it was.
+    agent, waiting, seen = await killed_at(qemu_env, vm, "op-tr", "cpr-transfer:transferred",
                                            mode=pb.MODE_CPR_TRANSFER)
     target_qmp = op_workdir(agent, "op-tr") / "qmp.sock"
     targets = pids_with_arg(str(target_qmp))
