@@ -100,8 +100,10 @@ async def run(op: Operation, *, use_guard: bool) -> ModeResult:
         raise UpdateAborted(f"cpr-exec failed inside QEMU before the exec: "
                             f"{info.get('error-desc', info.get('status'))}; {note}")
     await s.close()
-    # Inside the pause: reported with the next event (see Operation.defer).
-    op.defer(Phase.EXECED, "QEMU exec'd; waiting for the new QEMU to load the state")
+    # Reported (and journaled) now, inside the pause, unlike the later ones: it carries the
+    # guest's STOP time, which a restarted agent needs to report the pause of an update whose
+    # agent died here; it is written while the new QEMU starts, which takes tens of ms.
+    await op.emit(Phase.EXECED, "QEMU exec'd; waiting for the new QEMU to load the state")
     faultpoints.reached("cpr-exec:execed")
     return await _after_exec(op, use_guard=use_guard)
 

@@ -15,6 +15,7 @@ The rows of docs/faults.md's section on the CLI come from here (`-s` prints `FAU
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -32,7 +33,7 @@ from e2e.rig import TestVM
 from tests.agent_service.conftest import QemuEnv
 from tests.agent_service.harness import AgentProcess, op_workdir
 from tests.agent_service.test_update import check_stream, update_request
-from vmupdate_agent import vmlock
+from vmupdate_agent import faultpoints, procfs, vmlock
 from vmupdate_agent.journal import Journal, OperationState
 from vmupdate_agent.models import Outcome
 from vmupdate_api.gen import agent_v1_pb2 as pb
@@ -237,29 +238,38 @@ class KilledCli:
 
 
 async def kill_cli_at(env: QemuEnv, agent: AgentProcess, vm: TestVM, op_id: str, mode: str,
-                      phase: str) -> KilledCli:
-    """Run a CLI update and SIGKILL it as soon as it prints `phase` (it prints an event once
-    it is journaled); then wait for the guest to print again, with no agent anywhere."""
+                      point: str) -> KilledCli:
+    """Run a CLI update that stops itself at the fault `point` (vmupdate_agent.faultpoints:
+    the events inside the pause are printed only after it) and SIGKILL it there; then wait
+    for the guest to print again, with no agent anywhere."""
     proc = await asyncio.create_subprocess_exec(
         *CLI, "--config", str(agent.config_path), *cli_update_args(env, vm.name, op_id, mode),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, faultpoints.ENV: point})
     assert proc.stdout is not None and proc.stderr is not None
     seen: list[str] = []
-    try:
-        while True:
-            line = await asyncio.wait_for(proc.stdout.readline(), 120)
-            if not line:
-                err = await proc.stderr.read()
-                raise AssertionError(f"the CLI ended before {phase}: {seen} {err.decode()}")
+
+    async def read_lines() -> None:
+        assert proc.stdout is not None
+        while line := await proc.stdout.readline():
             seen.append(line.decode().split()[0])
-            if seen[-1] == phase:
-                os.kill(proc.pid, signal.SIGKILL)
-                killed = time.monotonic_ns()
-                break
+
+    reader = asyncio.create_task(read_lines())
+    try:
+        deadline = time.monotonic() + 120
+        while procfs.stat_state(proc.pid) != "T":
+            if proc.returncode is not None or time.monotonic() > deadline:
+                err = await proc.stderr.read()
+                raise AssertionError(f"the CLI did not stop at {point}: {seen} {err.decode()}")
+            await asyncio.sleep(0.005)
+        os.kill(proc.pid, signal.SIGKILL)
+        killed = time.monotonic_ns()
     finally:
         if proc.returncode is None:
             proc.kill()
         await proc.wait()
+        with contextlib.suppress(BaseException):
+            await asyncio.wait_for(reader, 10)
     first = await vm.serial.wait_ticks(1, after=killed, timeout=30)
     back_ms = (first.t_ns - killed) / 1e6
     assert back_ms <= BACK_WITHIN_S * 1000, f"the guest ran again {back_ms:.0f} ms after"
@@ -267,8 +277,8 @@ async def kill_cli_at(env: QemuEnv, agent: AgentProcess, vm: TestVM, op_id: str,
 
 
 @pytest.mark.parametrize(("mode", "phase", "outcome"), [
-    ("cpr-exec", "execed", Outcome.ROLLED_BACK),
-    ("cpr-transfer", "transferred", Outcome.FAILED),
+    ("cpr-exec", "cpr-exec:execed", Outcome.ROLLED_BACK),
+    ("cpr-transfer", "cpr-transfer:transferred", Outcome.FAILED),
 ], ids=["cpr_exec-at-execed", "cpr_transfer-at-transferred"])
 async def test_a_killed_cli_update_is_resolved_by_the_next_cli_run(
         qemu_env: QemuEnv, mode: str, phase: str, outcome: Outcome) -> None:
@@ -309,7 +319,7 @@ async def test_a_killed_cli_update_is_resolved_by_the_next_cli_run(
     await settled(vm, mark)
     assert vm.token == token
     blackout = vm.serial.max_gap_ms(since=mark)
-    print(f"\nFAULT-ROW killed-cli-{mode}-at-{phase} outcome={outcome.value} "
+    print(f"\nFAULT-ROW killed-cli-{mode}-at-{phase.split(':')[1]} outcome={outcome.value} "
           f"back_after_kill_ms={killed.back_ms:.0f} max_blackout_ms={blackout:.0f} "
           f"reported_pause_ms={record.result.pause_ms or 0:.0f} rerun_rc={again.rc} "
           f"next_update={result['outcome']}")
@@ -320,7 +330,8 @@ async def test_a_killed_cli_update_is_resolved_by_a_starting_service(
     vm = await qemu_env.vm("svc")
     agent = qemu_env.make_agent()
     mark = time.monotonic_ns()
-    killed = await kill_cli_at(qemu_env, agent, vm, "op-cli-svc", "cpr-exec", "execed")
+    killed = await kill_cli_at(qemu_env, agent, vm, "op-cli-svc", "cpr-exec",
+                               "cpr-exec:execed")
     await agent.start()
     client = await agent.client()
     deadline = time.monotonic() + 120
