@@ -27,6 +27,8 @@ POINTS = {
                        "QEMU); the agent has not reconnected yet",
     "cpr-transfer:transferred": "cpr-transfer, the new QEMU holds the whole state, checked "
                                 "and paused; the old one is stopped (the `cont` is next)",
+    "cpr-transfer:resumed": "cpr-transfer, the guest runs in the new QEMU; the old one is not "
+                            "quit yet",
     "cpr-exec:committed": "cpr-exec, the new QEMU loaded and verified, the guard took the "
                           "commit; the guest is still paused (the `cont` is next)",
 }

@@ -142,6 +142,7 @@ async def _run(op: Operation) -> ModeResult:
         op.stop_event = op.stop_event or next(
             (e for e in s.events[mark:] if e.name == "STOP"), None)
         await op.emit(Phase.RESUMED, f"the guest runs in the new QEMU (pid {new.peer_pid})")
+        faultpoints.reached("cpr-transfer:resumed")
         try:
             sent = await outgoing
         except (QmpError, TimeoutError) as exc:

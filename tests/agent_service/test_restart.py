@@ -280,7 +280,9 @@ async def test_killed_agent_adopts_the_transfer_target_that_runs_the_guest(
     vm = await qemu_env.vm("transfer")
     pid, token = vm.pid, vm.token
     mark = time.monotonic_ns()
-    agent, waiting, seen = await killed_at(qemu_env, vm, "op-tr", pb.PHASE_RESUMED,
+    # Stopped by its fault point right after the resume (a freeze on the RESUMED event may
+    # land after the agent quit the old QEMU and dismissed the keeper).
+    agent, waiting, seen = await killed_at(qemu_env, vm, "op-tr", "cpr-transfer:resumed",
                                            mode=pb.MODE_CPR_TRANSFER)
 
     await agent.start()
