@@ -1,4 +1,8 @@
-"""What every CPR mode shares: the operation's context, progress, waits, and the safety net."""
+"""What every CPR mode shares: the operation's context, progress, waits, and the safety net.
+
+A little over 450 lines on purpose: each of these is one rule the three modes share, and
+its one home is here.
+"""
 
 from __future__ import annotations
 
@@ -213,6 +217,23 @@ async def verify_version(session: QmpSession, target: Target) -> str:
     if expected and expected not in (got, pkg, f"{got} ({pkg})"):
         raise QmpError(f"the new QEMU reports version {got} ({pkg}), expected {expected}")
     return got
+
+
+@contextlib.asynccontextmanager
+async def version_asked(session: QmpSession, target: Target
+                        ) -> AsyncIterator[asyncio.Task[str]]:
+    """`async with version_asked(s, t) as version: <wait for the load>` then `await version`:
+    the new QEMU's version is asked while it loads the state (QMP answers both in turn), as
+    every round trip between the load and the resume is inside the guest's pause. A failed
+    load cancels the question; the version's own error comes from the `await`."""
+    version = asyncio.create_task(verify_version(session, target))
+    try:
+        yield version
+    except BaseException:
+        version.cancel()
+        with contextlib.suppress(BaseException):
+            await version
+        raise
 
 
 async def reset_capabilities(session: QmpSession) -> None:

@@ -31,7 +31,7 @@ from vmupdate_agent.modes.common import (
     reset_capabilities,
     resume,
     stderr_tail,
-    verify_version,
+    version_asked,
     wait_incoming_loaded,
 )
 from vmupdate_agent.qmp import QmpError, QmpSession, QmpSilent, QmpTimeout
@@ -161,16 +161,8 @@ def _rolled_back_in_place(op: Operation, use_guard: bool) -> bool:
 
 
 async def _finish_new(op: Operation, session: QmpSession, *, use_guard: bool) -> ModeResult:
-    # The version is asked while the state loads (QMP answers both in turn), not after it:
-    # every round trip between the load and the resume is inside the guest's pause.
-    version_query = asyncio.create_task(verify_version(session, op.target))
-    try:
+    async with version_asked(session, op.target) as version_query:
         await wait_incoming_loaded(session, op.timeouts.load)
-    except BaseException:
-        version_query.cancel()
-        with contextlib.suppress(BaseException):
-            await version_query
-        raise
     try:
         version = await version_query
     except QmpError as exc:

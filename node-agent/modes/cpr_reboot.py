@@ -7,8 +7,6 @@ the agent starts the old binary on the same state file and RAM, so the VM is nev
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 
 from vmupdate_agent import argv as qargv
@@ -32,7 +30,7 @@ from vmupdate_agent.modes.common import (
     resume,
     retire_old_qemu,
     rewrite_pidfile,
-    verify_version,
+    version_asked,
     wait_incoming_loaded,
     wait_outgoing_done,
 )
@@ -162,15 +160,8 @@ async def _start(op: Operation, pinned: hostexec.PinnedContext, argv: qargv.Qemu
 
 
 async def _load(op: Operation, session: QmpSession, target: Target, state_uri: str) -> str:
-    # The version is asked while the state loads (QMP answers in turn): inside the pause.
-    version_query = asyncio.create_task(verify_version(session, target))
-    try:
+    async with version_asked(session, target) as version_query:
         await load_saved_state(session, state_uri, op.timeouts.load)
-    except BaseException:
-        version_query.cancel()
-        with contextlib.suppress(BaseException):
-            await version_query
-        raise
     return await version_query
 
 

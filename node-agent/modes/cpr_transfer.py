@@ -38,7 +38,7 @@ from vmupdate_agent.modes.common import (
     resume,
     retire_old_qemu,
     rewrite_pidfile,
-    verify_version,
+    version_asked,
     wait_incoming_loaded,
     wait_outgoing_done,
 )
@@ -177,15 +177,8 @@ async def _connect_and_check(op: Operation, new_qmp: str) -> tuple[QmpSession, s
                                  command_timeout=op.timeouts.command,
                                  log_path=op.path("new-qemu.log"))
     try:
-        # Asked while the state loads (QMP answers in turn): one round trip less after it.
-        version_query = asyncio.create_task(verify_version(new, op.target))
-        try:
+        async with version_asked(new, op.target) as version_query:
             await wait_incoming_loaded(new, op.timeouts.load)
-        except BaseException:
-            version_query.cancel()
-            with contextlib.suppress(BaseException):
-                await version_query
-            raise
         version = await version_query
     except BaseException:
         await new.close()

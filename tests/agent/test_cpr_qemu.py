@@ -1,5 +1,7 @@
 """The CPR engine on real QEMU processes running a real guest (TCG), no QMP mocks.
 
+Over 450 lines on purpose: every mode against the same guest checks and VM fixtures.
+
 Each test checks the guest from outside: its serial counter must go on by exactly one per
 line, with the boot-time token unchanged and every RAM checksum good — so the guest neither
 rebooted nor lost memory — and the pause the agent reports is checked against the blackout

@@ -1,5 +1,6 @@
 """One way in: the CLI and the gRPC service share admission, the VM's lock, the journal and
 recovery (real QEMU, the agent service as its own process, the CLI as its own process).
+A little over 450 lines on purpose: the CLI and service processes these tests share.
 
 - A CLI update and a gRPC update started at once on one VM: exactly one runs, the other is
   refused naming it (operation id, program, pid); the guest runs on, continuous.
