@@ -16,7 +16,7 @@ import stat
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from vmupdate_agent import argv as qargv
 from vmupdate_agent import fswatch, hostexec, procfs
@@ -163,16 +163,60 @@ async def wait_incoming_loaded(session: QmpSession, timeout: float) -> None:
     await poll_until(loaded, timeout=timeout, what="loading the state into the new QEMU")
 
 
+_MIGRATION_ENDED = frozenset({"completed", "failed", "cancelled"})
+
+
 async def wait_outgoing_done(session: QmpSession, timeout: float) -> dict[str, Any]:
+    """`wait_outgoing_ended` for a QEMU without MIGRATION events: a poll (the hand-made
+    sequences and the plain migration of the benchmarks)."""
+
     async def done() -> dict[str, Any] | None:
         mig: dict[str, Any] = await session.cmd("query-migrate")
-        if mig.get("status") in ("completed", "failed", "cancelled"):
+        if mig.get("status") in _MIGRATION_ENDED:
             return mig
         return None
 
     result: dict[str, Any] = await poll_until(done, timeout=timeout,
                                               what="saving the VM state")
     return result
+
+
+async def set_migration_events(session: QmpSession, on: bool) -> None:
+    """Whether this QEMU reports its outgoing migration as MIGRATION events. On for an update,
+    so that the agent waits on them (`wait_outgoing_ended`) rather than polling the QEMU while
+    the guest is stopped (a poll competes for the CPU with the very hand-over it waits for);
+    off again when the update fails and the VM stays in this QEMU, as it was found."""
+    await session.cmd("migrate-set-capabilities", {"capabilities": [
+        {"capability": "events", "state": on}]})
+
+
+async def wait_outgoing_ended(session: QmpSession, *, since: int, timeout: float
+                              ) -> dict[str, Any]:
+    """How the migration this QEMU sends ended, from its MIGRATION events (see
+    `set_migration_events`; `since`: a mark taken before `migrate`): `{"status": ...}`, with
+    QEMU's `error-desc` when it failed. Its monitor closing first is an error."""
+    ended = asyncio.create_task(session.wait_event(
+        "MIGRATION", since=since, timeout=timeout,
+        predicate=lambda e: e.data.get("status") in _MIGRATION_ENDED))
+    gone = asyncio.create_task(session.wait_disconnected(timeout))
+    try:
+        done, _ = await asyncio.wait({ended, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (ended, gone):
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+    if ended in done:
+        status = ended.result().data["status"]  # or its QmpTimeout
+        if status == "completed":
+            return {"status": status}
+        with contextlib.suppress(QmpError):
+            return cast(dict[str, Any], await session.cmd("query-migrate"))
+        return {"status": status}
+    gone.result()  # its QmpTimeout, if that is how it ended
+    raise QmpError(f"the monitor of QEMU pid {session.peer_pid} closed while it sent the "
+                   f"state")
 
 
 class NotResumed(QmpError):

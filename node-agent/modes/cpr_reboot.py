@@ -7,6 +7,7 @@ the agent starts the old binary on the same state file and RAM, so the VM is nev
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from vmupdate_agent import argv as qargv
@@ -32,13 +33,16 @@ from vmupdate_agent.modes.common import (
     rewrite_pidfile,
     version_asked,
     wait_incoming_loaded,
-    wait_outgoing_done,
+    wait_outgoing_ended,
 )
 from vmupdate_agent.qmp import QmpError, QmpSession
 
 log = logging.getLogger(__name__)
 
-_CAPS = [{"capability": "x-ignore-shared", "state": True}]
+# x-ignore-shared: guest RAM stays in its shared file, only device state is saved; events:
+# the save's end is waited on, not polled (see set_migration_events).
+_CAPS = [{"capability": "x-ignore-shared", "state": True},
+         {"capability": "events", "state": True}]
 # In the operation's work folder; found there again by an agent restarted mid-operation.
 STATE_FILE = "state"
 
@@ -59,13 +63,13 @@ async def _run(op: Operation) -> ModeResult:
     await op.emit(Phase.STOPPING, f"saving device state to {state_uri}")
     try:
         await s.cmd("migrate", {"uri": state_uri})
-        outgoing = await wait_outgoing_done(s, op.timeouts.load)
+        outgoing = await wait_outgoing_ended(s, since=mark, timeout=op.timeouts.load)
     except (QmpError, TimeoutError) as exc:
-        note = await ensure_running(s, was_running)
+        note = await _stay_in_old(s, was_running)
         raise UpdateAborted(f"saving the state failed: {exc}; {note}") from exc
     op.stop_event = next((e for e in s.events[mark:] if e.name == "STOP"), None)
     if outgoing.get("status") != "completed":
-        note = await ensure_running(s, was_running)
+        note = await _stay_in_old(s, was_running)
         raise UpdateAborted(f"saving the state {outgoing.get('status')}: "
                             f"{outgoing.get('error-desc', '')}; {note}")
     await op.emit(Phase.SAVED, "state saved; starting the new QEMU beside the stopped one")
@@ -88,7 +92,7 @@ async def _handover(op: Operation, s: QmpSession, pinned: hostexec.PinnedContext
         session = await _start(op, pinned, new_argv, temp_qmp)
     except (QmpError, hostexec.HostExecError) as exc:
         rewrite_pidfile(op, op.vm.pid)
-        note = await ensure_running(s, was_running)
+        note = await _stay_in_old(s, was_running)
         raise UpdateAborted(f"the new QEMU did not start: {exc}; {note}") from exc
     await retire_old_qemu(s, op.vm.pid, op.timeouts.command)
     # Past this point no QEMU runs the VM: the way back is the old binary on the saved state.
@@ -178,8 +182,17 @@ async def leave_cpr_reboot(session: QmpSession) -> None:
     """Back to an ordinary QEMU: a later cpr-transfer or cpr-exec must not send with
     x-ignore-shared (its receiver would refuse the stream)."""
     await session.cmd("migrate-set-capabilities", {"capabilities": [
-        {"capability": "x-ignore-shared", "state": False}]})
+        {"capability": "x-ignore-shared", "state": False},
+        {"capability": "events", "state": False}]})
     await session.cmd("migrate-set-parameters", {"mode": "normal"})
+
+
+async def _stay_in_old(session: QmpSession, was_running: bool) -> str:
+    """The update failed before the old QEMU was quit: it keeps the VM, back to an ordinary
+    QEMU (best effort: the next update resets what matters anyway) and running."""
+    with contextlib.suppress(QmpError):
+        await leave_cpr_reboot(session)
+    return await ensure_running(session, was_running)
 
 
 async def _leave_after_resume(op: Operation, session: QmpSession) -> None:

@@ -38,9 +38,10 @@ from vmupdate_agent.modes.common import (
     resume,
     retire_old_qemu,
     rewrite_pidfile,
+    set_migration_events,
     version_asked,
     wait_incoming_loaded,
-    wait_outgoing_done,
+    wait_outgoing_ended,
 )
 from vmupdate_agent.qmp import QmpError, QmpSession
 
@@ -75,6 +76,8 @@ async def _run(op: Operation) -> ModeResult:
         for pid in pids_with_arg(new_qmp):
             await kill_quietly(pid)
         rewrite_pidfile(op, op.vm.pid)
+        with contextlib.suppress(QmpError):
+            await set_migration_events(s, False)
         note = await ensure_running(s, was_running)
         log_tail = _tail(op.path("new-qemu.log"))
         return UpdateAborted(f"{why}{'; new QEMU said: ' + log_tail if log_tail else ''}; "
@@ -90,6 +93,7 @@ async def _run(op: Operation) -> ModeResult:
         await asyncio.sleep(0.002)
 
     await reset_capabilities(s)
+    await set_migration_events(s, True)
     await s.cmd("migrate-set-parameters", {"mode": "cpr-transfer"})
     mark = s.mark()
     channels = [
@@ -106,7 +110,7 @@ async def _run(op: Operation) -> ModeResult:
     # while the old one finishes sending, and resumed as soon as it holds the whole state:
     # the old one's own "completed" is read after the resume (both ends of one stream).
     arriving = asyncio.create_task(_connect_and_check(op, new_qmp))
-    outgoing = asyncio.create_task(wait_outgoing_done(s, op.timeouts.load))
+    outgoing = asyncio.create_task(wait_outgoing_ended(s, since=mark, timeout=op.timeouts.load))
     try:
         await asyncio.wait({arriving, outgoing}, return_when=asyncio.FIRST_COMPLETED)
         op.stop_event = next((e for e in s.events[mark:] if e.name == "STOP"), None)

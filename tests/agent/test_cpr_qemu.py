@@ -438,6 +438,11 @@ async def test_new_process_failures_never_lose_the_vm(
     vm.serial.assert_continuous()
     async with vm.qmp() as qmp:
         assert (await qmp.execute("query-status"))["status"] == "running"
+        # Left as it was found: the update's MIGRATION events (and cpr-reboot's
+        # x-ignore-shared) are off again in whichever QEMU runs the VM.
+        caps = {c["capability"]: c["state"]
+                for c in await qmp.execute("query-migrate-capabilities")}
+        assert caps["events"] is False and caps["x-ignore-shared"] is False, caps
 
 
 async def test_pidfile_and_alternating_new_process_modes(rig: Rig, vm_factory: VMFactory,
