@@ -31,6 +31,12 @@ NO_ARG_OPTIONS = frozenset(
 # -S, and a daemonizing QEMU would fork away from the pid that cpr-exec must keep.
 _DROPPED_FOR_NEW = frozenset({"incoming", "S", "daemonize"})
 
+# Added by the agent to a QEMU it starts to receive a VM: that QEMU reports its incoming
+# migration as MIGRATION events, which the agent waits on inside the guest's pause instead
+# of polling (modes.common.wait_incoming_loaded). Dropped again from the argv a next update
+# starts from, like -incoming and -S.
+INCOMING_EVENTS = ("-global", "migration.x-events=on")
+
 
 class ArgvError(ValueError):
     """A command line the agent cannot work with, with the reason."""
@@ -43,6 +49,9 @@ class Option:
 
     def render(self) -> list[str]:
         return [f"-{self.name}"] if self.value is None else [f"-{self.name}", self.value]
+
+
+_ADDED_FOR_INCOMING = frozenset({Option("global", INCOMING_EVENTS[1])})
 
 
 @dataclass(frozen=True)
@@ -165,7 +174,8 @@ def canonical(argv: QemuArgv, qmp_path: str | None = None) -> QemuArgv:
     QEMU listened on a temporary path that was then renamed to the well-known one, and the
     next QEMU must listen where the VM is known to be.
     """
-    out = QemuArgv(argv.binary, tuple(o for o in argv.options if o.name not in _DROPPED_FOR_NEW))
+    out = QemuArgv(argv.binary, tuple(o for o in argv.options if o.name not in _DROPPED_FOR_NEW
+                                      and o not in _ADDED_FOR_INCOMING))
     if qmp_path is not None:
         paths = qmp_socket_paths(out)
         if qmp_path not in paths and len(paths) == 1:

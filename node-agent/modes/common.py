@@ -146,8 +146,25 @@ async def poll_until(fn: Callable[[], Awaitable[Any]], *, timeout: float, what: 
         await asyncio.sleep(interval)
 
 
-async def wait_incoming_loaded(session: QmpSession, timeout: float) -> None:
-    """Until the new QEMU has loaded the state and sits paused (it was started with -S)."""
+async def wait_incoming_loaded(session: QmpSession, timeout: float, *,
+                               events: bool = False) -> None:
+    """Until the new QEMU has loaded the state and sits paused (it was started with -S).
+
+    `events`: it reports its incoming migration as MIGRATION events (started with
+    `argv.INCOMING_EVENTS`, or its capability set before `migrate-incoming`), and is woken
+    on the one that ends it rather than polled; QEMU sets the runstate before it reports
+    "completed". One query first covers a load that ended before this session connected.
+    Without: a poll, for a QEMU that does not (the hand-made sequences, a rolled-back one)."""
+    if events:
+        mark = session.mark()
+        mig = await session.cmd("query-migrate")
+        if mig.get("status") not in _MIGRATION_ENDED:
+            mig = await _migration_ended(session, since=mark, timeout=timeout,
+                                         what="loading the state into the new QEMU")
+        if mig.get("status") != "completed":
+            raise QmpError(f"the new QEMU failed to load the state: "
+                           f"{mig.get('error-desc', mig.get('status'))}")
+        return
 
     async def loaded() -> bool:
         mig = await session.cmd("query-migrate")
@@ -195,6 +212,14 @@ async def wait_outgoing_ended(session: QmpSession, *, since: int, timeout: float
     """How the migration this QEMU sends ended, from its MIGRATION events (see
     `set_migration_events`; `since`: a mark taken before `migrate`): `{"status": ...}`, with
     QEMU's `error-desc` when it failed. Its monitor closing first is an error."""
+    return await _migration_ended(session, since=since, timeout=timeout,
+                                  what="sending the state")
+
+
+async def _migration_ended(session: QmpSession, *, since: int, timeout: float, what: str
+                           ) -> dict[str, Any]:
+    """The MIGRATION event (after `since`) that ends this QEMU's migration, either way; the
+    QEMU's monitor closing before it is an error, not a wait until the timeout."""
     ended = asyncio.create_task(session.wait_event(
         "MIGRATION", since=since, timeout=timeout,
         predicate=lambda e: e.data.get("status") in _MIGRATION_ENDED))
@@ -215,8 +240,7 @@ async def wait_outgoing_ended(session: QmpSession, *, since: int, timeout: float
             return cast(dict[str, Any], await session.cmd("query-migrate"))
         return {"status": status}
     gone.result()  # its QmpTimeout, if that is how it ended
-    raise QmpError(f"the monitor of QEMU pid {session.peer_pid} closed while it sent the "
-                   f"state")
+    raise QmpError(f"the monitor of QEMU pid {session.peer_pid} closed while {what}")
 
 
 class NotResumed(QmpError):

@@ -42,7 +42,8 @@ def build_commands(op: Operation, *, use_guard: bool, old_binary: str
     """The cpr-exec-command, and the state file URI. `old_binary`: what the rollback runs
     (see binary_for_rollback)."""
     state_uri = f"file:{op.path('state')}"
-    new = qargv.appended(op.new_argv(), ["-S", "-incoming", state_uri]).render()
+    new = qargv.appended(op.new_argv(), [*qargv.INCOMING_EVENTS, "-S", "-incoming", state_uri]
+                          ).render()
     if not use_guard:
         return new, state_uri
     assert op.guard_path is not None
@@ -162,7 +163,7 @@ def _rolled_back_in_place(op: Operation, use_guard: bool) -> bool:
 
 async def _finish_new(op: Operation, session: QmpSession, *, use_guard: bool) -> ModeResult:
     async with version_asked(session, op.target) as version_query:
-        await wait_incoming_loaded(session, op.timeouts.load)
+        await wait_incoming_loaded(session, op.timeouts.load, events=True)
     try:
         version = await version_query
     except QmpError as exc:

@@ -175,7 +175,7 @@ async def load_saved_state(session: QmpSession, state_uri: str, timeout: float) 
     await session.cmd("migrate-set-parameters", {"mode": "cpr-reboot"})
     await session.cmd("migrate-set-capabilities", {"capabilities": _CAPS})
     await session.cmd("migrate-incoming", {"uri": state_uri})
-    await wait_incoming_loaded(session, timeout)
+    await wait_incoming_loaded(session, timeout, events=True)  # _CAPS has events
 
 
 async def leave_cpr_reboot(session: QmpSession) -> None:

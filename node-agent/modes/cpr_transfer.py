@@ -54,7 +54,7 @@ def new_command(op: Operation) -> tuple[list[str], str, str, str]:
     new = qargv.replace_socket_path(op.new_argv(), op.vm.qmp_path, new_qmp)
     cpr_channel = {"channel-type": "cpr",
                    "addr": {"transport": "socket", "type": "unix", "path": cpr_sock}}
-    argv = qargv.appended(new, ["-S", "-incoming", f"unix:{main_sock}",
+    argv = qargv.appended(new, [*qargv.INCOMING_EVENTS, "-S", "-incoming", f"unix:{main_sock}",
                                 "-incoming", json.dumps(cpr_channel, separators=(",", ":"))])
     return argv.render(), main_sock, cpr_sock, new_qmp
 
@@ -182,7 +182,7 @@ async def _connect_and_check(op: Operation, new_qmp: str) -> tuple[QmpSession, s
                                  log_path=op.path("new-qemu.log"))
     try:
         async with version_asked(new, op.target) as version_query:
-            await wait_incoming_loaded(new, op.timeouts.load)
+            await wait_incoming_loaded(new, op.timeouts.load, events=True)
         version = await version_query
     except BaseException:
         await new.close()

@@ -27,6 +27,7 @@ from e2e.rig.vm import Backend
 from tests.agent import raw_cpr
 from tests.agent.conftest import make_engine
 from vmupdate_agent import engine, pathpolicy, procfs
+from vmupdate_agent.argv import INCOMING_EVENTS
 from vmupdate_agent.models import CprMode, Outcome, RequestedMode, Target, UpdateResult
 
 pytestmark = pytest.mark.qemu
@@ -132,6 +133,9 @@ async def test_five_back_to_back_cpr_exec_updates(rig: Rig, vm_factory: VMFactor
         assert result.outcome == Outcome.UPDATED, f"update {i + 1}: {result.message}"
         assert result.pid_after == pid
         results.append(result)
+        # What the agent adds for the load is there once, however many updates ran.
+        cmdline = procfs.cmdline(pid)
+        assert cmdline.count(INCOMING_EVENTS[1]) == 1, cmdline
     vm.serial.assert_continuous()
     for result in results:
         assert_pause_within_blackout(result, vm)

@@ -190,6 +190,12 @@ def test_canonical_drops_how_the_vm_was_started(recorded: list[str]) -> None:
                  id="every-incoming"),
     pytest.param(["-pidfile", "/run/p", "-snapshot"], [("pidfile", "/run/p"), ("snapshot", None)],
                  id="others-kept"),
+    # What the agent adds for the incoming side goes, so that updates do not pile it up;
+    # any other -global stays, also another value of the same property.
+    pytest.param([*qargv.INCOMING_EVENTS, "-global", "kvm-pit.lost_tick_policy=delay",
+                  "--global", "migration.x-events=on", "-global", "migration.x-events=off"],
+                 [("global", "kvm-pit.lost_tick_policy=delay"),
+                  ("global", "migration.x-events=off")], id="incoming-events"),
 ])
 def test_canonical(words: list[str], expected: list[tuple[str, str | None]]) -> None:
     assert opts(qargv.canonical(P(*words))) == expected
