@@ -82,6 +82,25 @@ def tun_fds(pid: int) -> dict[str, int]:
     return out
 
 
+# /proc/net/unix's Flags column: the socket listens (__SO_ACCEPTCON).
+_ACCEPTS = 0x10000
+
+
+def unix_listening(pid: int, path: str) -> bool:
+    """Whether a UNIX socket bound to `path` listens, in `pid`'s network namespace. Its file
+    appears at bind(), a moment before listen(): a connect() in between is refused."""
+    try:
+        lines = (PROC / str(pid) / "net" / "unix").read_text().splitlines()[1:]
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return False
+    for line in lines:
+        # Num RefCount Protocol Flags Type St Inode [Path]; the path is last, spaces and all.
+        fields = line.split(None, 7)
+        if len(fields) == 8 and fields[7] == path and int(fields[3], 16) & _ACCEPTS:
+            return True
+    return False
+
+
 def peer_pid(sock: socket.socket) -> int:
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, _uid, _gid = struct.unpack("3i", creds)

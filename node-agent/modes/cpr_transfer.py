@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from vmupdate_agent import argv as qargv
-from vmupdate_agent import faultpoints, hostexec
+from vmupdate_agent import faultpoints, hostexec, procfs
 from vmupdate_agent.models import Outcome, Phase
 from vmupdate_agent.modes.common import (
     ModeResult,
@@ -83,12 +83,23 @@ async def _run(op: Operation) -> ModeResult:
         return UpdateAborted(f"{why}{'; new QEMU said: ' + log_tail if log_tail else ''}; "
                              f"{note}")
 
-    # The old QEMU connects to the cpr socket: it must exist first.
+    # The old QEMU connects to the cpr socket when told to migrate: the new QEMU must listen
+    # on it by then. Its file appears at bind(), a moment before listen(); a migrate in
+    # between is refused ("Connection refused") and fails the update.
     deadline = time.monotonic() + op.timeouts.handover
-    while not os.path.exists(cpr_sock):
-        if time.monotonic() > deadline or (not pids_with_arg(new_qmp)
-                                           and time.monotonic() > deadline - op.timeouts.handover
-                                           + 0.5):
+    started = scanned = time.monotonic()
+    new_pids: list[int] = []
+    while True:
+        now = time.monotonic()
+        # Whose socket it is: a scan of every process, so every 50 ms (and as soon as the
+        # file is there), not at every look; no such process after 0.5 s: it has exited.
+        if now - scanned > 0.05 or (not new_pids and os.path.exists(cpr_sock)):
+            new_pids, scanned = pids_with_arg(new_qmp), now
+            if not new_pids and now - started > 0.5:
+                raise await cleanup_new("the new QEMU exited before it opened its cpr channel")
+        if any(procfs.unix_listening(pid, cpr_sock) for pid in new_pids):
+            break
+        if now > deadline:
             raise await cleanup_new("the new QEMU did not open its cpr channel")
         await asyncio.sleep(0.002)
 

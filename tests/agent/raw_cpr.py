@@ -24,6 +24,7 @@ from pathlib import Path
 
 from e2e.rig import TestVM
 from e2e.rig.vm import launch_detached, pid_alive, wait_gone
+from vmupdate_agent import procfs
 from vmupdate_agent.modes.common import wait_incoming_loaded, wait_outgoing_done
 from vmupdate_agent.qmp import QmpError, QmpSession
 
@@ -93,7 +94,9 @@ async def _transfer(vm: TestVM, workdir: Path, channels: Sequence[Mapping[str, o
                     new_qmp: Path) -> tuple[int, int]:
     cpr_sock = workdir / "cpr.sock"
     deadline = time.monotonic() + _TIMEOUT
-    while not cpr_sock.exists():  # the old QEMU connects to it: it must exist first
+    # The old QEMU connects to it: the new one must listen first (the file appears at bind).
+    while not (cpr_sock.exists() and procfs.unix_listening(
+            int((workdir / "launch.pid").read_text()), str(cpr_sock))):
         if time.monotonic() > deadline:
             raise TimeoutError(f"the new QEMU opened no cpr channel: "
                                f"{(workdir / 'qemu.log').read_text()[-500:]}")

@@ -51,3 +51,28 @@ async def test_leftover_probes_of_a_dead_agent_are_stopped(tmp_path: Path) -> No
             with contextlib.suppress(ProcessLookupError):
                 p.kill()
             await asyncio.wait_for(p.wait(), 5)
+
+
+@pytest.mark.parametrize("name", ["cpr.sock", "with space.sock"])
+def test_unix_listening_only_once_the_socket_listens(tmp_path: Path, name: str) -> None:
+    """A socket's file appears at bind(); only listen() makes it accept. Between the two a
+    connect is refused, which is what the wait before cpr-transfer's migrate must not miss."""
+    import os
+    import socket
+
+    from vmupdate_agent import procfs
+
+    path = str(tmp_path / name)
+    me = os.getpid()
+    assert not procfs.unix_listening(me, path)  # nothing there
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.bind(path)
+        assert os.path.exists(path)
+        assert not procfs.unix_listening(me, path)  # bound, not listening
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client, \
+                pytest.raises(ConnectionRefusedError):
+            client.connect(path)
+        sock.listen(1)
+        assert procfs.unix_listening(me, path)
+        assert not procfs.unix_listening(me, path + ".other")
+    assert not procfs.unix_listening(2**22 + 7, path)  # no such process
