@@ -22,8 +22,26 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from vmupdate_api import crd_models as m
 from vmupdate_api import generated
+from vmupdate_api.crd.constants import (
+    GROUP,
+    KIND_VMHOST,
+    KIND_VMUPDATE,
+    KIND_VMUPDATEHOST,
+    PLURAL_VMHOSTS,
+    PLURAL_VMUPDATEHOSTS,
+    PLURAL_VMUPDATES,
+    SHORT_NAMES_VMHOST,
+    SHORT_NAMES_VMUPDATE,
+    SHORT_NAMES_VMUPDATEHOST,
+    SINGULAR_VMHOST,
+    SINGULAR_VMUPDATE,
+    SINGULAR_VMUPDATEHOST,
+    VERSION,
+)
+from vmupdate_api.crd.vmhost import VMHost
+from vmupdate_api.crd.vmupdate import VMUpdate
+from vmupdate_api.crd.vmupdatehost import VMUpdateHost
 
 COMMAND = "python -m vmupdate_api.crdgen"
 HEADER = (
@@ -263,7 +281,7 @@ def crd(
 ) -> dict[str, Any]:
     """A CustomResourceDefinition (apiextensions.k8s.io/v1) for one cluster-scoped kind."""
     version: dict[str, Any] = {
-        "name": m.VERSION,
+        "name": VERSION,
         "served": True,
         "storage": True,
         "schema": {"openAPIV3Schema": structural_schema(model)},
@@ -276,9 +294,9 @@ def crd(
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{plural}.{m.GROUP}"},
+        "metadata": {"name": f"{plural}.{GROUP}"},
         "spec": {
-            "group": m.GROUP,
+            "group": GROUP,
             "names": {
                 "kind": kind,
                 "listKind": f"{kind}List",
@@ -295,31 +313,31 @@ def crd(
 def crds() -> dict[str, dict[str, Any]]:
     """File name -> CRD object."""
     return {
-        f"{m.GROUP}_{m.PLURAL_VMUPDATES}.yaml": crd(
-            m.VMUpdate,
-            kind=m.KIND_VMUPDATE,
-            plural=m.PLURAL_VMUPDATES,
-            singular=m.SINGULAR_VMUPDATE,
-            short_names=m.SHORT_NAMES_VMUPDATE,
+        f"{GROUP}_{PLURAL_VMUPDATES}.yaml": crd(
+            VMUpdate,
+            kind=KIND_VMUPDATE,
+            plural=PLURAL_VMUPDATES,
+            singular=SINGULAR_VMUPDATE,
+            short_names=SHORT_NAMES_VMUPDATE,
             columns=VMUPDATE_COLUMNS,
         ),
-        f"{m.GROUP}_{m.PLURAL_VMHOSTS}.yaml": crd(
-            m.VMHost,
-            kind=m.KIND_VMHOST,
-            plural=m.PLURAL_VMHOSTS,
-            singular=m.SINGULAR_VMHOST,
-            short_names=m.SHORT_NAMES_VMHOST,
+        f"{GROUP}_{PLURAL_VMHOSTS}.yaml": crd(
+            VMHost,
+            kind=KIND_VMHOST,
+            plural=PLURAL_VMHOSTS,
+            singular=SINGULAR_VMHOST,
+            short_names=SHORT_NAMES_VMHOST,
             columns=VMHOST_COLUMNS,
         ),
         # Written whole by one writer (the operator), created with its records in one
         # request: no status subresource. Selectable by VMUpdate and host name, whatever
         # their length (labels carry them only up to 63 characters).
-        f"{m.GROUP}_{m.PLURAL_VMUPDATEHOSTS}.yaml": crd(
-            m.VMUpdateHost,
-            kind=m.KIND_VMUPDATEHOST,
-            plural=m.PLURAL_VMUPDATEHOSTS,
-            singular=m.SINGULAR_VMUPDATEHOST,
-            short_names=m.SHORT_NAMES_VMUPDATEHOST,
+        f"{GROUP}_{PLURAL_VMUPDATEHOSTS}.yaml": crd(
+            VMUpdateHost,
+            kind=KIND_VMUPDATEHOST,
+            plural=PLURAL_VMUPDATEHOSTS,
+            singular=SINGULAR_VMUPDATEHOST,
+            short_names=SHORT_NAMES_VMUPDATEHOST,
             columns=VMUPDATEHOST_COLUMNS,
             status_subresource=False,
             selectable_fields=(".spec.vmUpdate", ".spec.host"),
@@ -356,7 +374,7 @@ def drift(root: Path) -> list[str]:
     files = render()
     problems = generated.drift(files, root)
     for folder in CRD_DIRS:
-        for path in sorted((root / folder).glob(f"{m.GROUP}_*.yaml")):
+        for path in sorted((root / folder).glob(f"{GROUP}_*.yaml")):
             rel = f"{folder}/{path.name}"
             if rel not in files:
                 problems.append(f"{rel}: not generated any more (delete it)")

@@ -17,27 +17,28 @@ import itertools
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 
-from vmupdate_api.crd_models import (
+from vmupdate_api.crd.conditions import (
     COND_DEGRADED,
     COND_PROGRESSING,
     COND_READY,
-    FAILED_VM_PHASES,
-    IN_PROGRESS_VM_PHASES,
-    MAX_HISTORY,
-    MAX_MESSAGE,
     ConditionStatus,
     ConditionUpdate,
     Reason,
+    condition,
+)
+from vmupdate_api.crd.constants import MAX_HISTORY, MAX_MESSAGE
+from vmupdate_api.crd.vmupdate import (
+    FAILED_VM_PHASES,
+    IN_PROGRESS_VM_PHASES,
     RolloutRecord,
     RolloutTarget,
     UpdatePhase,
     VMPhase,
     VMRef,
     VMRolloutStatus,
-    VMUpdateSpec,
     VMUpdateStatus,
-    condition,
 )
+from vmupdate_api.crd.vmupdate_spec import VMUpdateSpec
 from vmupdate_operator.planning import Plan
 
 # Reasons beyond crd_models.Reason (the schema accepts any CamelCase reason).
