@@ -1,4 +1,4 @@
-"""Generate the CustomResourceDefinitions from the pydantic models in ``crd_models``.
+"""Generate the CustomResourceDefinitions from the pydantic models in ``vmupdate_api.crd``.
 
     python -m vmupdate_api.crdgen            # write crds/*.yaml and charts/vmupdate/crds/*.yaml
     python -m vmupdate_api.crdgen --check    # exit 1 when the checked-in files differ

@@ -47,7 +47,7 @@ ALL_NODES = [(plural, path, node) for plural, s in SCHEMAS.items() for path, nod
 
 
 def test_generated_files_are_checked_in() -> None:
-    """Drift test: run `python -m vmupdate_api.crdgen` after changing api/crd_models.py."""
+    """Drift test: run `python -m vmupdate_api.crdgen` after changing the models in api/crd/."""
     assert crdgen.drift(ROOT) == []
     assert set(FILES) == {
         "crds/vmupdate.dev_vmupdates.yaml",
