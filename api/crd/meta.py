@@ -103,7 +103,6 @@ class ObjectMeta(BaseModel):
     finalizers: list[str] | None = None
 
 
-
 def status_merge_patch(status: K8sModel) -> dict[str, Any]:
     """A merge patch that makes an object's ``.status`` equal ``status``: fields unset now
     are sent as null, so the patch removes them (lists are replaced whole)."""

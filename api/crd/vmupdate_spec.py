@@ -1,6 +1,5 @@
 """The spec of a VMUpdate, what a user writes: which VMs (selector), which QEMU (target), how
-(mode, strategy), each field with its admission rules. Every field here reaches a root
-process on every selected host.
+(mode, strategy), each field with its admission rules.
 """
 
 from __future__ import annotations
