@@ -13,7 +13,7 @@ are the ones that change how the new process reports, not what it builds or touc
 allowed option takes exactly one value, which must match its pattern (RE2 syntax, anchored,
 so the API server's CEL and Python agree).
 
-This module is the single source: the CRD's CEL rule (``api/crd_models.py``), the agent's
+This module is the single source: the CRD's CEL rule (``api/crd/rules.py``), the agent's
 request validation (``node-agent/convert.py``) and its preflight (``node-agent/preflight.py``)
 all call it.
 """

@@ -43,26 +43,26 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from vmupdate_api.crd_models import (
-    API_VERSION,
+from vmupdate_api.crd.conditions import (
     COND_READY,
+    Condition,
+    ConditionStatus,
+    ConditionUpdate,
+    Reason,
+    condition,
+)
+from vmupdate_api.crd.constants import (
+    API_VERSION,
     GROUP,
     KIND_VMHOST,
     MAX_HOST_VMS,
     MAX_MESSAGE,
     PLURAL_VMHOSTS,
     VERSION,
-    Condition,
-    ConditionStatus,
-    ConditionUpdate,
-    CprMode,
-    HostVM,
-    QemuBinary,
-    Reason,
-    VMHostStatus,
-    condition,
-    status_merge_patch,
 )
+from vmupdate_api.crd.meta import status_merge_patch
+from vmupdate_api.crd.vmhost import HostVM, QemuBinary, VMHostStatus
+from vmupdate_api.crd.vmupdate_spec import CprMode
 from vmupdate_api.gen import agent_v1_pb2 as pb
 
 log = logging.getLogger(__name__)

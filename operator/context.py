@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from vmupdate_api.crd_models import VMRolloutStatus
+from vmupdate_api.crd.vmupdate import VMRolloutStatus
 from vmupdate_operator.agents import AgentPool
 from vmupdate_operator.config import OperatorConfig
 from vmupdate_operator.inventory import HostInventory

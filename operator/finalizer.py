@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from vmupdate_api.crd_models import IN_PROGRESS_VM_PHASES, VMRolloutStatus
+from vmupdate_api.crd.vmupdate import IN_PROGRESS_VM_PHASES, VMRolloutStatus
 from vmupdate_api.gen import agent_v1_pb2 as pb
 from vmupdate_operator.agent_client import AgentError
 from vmupdate_operator.inventory import HostInventory

@@ -16,7 +16,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from vmupdate_api.crd_models import HostVM, VMHostStatus, format_time
+from vmupdate_api.crd.meta import format_time
+from vmupdate_api.crd.vmhost import HostVM, VMHostStatus
 
 DEFAULT_STALE_AFTER = timedelta(seconds=60)
 

@@ -10,15 +10,15 @@ from typing import Any
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from vmupdate_api.crd_models import (
+from vmupdate_api.crd.constants import (
     GROUP,
     LABEL_VMUPDATE_UID,
     PLURAL_VMUPDATEHOSTS,
     PLURAL_VMUPDATES,
     VERSION,
-    VMUpdateStatus,
-    status_merge_patch,
 )
+from vmupdate_api.crd.meta import status_merge_patch
+from vmupdate_api.crd.vmupdate import VMUpdateStatus
 
 log = logging.getLogger(__name__)
 

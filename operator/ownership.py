@@ -27,15 +27,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from vmupdate_api.crd_models import (
-    IN_PROGRESS_VM_PHASES,
-    HostVM,
-    UpdateTarget,
-    VMPhase,
-    VMRolloutStatus,
-    VMSelector,
-    VMUpdateSpec,
-)
+from vmupdate_api.crd.vmhost import HostVM
+from vmupdate_api.crd.vmupdate import IN_PROGRESS_VM_PHASES, VMPhase, VMRolloutStatus
+from vmupdate_api.crd.vmupdate_spec import UpdateTarget, VMSelector, VMUpdateSpec
 from vmupdate_operator.selection import host_matches, name_matches, runs_target, version_matches
 
 Key = tuple[str, str]  # (host, VM name)

@@ -63,16 +63,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from vmupdate_api.crd_models import (
-    IN_PROGRESS_VM_PHASES,
-    MAX_VM_ROWS,
-    FailurePolicy,
-    HostVM,
-    Reason,
-    VMPhase,
-    VMRolloutStatus,
-    VMUpdateSpec,
-)
+from vmupdate_api.crd.conditions import Reason
+from vmupdate_api.crd.constants import MAX_VM_ROWS
+from vmupdate_api.crd.vmhost import HostVM
+from vmupdate_api.crd.vmupdate import IN_PROGRESS_VM_PHASES, VMPhase, VMRolloutStatus
+from vmupdate_api.crd.vmupdate_spec import FailurePolicy, VMUpdateSpec
 from vmupdate_operator.inventory import (
     DEFAULT_STALE_AFTER,
     HostInventory,

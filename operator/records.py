@@ -23,10 +23,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from vmupdate_api.crd_models import (
+from vmupdate_api.crd.constants import (
     API_VERSION,
-    FAILED_VM_PHASES,
-    IN_PROGRESS_VM_PHASES,
     KIND_VMUPDATE,
     KIND_VMUPDATEHOST,
     LABEL_FAILED,
@@ -34,9 +32,9 @@ from vmupdate_api.crd_models import (
     LABEL_VMUPDATE,
     LABEL_VMUPDATE_UID,
     MAX_NAME,
-    VMRolloutStatus,
-    VMUpdateHostStatus,
 )
+from vmupdate_api.crd.vmupdate import FAILED_VM_PHASES, IN_PROGRESS_VM_PHASES, VMRolloutStatus
+from vmupdate_api.crd.vmupdatehost import VMUpdateHostStatus
 from vmupdate_operator.ownership import ACTED_PHASES, Key
 
 HostRows = dict[str, VMRolloutStatus]  # VM name -> record

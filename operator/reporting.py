@@ -6,14 +6,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from datetime import datetime
 
-from vmupdate_api.crd_models import (
+from vmupdate_api.crd.vmupdate import (
     IN_PROGRESS_VM_PHASES,
     UpdatePhase,
     VMPhase,
     VMRolloutStatus,
-    VMUpdateSpec,
     VMUpdateStatus,
 )
+from vmupdate_api.crd.vmupdate_spec import VMUpdateSpec
 from vmupdate_operator.metrics import Metrics
 from vmupdate_operator.planning import Key, key_of
 

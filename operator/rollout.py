@@ -36,13 +36,13 @@ from typing import Any, Protocol
 import grpc
 from pydantic import ValidationError
 
-from vmupdate_api.crd_models import (
+from vmupdate_api.crd.vmupdate import (
     IN_PROGRESS_VM_PHASES,
     VMPhase,
     VMRolloutStatus,
-    VMUpdateSpec,
     VMUpdateStatus,
 )
+from vmupdate_api.crd.vmupdate_spec import VMUpdateSpec
 from vmupdate_api.gen import agent_v1_pb2 as pb
 from vmupdate_operator import planning, records, translate
 from vmupdate_operator.agent_client import AgentError

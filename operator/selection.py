@@ -8,13 +8,8 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Mapping
 
-from vmupdate_api.crd_models import (
-    HostVM,
-    LabelSelector,
-    SelectorOperator,
-    UpdateTarget,
-    VMSelector,
-)
+from vmupdate_api.crd.vmhost import HostVM
+from vmupdate_api.crd.vmupdate_spec import LabelSelector, SelectorOperator, UpdateTarget, VMSelector
 
 
 def labels_match(selector: LabelSelector, labels: Mapping[str, str]) -> bool:

@@ -4,11 +4,11 @@ The status is bounded whatever the fleet: counts, the first in-flight and failed
 conditions and the history; every VM's record lives in its host's VMUpdateHost
 (``records.py``).
 
-Phase precedence (see ``vmupdate_api.crd_models``): Failed > Paused > Progressing >
+Phase precedence (see ``vmupdate_api.crd.vmupdate``): Failed > Paused > Progressing >
 Degraded > Succeeded; a dry run ends in DryRunComplete. Conditions follow Kubernetes API
 conventions: CamelCase reasons, messages that say what to do, ``observedGeneration`` on each,
 and ``lastTransitionTime`` that moves only when a condition's status changes
-(:func:`vmupdate_api.crd_models.condition` keeps it otherwise).
+(:func:`vmupdate_api.crd.conditions.condition` keeps it otherwise).
 """
 
 from __future__ import annotations
@@ -17,30 +17,31 @@ import itertools
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 
-from vmupdate_api.crd_models import (
+from vmupdate_api.crd.conditions import (
     COND_DEGRADED,
     COND_PROGRESSING,
     COND_READY,
-    FAILED_VM_PHASES,
-    IN_PROGRESS_VM_PHASES,
-    MAX_HISTORY,
-    MAX_MESSAGE,
     ConditionStatus,
     ConditionUpdate,
     Reason,
+    condition,
+)
+from vmupdate_api.crd.constants import MAX_HISTORY, MAX_MESSAGE
+from vmupdate_api.crd.vmupdate import (
+    FAILED_VM_PHASES,
+    IN_PROGRESS_VM_PHASES,
     RolloutRecord,
     RolloutTarget,
     UpdatePhase,
     VMPhase,
     VMRef,
     VMRolloutStatus,
-    VMUpdateSpec,
     VMUpdateStatus,
-    condition,
 )
+from vmupdate_api.crd.vmupdate_spec import VMUpdateSpec
 from vmupdate_operator.planning import Plan
 
-# Reasons beyond crd_models.Reason (the schema accepts any CamelCase reason).
+# Reasons beyond conditions.Reason (the schema accepts any CamelCase reason).
 RUNNING_PREFLIGHT = "RunningPreflight"
 DRY_RUN_COMPLETE = "DryRunComplete"
 SELECTION_TOO_LARGE = "SelectionTooLarge"

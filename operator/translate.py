@@ -7,14 +7,13 @@ from datetime import datetime
 
 import grpc
 
-from vmupdate_api.crd_models import (
+from vmupdate_api.crd.vmupdate import VMPhase, VMRolloutStatus
+from vmupdate_api.crd.vmupdate_spec import (
     CprMode,
     Preference,
     RolloutStrategy,
     UpdateMode,
     UpdateTarget,
-    VMPhase,
-    VMRolloutStatus,
     VMUpdateSpec,
 )
 from vmupdate_api.gen import agent_v1_pb2 as pb

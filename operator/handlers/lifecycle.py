@@ -7,7 +7,7 @@ from typing import Any
 
 import kopf
 
-from vmupdate_api.crd_models import GROUP
+from vmupdate_api.crd.constants import GROUP
 from vmupdate_api.kube import api_client
 from vmupdate_operator import config as operator_config
 from vmupdate_operator.agents import AgentPool

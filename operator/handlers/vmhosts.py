@@ -6,7 +6,7 @@ from typing import Any
 
 import kopf
 
-from vmupdate_api.crd_models import GROUP, PLURAL_VMHOSTS, VERSION
+from vmupdate_api.crd.constants import GROUP, PLURAL_VMHOSTS, VERSION
 from vmupdate_operator.context import OperatorContext
 from vmupdate_operator.inventory import HostInventory
 

@@ -9,13 +9,8 @@ from typing import Any
 
 import kopf
 
-from vmupdate_api.crd_models import (
-    GROUP,
-    PLURAL_VMUPDATEHOSTS,
-    PLURAL_VMUPDATES,
-    VERSION,
-    VMRolloutStatus,
-)
+from vmupdate_api.crd.constants import GROUP, PLURAL_VMUPDATEHOSTS, PLURAL_VMUPDATES, VERSION
+from vmupdate_api.crd.vmupdate import VMRolloutStatus
 from vmupdate_operator.context import OperatorContext
 from vmupdate_operator.finalizer import still_running
 from vmupdate_operator.inventory import HostInventory

@@ -9,7 +9,7 @@ import pytest
 
 from bench import fleetcalc
 from bench.fleet import FleetParams, vmupdate_manifest
-from vmupdate_api.crd_models import VMUpdateSpec
+from vmupdate_api.crd.vmupdate_spec import VMUpdateSpec
 
 
 def test_ideal_is_canaries_then_waves() -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from vmupdate_api.crd_models import HostVM, VMPhase, VMRolloutStatus, VMUpdateSpec
+from vmupdate_api.crd.vmhost import HostVM
+from vmupdate_api.crd.vmupdate import VMPhase, VMRolloutStatus
+from vmupdate_api.crd.vmupdate_spec import VMUpdateSpec
 from vmupdate_operator import planning
 from vmupdate_operator.inventory import HostInventory
 

@@ -23,14 +23,9 @@ from tests.operator.builders import (
     vm,
 )
 from tests.operator.test_rollout import Agent, Writer, make_body, make_rollout, until
-from vmupdate_api.crd_models import (
-    MAX_HISTORY,
-    RolloutTarget,
-    UpdatePhase,
-    VMPhase,
-    VMUpdateSpec,
-    VMUpdateStatus,
-)
+from vmupdate_api.crd.constants import MAX_HISTORY
+from vmupdate_api.crd.vmupdate import RolloutTarget, UpdatePhase, VMPhase, VMUpdateStatus
+from vmupdate_api.crd.vmupdate_spec import VMUpdateSpec
 from vmupdate_operator import planning
 from vmupdate_operator.operation_ids import operation_id, parse_operation_id, vm_identity
 from vmupdate_operator.records import record_name

@@ -10,17 +10,10 @@ from typing import Any
 import pytest
 
 from tests.operator.builders import NEW, NEW_VERSION, T0, host, make_plan, on_target, spec, vm
-from vmupdate_api.crd_models import (
-    HostVM,
-    Reason,
-    UpdatePhase,
-    UpdateTarget,
-    VMPhase,
-    VMRolloutStatus,
-    VMSelector,
-    VMUpdateSpec,
-    find_condition,
-)
+from vmupdate_api.crd.conditions import Reason, find_condition
+from vmupdate_api.crd.vmhost import HostVM
+from vmupdate_api.crd.vmupdate import UpdatePhase, VMPhase, VMRolloutStatus
+from vmupdate_api.crd.vmupdate_spec import UpdateTarget, VMSelector, VMUpdateSpec
 from vmupdate_operator.inventory import HostInventory
 from vmupdate_operator.ownership import Claim, claim_from_body, owner
 from vmupdate_operator.records import record_from_body

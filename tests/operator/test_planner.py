@@ -11,14 +11,8 @@ from datetime import timedelta
 import pytest
 
 from tests.operator.builders import NEW, NEW_VERSION, T0, UID, host, on_target, spec, vm
-from vmupdate_api.crd_models import (
-    IN_PROGRESS_VM_PHASES,
-    UpdateTarget,
-    VMPhase,
-    VMRolloutStatus,
-    VMSelector,
-    VMUpdateSpec,
-)
+from vmupdate_api.crd.vmupdate import IN_PROGRESS_VM_PHASES, VMPhase, VMRolloutStatus
+from vmupdate_api.crd.vmupdate_spec import UpdateTarget, VMSelector, VMUpdateSpec
 from vmupdate_operator import planning
 from vmupdate_operator.inventory import HostInventory
 from vmupdate_operator.ownership import Claim

@@ -23,7 +23,8 @@ from tests.operator.builders import (
     uuid_for,
     vm,
 )
-from vmupdate_api.crd_models import Reason, VMPhase
+from vmupdate_api.crd.conditions import Reason
+from vmupdate_api.crd.vmupdate import VMPhase
 from vmupdate_operator import planning
 from vmupdate_operator.operation_ids import operation_id, parse_operation_id, vm_identity
 

@@ -9,7 +9,8 @@ from datetime import timedelta
 import pytest
 
 from tests.operator.builders import NEW_VERSION, T0, spec
-from vmupdate_api.crd_models import (
+from vmupdate_api.crd.conditions import Reason
+from vmupdate_api.crd.constants import (
     LABEL_FAILED,
     LABEL_HOST,
     LABEL_VMUPDATE,
@@ -19,16 +20,17 @@ from vmupdate_api.crd_models import (
     MAX_LISTED_VMS,
     MAX_MESSAGE,
     MAX_NAME,
-    CprMode,
-    Reason,
+)
+from vmupdate_api.crd.vmupdate import (
     RolloutRecord,
     RolloutTarget,
     UpdatePhase,
     VMPhase,
     VMRolloutStatus,
-    VMUpdateHost,
     VMUpdateStatus,
 )
+from vmupdate_api.crd.vmupdate_spec import CprMode
+from vmupdate_api.crd.vmupdatehost import VMUpdateHost
 from vmupdate_operator import records
 from vmupdate_operator.planning import Halt, Plan
 from vmupdate_operator.status import build_status

@@ -14,7 +14,7 @@ from kubernetes_asyncio import config as kconfig
 
 from e2e.cluster.fixtures import apply_and_wait_crds, k8s_cluster  # noqa: F401 (fixture)
 from e2e.cluster.sandbox import Sandbox
-from vmupdate_api.crd_models import VMPhase, VMRolloutStatus
+from vmupdate_api.crd.vmupdate import VMPhase, VMRolloutStatus
 from vmupdate_operator import records
 from vmupdate_operator.kube import RecordWrite, StatusWriteError, VMUpdateHostWriter
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from vmupdate_agent import registration as reg
-from vmupdate_api.crd_models import CprMode, VMHost, VMHostStatus, status_merge_patch
+from vmupdate_api.crd.meta import status_merge_patch
+from vmupdate_api.crd.vmhost import VMHost, VMHostStatus
+from vmupdate_api.crd.vmupdate_spec import CprMode
 from vmupdate_api.gen import agent_v1_pb2 as pb
 
 T0 = datetime(2025, 6, 1, 12, 0, 0, tzinfo=UTC)

@@ -18,7 +18,7 @@ import grpc
 import pytest
 
 from tests.operator.builders import NEW, NEW_VERSION, OLD, T0, host, on_target, spec, vm
-from vmupdate_api.crd_models import UpdatePhase, VMPhase, VMRolloutStatus, VMUpdateStatus
+from vmupdate_api.crd.vmupdate import UpdatePhase, VMPhase, VMRolloutStatus, VMUpdateStatus
 from vmupdate_api.gen import agent_v1_pb2 as pb
 from vmupdate_operator import rollout as rollout_module
 from vmupdate_operator.agent_client import AgentError

@@ -19,7 +19,7 @@ from tests.operator.test_rollout import (
     run_until,
     until,
 )
-from vmupdate_api.crd_models import UpdatePhase, VMPhase
+from vmupdate_api.crd.vmupdate import UpdatePhase, VMPhase
 from vmupdate_api.gen import agent_v1_pb2 as pb
 from vmupdate_operator import rollout as rollout_module
 from vmupdate_operator.planning import key_of

@@ -7,14 +7,9 @@ from datetime import timedelta
 import pytest
 
 from tests.operator.builders import T0, host, make_plan, on_target, row, spec, vm
-from vmupdate_api.crd_models import (
-    Reason,
-    UpdatePhase,
-    VMPhase,
-    VMUpdateSpec,
-    VMUpdateStatus,
-    find_condition,
-)
+from vmupdate_api.crd.conditions import Reason, find_condition
+from vmupdate_api.crd.vmupdate import UpdatePhase, VMPhase, VMUpdateStatus
+from vmupdate_api.crd.vmupdate_spec import VMUpdateSpec
 from vmupdate_operator import planning
 from vmupdate_operator.status import (
     DRY_RUN_COMPLETE,

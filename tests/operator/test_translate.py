@@ -18,7 +18,9 @@ from tests.operator.builders import (
     uuid_for,
     vm,
 )
-from vmupdate_api.crd_models import CprMode, Reason, RolloutStrategy, VMPhase
+from vmupdate_api.crd.conditions import Reason
+from vmupdate_api.crd.vmupdate import VMPhase
+from vmupdate_api.crd.vmupdate_spec import CprMode, RolloutStrategy
 from vmupdate_api.gen import agent_v1_pb2 as pb
 from vmupdate_operator import translate
 from vmupdate_operator.operation_ids import operation_id, vm_identity

@@ -12,11 +12,43 @@ import pytest
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from vmupdate_api import crd_models as m
+from vmupdate_api.crd.conditions import (
+    CONDITION_TYPES,
+    VMHOST_CONDITION_TYPES,
+    Condition,
+    ConditionStatus,
+    ConditionUpdate,
+    Reason,
+    condition,
+    find_condition,
+)
+from vmupdate_api.crd.constants import API_VERSION, GROUP, VERSION
+from vmupdate_api.crd.rules import (
+    CONDITION_REASON_RE,
+    HOST_NAME_RULE,
+    NODE_NAME_RULE,
+    QEMU_VERSION_SELECTOR_RULE,
+    SHA256_RULE,
+    TARGET_VERSION_RULE,
+    VM_NAME_RULE,
+    cel_string,
+)
+from vmupdate_api.crd.vmhost import HostVM, VMHost, VMHostStatus
+from vmupdate_api.crd.vmupdate import VMPhase, VMRolloutStatus, VMUpdate, VMUpdateStatus
+from vmupdate_api.crd.vmupdate_spec import (
+    CprMode,
+    Preference,
+    RolloutStrategy,
+    UpdateMode,
+    UpdateTarget,
+    VMSelector,
+    VMUpdateSpec,
+)
+from vmupdate_api.crd.vmupdatehost import VMUpdateHostStatus
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
-KINDS: dict[str, type[BaseModel]] = {"VMUpdate": m.VMUpdate, "VMHost": m.VMHost}
+KINDS: dict[str, type[BaseModel]] = {"VMUpdate": VMUpdate, "VMHost": VMHost}
 T0 = datetime(2025, 6, 1, 12, 0, 0, tzinfo=UTC)
 
 
@@ -80,15 +112,15 @@ def assert_subset(small: Any, big: Any, where: str = "") -> None:
 
 def test_rollout_example_is_what_the_issue_asks() -> None:
     obj = load(EXAMPLES / "vmupdate.yaml")
-    assert isinstance(obj, m.VMUpdate)
+    assert isinstance(obj, VMUpdate)
     # It selects QEMU 10.0 VMs: only Auto (-> cpr-transfer) or CprTransfer can move them.
-    assert obj.spec.mode is m.UpdateMode.AUTO
+    assert obj.spec.mode is UpdateMode.AUTO
     assert obj.spec.selector.vm_names is not None and len(obj.spec.selector.vm_names) == 3
     assert obj.spec.strategy.canary == 1
     dry = load(EXAMPLES / "vmupdate-dryrun.yaml")
     paused = load(EXAMPLES / "vmupdate-paused.yaml")
-    assert isinstance(dry, m.VMUpdate) and dry.spec.dry_run
-    assert isinstance(paused, m.VMUpdate) and paused.spec.paused
+    assert isinstance(dry, VMUpdate) and dry.spec.dry_run
+    assert isinstance(paused, VMUpdate) and paused.spec.paused
 
 
 CPR_EXEC_SINCE = (10, 2)  # cpr-exec exists in QEMU 10.2 and later (on both sides)
@@ -98,18 +130,18 @@ CPR_EXEC_SINCE = (10, 2)  # cpr-exec exists in QEMU 10.2 and later (on both side
 def test_no_example_asks_a_mode_its_selected_versions_lack(path: Path) -> None:
     """examples/vmupdate.yaml selected 10.0 VMs with CprExec: it could never work."""
     obj = load(path)
-    if not isinstance(obj, m.VMUpdate):
+    if not isinstance(obj, VMUpdate):
         return
     versions = obj.spec.selector.qemu_versions or []
     old = [v for v in versions if tuple(int(p) for p in v.split(".")[:2]) < CPR_EXEC_SINCE]
     target = tuple(int(p) for p in obj.spec.target.version.split(".")[:2])
-    if obj.spec.mode is m.UpdateMode.CPR_EXEC:
+    if obj.spec.mode is UpdateMode.CPR_EXEC:
         assert not old and target >= CPR_EXEC_SINCE, (path.name, versions)
 
 
 def test_vmhost_example_summary_is_consistent() -> None:
     host = load(EXAMPLES / "vmhost.yaml")
-    assert isinstance(host, m.VMHost) and host.status is not None
+    assert isinstance(host, VMHost) and host.status is not None
     assert host.status.summarize() == host.status
 
 
@@ -137,9 +169,9 @@ def test_invalid_examples_have_distinct_expectations() -> None:
 def test_transition_examples_are_well_formed(path: Path) -> None:
     expect_line(path)
     created, status, updated = yaml.safe_load_all(path.read_text())
-    m.VMUpdate.model_validate(created)
-    m.VMUpdateStatus.model_validate(status["status"])
-    m.VMUpdate.model_validate(updated)
+    VMUpdate.model_validate(created)
+    VMUpdateStatus.model_validate(status["status"])
+    VMUpdate.model_validate(updated)
     assert created["metadata"]["name"] == status["metadata"]["name"]
     assert created["metadata"]["name"] == updated["metadata"]["name"]
 
@@ -148,7 +180,7 @@ def test_transition_examples_are_well_formed(path: Path) -> None:
 
 
 def test_wire_names_are_camel_case() -> None:
-    spec = m.VMUpdateSpec.model_validate(
+    spec = VMUpdateSpec.model_validate(
         minimal_spec(dryRun=True, strategy={"maxParallelPerHost": 1, "pauseBudgetMs": 5})
     )
     wire = spec.to_wire()
@@ -161,7 +193,7 @@ def test_wire_names_are_camel_case() -> None:
         "failurePolicy",
         "maxFailures",
     }
-    status = m.VMUpdateStatus(
+    status = VMUpdateStatus(
         observed_generation=1,
         pause_p50_ms=1,
         pause_max_ms=2,
@@ -169,28 +201,28 @@ def test_wire_names_are_camel_case() -> None:
     ).to_wire()
     for key in ("observedGeneration", "pauseP50Ms", "pauseMaxMs", "inProgress", "dryRunPassed"):
         assert key in status
-    records = m.VMUpdateHostStatus(
-        vms={"n": m.VMRolloutStatus(host="h", name="n", pid_before=1, operation_id="x")},
+    records = VMUpdateHostStatus(
+        vms={"n": VMRolloutStatus(host="h", name="n", pid_before=1, operation_id="x")},
     ).to_wire()
     assert set(records["vms"]["n"]) == {"host", "name", "pidBefore", "operationId", "phase"}
-    vm = m.HostVM(name="a", memory_mib=256, cpr_modes=[m.CprMode.CPR_EXEC]).to_wire()
+    vm = HostVM(name="a", memory_mib=256, cpr_modes=[CprMode.CPR_EXEC]).to_wire()
     assert vm["memoryMiB"] == 256 and vm["cprModes"] == ["CprExec"]
 
 
 def test_snake_case_and_camel_case_both_accepted() -> None:
-    a = m.RolloutStrategy.model_validate({"maxParallel": 3, "max_parallel_per_host": 2})
+    a = RolloutStrategy.model_validate({"maxParallel": 3, "max_parallel_per_host": 2})
     assert (a.max_parallel, a.max_parallel_per_host) == (3, 2)
 
 
 def test_to_wire_omits_none() -> None:
-    spec = m.VMUpdateSpec.model_validate(minimal_spec())
+    spec = VMUpdateSpec.model_validate(minimal_spec())
     assert "sha256" not in spec.to_wire()["target"]
     assert set(spec.to_wire()["selector"]) == {"vmNames"}
 
 
 def test_defaults() -> None:
-    spec = m.VMUpdateSpec.model_validate(minimal_spec())
-    assert spec.mode is m.UpdateMode.AUTO
+    spec = VMUpdateSpec.model_validate(minimal_spec())
+    assert spec.mode is UpdateMode.AUTO
     assert not spec.dry_run and not spec.paused
     s = spec.strategy
     assert (s.max_parallel, s.max_parallel_per_host, s.canary) == (1, 1, 0)
@@ -198,18 +230,18 @@ def test_defaults() -> None:
 
 
 def test_kind_and_api_version() -> None:
-    obj = m.VMUpdate.model_validate({"metadata": {"name": "x"}, "spec": minimal_spec()})
+    obj = VMUpdate.model_validate({"metadata": {"name": "x"}, "spec": minimal_spec()})
     wire = obj.to_wire()
-    assert wire["apiVersion"] == "vmupdate.dev/v1alpha1" == m.API_VERSION
+    assert wire["apiVersion"] == "vmupdate.dev/v1alpha1" == API_VERSION
     assert wire["kind"] == "VMUpdate"
-    assert f"{m.GROUP}/{m.VERSION}" == m.API_VERSION
+    assert f"{GROUP}/{VERSION}" == API_VERSION
     with pytest.raises(ValidationError):
-        m.VMUpdate.model_validate({"kind": "VMHost", "spec": minimal_spec()})
+        VMUpdate.model_validate({"kind": "VMHost", "spec": minimal_spec()})
 
 
 def test_metadata_keeps_unknown_fields() -> None:
     meta = {"name": "x", "ownerReferences": [{"kind": "Foo"}], "generation": 3}
-    obj = m.VMUpdate.model_validate({"metadata": meta, "spec": minimal_spec()})
+    obj = VMUpdate.model_validate({"metadata": meta, "spec": minimal_spec()})
     assert obj.metadata.generation == 3
     assert obj.to_wire()["metadata"]["ownerReferences"] == [{"kind": "Foo"}]
 
@@ -241,7 +273,7 @@ def target(**changes: Any) -> dict[str, Any]:
 )
 def test_target_rules(changes: dict[str, Any], message: str) -> None:
     with pytest.raises(ValidationError, match=re.escape(message)):
-        m.UpdateTarget.model_validate(target(**changes))
+        UpdateTarget.model_validate(target(**changes))
 
 
 @pytest.mark.parametrize(
@@ -255,7 +287,7 @@ def test_target_rules(changes: dict[str, Any], message: str) -> None:
     ],
 )
 def test_target_rules_accept(changes: dict[str, Any]) -> None:
-    m.UpdateTarget.model_validate(target(**changes))
+    UpdateTarget.model_validate(target(**changes))
 
 
 @pytest.mark.parametrize(
@@ -279,10 +311,10 @@ def test_target_rules_accept(changes: dict[str, Any]) -> None:
 def test_vm_name_patterns(name: str, ok: bool) -> None:
     doc = {"vmNames": [name]}
     if ok:
-        m.VMSelector.model_validate(doc)
+        VMSelector.model_validate(doc)
     else:
         with pytest.raises(ValidationError):
-            m.VMSelector.model_validate(doc)
+            VMSelector.model_validate(doc)
 
 
 @pytest.mark.parametrize(
@@ -301,10 +333,10 @@ def test_vm_name_patterns(name: str, ok: bool) -> None:
 def test_host_names(name: str, ok: bool) -> None:
     doc = {"hostNames": [name]}
     if ok:
-        m.VMSelector.model_validate(doc)
+        VMSelector.model_validate(doc)
     else:
         with pytest.raises(ValidationError, match="must be node names"):
-            m.VMSelector.model_validate(doc)
+            VMSelector.model_validate(doc)
 
 
 @pytest.mark.parametrize(
@@ -314,25 +346,25 @@ def test_host_names(name: str, ok: bool) -> None:
 def test_qemu_version_selector(version: str, ok: bool) -> None:
     doc = {"qemuVersions": [version]}
     if ok:
-        m.VMSelector.model_validate(doc)
+        VMSelector.model_validate(doc)
     else:
         with pytest.raises(ValidationError, match="must be QEMU versions"):
-            m.VMSelector.model_validate(doc)
+            VMSelector.model_validate(doc)
 
 
 def test_selector_needs_one_field() -> None:
     with pytest.raises(ValidationError, match="at least one of hostNames"):
-        m.VMSelector.model_validate({})
-    m.VMSelector.model_validate({"hostSelector": {}})  # explicit "every host"
+        VMSelector.model_validate({})
+    VMSelector.model_validate({"hostSelector": {}})  # explicit "every host"
 
 
 @pytest.mark.parametrize("field", ["hostNames", "vmNames", "qemuVersions"])
 def test_selector_lists_are_non_empty_sets(field: str) -> None:
     value = {"hostNames": "node-a", "vmNames": "vm", "qemuVersions": "10.0"}[field]
     with pytest.raises(ValidationError):
-        m.VMSelector.model_validate({field: []})
+        VMSelector.model_validate({field: []})
     with pytest.raises(ValidationError, match="Duplicate value"):
-        m.VMSelector.model_validate({field: [value, value]})
+        VMSelector.model_validate({field: [value, value]})
 
 
 @pytest.mark.parametrize(
@@ -354,10 +386,10 @@ def test_match_expressions(operator: str, values: list[str] | None, ok: bool) ->
         req["values"] = values
     doc = {"hostSelector": {"matchExpressions": [req]}}
     if ok:
-        m.VMSelector.model_validate(doc)
+        VMSelector.model_validate(doc)
     else:
         with pytest.raises(ValidationError, match="In and NotIn need a non-empty values"):
-            m.VMSelector.model_validate(doc)
+            VMSelector.model_validate(doc)
 
 
 @pytest.mark.parametrize(
@@ -377,7 +409,7 @@ def test_match_expressions(operator: str, values: list[str] | None, ok: bool) ->
 )
 def test_strategy_rules(strategy: dict[str, Any], message: str) -> None:
     with pytest.raises(ValidationError, match=re.escape(message)):
-        m.RolloutStrategy.model_validate(strategy)
+        RolloutStrategy.model_validate(strategy)
 
 
 @pytest.mark.parametrize(("mode", "prefer", "ok"), [
@@ -388,45 +420,45 @@ def test_prefer_only_with_auto(mode: str, prefer: str | None, ok: bool) -> None:
     strategy = {} if prefer is None else {"prefer": prefer}
     doc = minimal_spec(mode=mode, strategy=strategy)
     if ok:
-        spec = m.VMUpdateSpec.model_validate(doc)
-        assert spec.strategy.prefer == (None if prefer is None else m.Preference(prefer))
+        spec = VMUpdateSpec.model_validate(doc)
+        assert spec.strategy.prefer == (None if prefer is None else Preference(prefer))
     else:
         message = "strategy.prefer applies only to mode Auto"
         with pytest.raises(ValidationError, match=re.escape(message)):
-            m.VMUpdateSpec.model_validate(doc)
+            VMUpdateSpec.model_validate(doc)
 
 
 def test_prefer_unknown_value() -> None:
     with pytest.raises(ValidationError, match="'SamePid' or 'ShortestPause'"):
-        m.RolloutStrategy.model_validate({"prefer": "Fastest"})
+        RolloutStrategy.model_validate({"prefer": "Fastest"})
 
 
 def test_strategy_rules_accept() -> None:
-    m.RolloutStrategy.model_validate({"maxParallel": 5, "maxParallelPerHost": 5})
-    m.RolloutStrategy.model_validate({"failurePolicy": "Halt", "maxFailures": 3})
-    m.RolloutStrategy.model_validate({"failurePolicy": "Continue"})
-    m.RolloutStrategy.model_validate({"pauseBudgetMs": 600000, "canary": 100})
+    RolloutStrategy.model_validate({"maxParallel": 5, "maxParallelPerHost": 5})
+    RolloutStrategy.model_validate({"failurePolicy": "Halt", "maxFailures": 3})
+    RolloutStrategy.model_validate({"failurePolicy": "Continue"})
+    RolloutStrategy.model_validate({"pauseBudgetMs": 600000, "canary": 100})
 
 
 def test_vmhost_name_must_be_node_name() -> None:
     spec = {"nodeName": "node-a"}
-    m.VMHost.model_validate({"metadata": {"name": "node-a"}, "spec": spec})
-    m.VMHost.model_validate({"spec": spec})  # no name yet: nothing to compare
+    VMHost.model_validate({"metadata": {"name": "node-a"}, "spec": spec})
+    VMHost.model_validate({"spec": spec})  # no name yet: nothing to compare
     with pytest.raises(ValidationError, match=r"must equal spec\.nodeName"):
-        m.VMHost.model_validate({"metadata": {"name": "node-b"}, "spec": spec})
+        VMHost.model_validate({"metadata": {"name": "node-b"}, "spec": spec})
     with pytest.raises(ValidationError, match=r"spec\.nodeName must be a node name"):
-        m.VMHost.model_validate({"spec": {"nodeName": "Node_A"}})
+        VMHost.model_validate({"spec": {"nodeName": "Node_A"}})
 
 
 def test_rule_python_twins_agree_with_regexes() -> None:
     """The CEL regex literal, unquoted, is the anchored Python regex of the twin."""
     for rule in (
-        m.TARGET_VERSION_RULE,
-        m.SHA256_RULE,
-        m.HOST_NAME_RULE,
-        m.VM_NAME_RULE,
-        m.QEMU_VERSION_SELECTOR_RULE,
-        m.NODE_NAME_RULE,
+        TARGET_VERSION_RULE,
+        SHA256_RULE,
+        HOST_NAME_RULE,
+        VM_NAME_RULE,
+        QEMU_VERSION_SELECTOR_RULE,
+        NODE_NAME_RULE,
     ):
         literal = re.fullmatch(r"self\.matches\('(.*)'\)", rule.cel)
         assert literal is not None, rule.cel
@@ -436,9 +468,9 @@ def test_rule_python_twins_agree_with_regexes() -> None:
 
 
 def test_cel_string_quoting() -> None:
-    assert m.cel_string("a") == "'a'"
-    assert m.cel_string("it's") == "'it\\'s'"
-    assert m.cel_string("\\.") == "'\\\\.'"
+    assert cel_string("a") == "'a'"
+    assert cel_string("it's") == "'it\\'s'"
+    assert cel_string("\\.") == "'\\\\.'"
 
 
 # --- timestamps --------------------------------------------------------------------------------
@@ -446,22 +478,22 @@ def test_cel_string_quoting() -> None:
 
 def test_time_is_utc_whole_seconds_rfc3339() -> None:
     local = timezone(timedelta(hours=2))
-    c = m.Condition(
+    c = Condition(
         type="Ready",
-        status=m.ConditionStatus.TRUE,
+        status=ConditionStatus.TRUE,
         reason="AllVMsUpdated",
         last_transition_time=datetime(2025, 6, 1, 14, 0, 0, 987654, tzinfo=local),
     )
     assert c.last_transition_time == T0
     assert c.to_wire()["lastTransitionTime"] == "2025-06-01T12:00:00Z"
-    assert m.Condition.model_validate(c.to_wire()) == c
+    assert Condition.model_validate(c.to_wire()) == c
 
 
 def test_naive_time_rejected() -> None:
     with pytest.raises(ValidationError):
-        m.Condition(
+        Condition(
             type="Ready",
-            status=m.ConditionStatus.TRUE,
+            status=ConditionStatus.TRUE,
             reason="R",
             last_transition_time=datetime(2025, 1, 1),
         )
@@ -470,12 +502,12 @@ def test_naive_time_rejected() -> None:
 @pytest.mark.parametrize("reason", ["", "all updated", "1Bad", "Trailing,", "x" * 1025])
 def test_condition_reason_must_be_camel_case(reason: str) -> None:
     with pytest.raises(ValidationError):
-        m.Condition(type="Ready", status="True", reason=reason, last_transition_time=T0)  # type: ignore[arg-type]
+        Condition(type="Ready", status="True", reason=reason, last_transition_time=T0)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("reason", ["AllVMsUpdated", "A", "Reason_1", "a:b,c_d"])
 def test_condition_reason_accepts(reason: str) -> None:
-    m.Condition(type="Ready", status="True", reason=reason, last_transition_time=T0)  # type: ignore[arg-type]
+    Condition(type="Ready", status="True", reason=reason, last_transition_time=T0)  # type: ignore[arg-type]
 
 
 # --- condition() --------------------------------------------------------------------------------
@@ -488,10 +520,10 @@ def cond(
     message: str = "",
     at: datetime = T0,
     generation: int | None = None,
-) -> m.Condition:
-    return m.Condition(
+) -> Condition:
+    return Condition(
         type=type_,
-        status=m.ConditionStatus(status),
+        status=ConditionStatus(status),
         reason=reason,
         message=message,
         last_transition_time=at,
@@ -505,10 +537,10 @@ def upd(
     reason: str = "R",
     message: str = "",
     generation: int | None = None,
-) -> m.ConditionUpdate:
-    return m.ConditionUpdate(
+) -> ConditionUpdate:
+    return ConditionUpdate(
         type=type_,
-        status=m.ConditionStatus(status),
+        status=ConditionStatus(status),
         reason=reason,
         message=message,
         observed_generation=generation,
@@ -519,7 +551,7 @@ NOW = T0 + timedelta(minutes=5)
 
 
 def test_condition_added_to_empty_list() -> None:
-    out = m.condition([], upd(generation=2), NOW)
+    out = condition([], upd(generation=2), NOW)
     assert out == [cond(at=NOW, generation=2)]
 
 
@@ -530,7 +562,7 @@ def test_condition_added_to_empty_list() -> None:
 def test_condition_transition_matrix(old: str | None, new: str) -> None:
     """lastTransitionTime moves exactly when status changes (or the condition is new)."""
     before = [] if old is None else [cond(status=old, reason="Old", message="old", generation=1)]
-    out = m.condition(before, upd(status=new, reason="New", message="new", generation=2), NOW)
+    out = condition(before, upd(status=new, reason="New", message="new", generation=2), NOW)
     assert len(out) == 1
     c = out[0]
     assert (c.type, c.status, c.reason, c.message, c.observed_generation) == (
@@ -545,7 +577,7 @@ def test_condition_transition_matrix(old: str | None, new: str) -> None:
 
 def test_condition_same_status_updates_reason_message_generation_only() -> None:
     before = [cond(reason="A", message="a", generation=1)]
-    out = m.condition(before, upd(reason="B", message="b", generation=None), NOW)
+    out = condition(before, upd(reason="B", message="b", generation=None), NOW)
     assert out == [cond(reason="B", message="b", generation=None)]
 
 
@@ -556,55 +588,55 @@ def test_condition_other_types_untouched_and_order_kept() -> None:
         cond("Degraded", "False", at=T0 - timedelta(hours=2)),
     ]
     snapshot = [c.model_copy(deep=True) for c in before]
-    out = m.condition(before, upd("Progressing", "False", reason="RolloutComplete"), NOW)
+    out = condition(before, upd("Progressing", "False", reason="RolloutComplete"), NOW)
     assert [c.type for c in out] == ["Ready", "Progressing", "Degraded"]
     assert out[0] == before[0] and out[2] == before[2]
     assert out[1].status == "False" and out[1].last_transition_time == NOW
     assert before == snapshot  # input untouched
-    out2 = m.condition(out, upd("Custom", "True"), NOW)
+    out2 = condition(out, upd("Custom", "True"), NOW)
     assert [c.type for c in out2] == ["Ready", "Progressing", "Degraded", "Custom"]
 
 
 def test_condition_drops_later_duplicates() -> None:
     before = [cond("Ready", "True"), cond("Degraded", "False"), cond("Ready", "False")]
-    out = m.condition(before, upd("Ready", "True", reason="X"), NOW)
+    out = condition(before, upd("Ready", "True", reason="X"), NOW)
     assert [c.type for c in out] == ["Ready", "Degraded"]
     assert out[0].reason == "X" and out[0].last_transition_time == T0
 
 
 def test_condition_ignores_time_carried_by_new() -> None:
     new = cond(status="False", at=T0 - timedelta(days=1))
-    out = m.condition([cond(status="True")], new, NOW)
+    out = condition([cond(status="True")], new, NOW)
     assert out[0].last_transition_time == NOW
     same = cond(status="True", at=T0 - timedelta(days=1))
-    assert m.condition([cond(status="True")], same, NOW)[0].last_transition_time == T0
+    assert condition([cond(status="True")], same, NOW)[0].last_transition_time == T0
 
 
 def test_condition_now_normalised_and_must_be_aware() -> None:
     local = timezone(timedelta(hours=-7))
-    out = m.condition([], upd(), datetime(2025, 6, 1, 5, 5, 0, 123456, tzinfo=local))
+    out = condition([], upd(), datetime(2025, 6, 1, 5, 5, 0, 123456, tzinfo=local))
     assert out[0].last_transition_time == NOW
     with pytest.raises(ValueError, match="timezone-aware"):
-        m.condition([], upd(), datetime(2025, 6, 1))
+        condition([], upd(), datetime(2025, 6, 1))
 
 
 def test_condition_result_is_a_new_list() -> None:
     before = [cond()]
-    out = m.condition(before, upd(), NOW)
+    out = condition(before, upd(), NOW)
     assert out is not before and out == before
 
 
 def test_find_condition() -> None:
     cs = [cond("Ready"), cond("Degraded", "False")]
-    assert m.find_condition(cs, "Degraded") == cs[1]
-    assert m.find_condition(cs, "Progressing") is None
+    assert find_condition(cs, "Degraded") == cs[1]
+    assert find_condition(cs, "Progressing") is None
 
 
 def test_condition_type_constants() -> None:
-    assert m.CONDITION_TYPES == ("Ready", "Progressing", "Degraded")
-    assert m.VMHOST_CONDITION_TYPES == ("Ready",)
-    for r in m.Reason:
-        assert re.fullmatch(m.CONDITION_REASON_RE, r.value)
+    assert CONDITION_TYPES == ("Ready", "Progressing", "Degraded")
+    assert VMHOST_CONDITION_TYPES == ("Ready",)
+    for r in Reason:
+        assert re.fullmatch(CONDITION_REASON_RE, r.value)
 
 
 # --- derived status fields -----------------------------------------------------------------------
@@ -626,10 +658,10 @@ def test_counted() -> None:
         ("DryRunPassed", None),
     ]
     rows = [
-        m.VMRolloutStatus(host="h", name=f"vm{i}", phase=m.VMPhase(p), pause_ms=ms)
+        VMRolloutStatus(host="h", name=f"vm{i}", phase=VMPhase(p), pause_ms=ms)
         for i, (p, ms) in enumerate(phases)
     ]
-    s = m.VMUpdateStatus().counted(rows)
+    s = VMUpdateStatus().counted(rows)
     assert (s.targets, s.updated, s.pending, s.in_progress) == (12, 4, 1, 2)
     assert (s.failed, s.skipped, s.dry_run_passed) == (3, 1, 1)
     assert s.targets == s.updated + s.pending + s.in_progress + s.failed + s.skipped + (
@@ -638,27 +670,27 @@ def test_counted() -> None:
     assert (s.pause_p50_ms, s.pause_max_ms) == (200, 300)  # RolledBack pauses do not count
     assert s.hosts == 1 and [v.name for v in s.in_progress_vms] == ["vm5", "vm6"]
     assert [v.name for v in s.failed_vms] == ["vm7", "vm8", "vm9"]
-    empty = m.VMUpdateStatus(pause_p50_ms=5, pause_max_ms=5, targets=3).counted([])
+    empty = VMUpdateStatus(pause_p50_ms=5, pause_max_ms=5, targets=3).counted([])
     assert (empty.targets, empty.pause_p50_ms, empty.pause_max_ms) == (0, None, None)
 
 
 def test_summarize() -> None:
     vms = [
-        m.HostVM(name="a", qemu_version="10.0.2", ready=True),
-        m.HostVM(name="b", qemu_version="9.2.0"),
-        m.HostVM(name="c", qemu_version="10.0.2", ready=True),
-        m.HostVM(name="d", qemu_version="10.0.10"),
-        m.HostVM(name="e"),
+        HostVM(name="a", qemu_version="10.0.2", ready=True),
+        HostVM(name="b", qemu_version="9.2.0"),
+        HostVM(name="c", qemu_version="10.0.2", ready=True),
+        HostVM(name="d", qemu_version="10.0.10"),
+        HostVM(name="e"),
     ]
-    s = m.VMHostStatus(vms=vms).summarize()
+    s = VMHostStatus(vms=vms).summarize()
     assert (s.vm_count, s.ready_count) == (5, 2)
     assert s.qemu_versions == "9.2.0,10.0.2,10.0.10"
-    assert m.VMHostStatus().summarize().qemu_versions is None
+    assert VMHostStatus().summarize().qemu_versions is None
 
 
 def test_endpoint_pattern() -> None:
     for ok in ("10.0.0.1:9443", "node-a.example:1", "[fd00::1]:9443"):
-        m.VMHostStatus(endpoint=ok)
+        VMHostStatus(endpoint=ok)
     for bad in ("10.0.0.1", "http://x:1", "x:port"):
         with pytest.raises(ValidationError):
-            m.VMHostStatus(endpoint=bad)
+            VMHostStatus(endpoint=bad)

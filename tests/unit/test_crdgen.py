@@ -12,8 +12,10 @@ import pytest
 import yaml
 from pydantic import BaseModel, Field
 
-from vmupdate_api import crd_models as m
 from vmupdate_api import crdgen
+from vmupdate_api.crd.constants import GROUP, VERSION
+from vmupdate_api.crd.meta import K8sModel
+from vmupdate_api.crd.vmupdate_spec import CprMode, RolloutStrategy
 
 ROOT = Path(__file__).resolve().parents[2]
 FILES = crdgen.render()
@@ -45,7 +47,7 @@ ALL_NODES = [(plural, path, node) for plural, s in SCHEMAS.items() for path, nod
 
 
 def test_generated_files_are_checked_in() -> None:
-    """Drift test: run `python -m vmupdate_api.crdgen` after changing api/crd_models.py."""
+    """Drift test: run `python -m vmupdate_api.crdgen` after changing the models in api/crd/."""
     assert crdgen.drift(ROOT) == []
     assert set(FILES) == {
         "crds/vmupdate.dev_vmupdates.yaml",
@@ -101,12 +103,12 @@ def test_names_scope_version(plural: str, kind: str, short: list[str]) -> None:
     crd = crdgen.crds()[f"vmupdate.dev_{plural}.yaml"]
     assert crd["metadata"]["name"] == f"{plural}.vmupdate.dev"
     spec = crd["spec"]
-    assert spec["group"] == m.GROUP and spec["scope"] == "Cluster"
+    assert spec["group"] == GROUP and spec["scope"] == "Cluster"
     assert spec["names"]["kind"] == kind and spec["names"]["plural"] == plural
     assert spec["names"]["shortNames"] == short
     assert spec["names"]["listKind"] == f"{kind}List"
     (version,) = spec["versions"]
-    assert version["name"] == m.VERSION and version["served"] and version["storage"]
+    assert version["name"] == VERSION and version["served"] and version["storage"]
     assert version["subresources"] == {"status": {}}
 
 
@@ -248,7 +250,7 @@ def test_rule_text() -> None:
 
 def test_strategy_default_is_whole_and_valid() -> None:
     node = SCHEMAS["vmupdates"]["properties"]["spec"]["properties"]["strategy"]
-    assert node["default"] == m.RolloutStrategy().to_wire()
+    assert node["default"] == RolloutStrategy().to_wire()
     for name, prop in node["properties"].items():
         if name == "prefer":  # optional: unset means SamePid, and only Auto may set it
             assert "default" not in prop and name not in node["default"]
@@ -271,7 +273,7 @@ def test_optional_maps_to_nullable() -> None:
 # --- the converter on its own ------------------------------------------------------------------
 
 
-class _Inner(m.K8sModel):
+class _Inner(K8sModel):
     """Inner docs.
 
     Second paragraph
@@ -280,11 +282,11 @@ class _Inner(m.K8sModel):
     x: int = 0
 
 
-class _Outer(m.K8sModel):
+class _Outer(K8sModel):
     inner: _Inner | None = None
     """Field docs win over type docs."""
     items: list[_Inner] = Field(default_factory=list, max_length=3)
-    choice: m.CprMode | None = None
+    choice: CprMode | None = None
 
 
 def convert(model: type[BaseModel]) -> dict[str, Any]:

@@ -14,8 +14,8 @@ from test_preflight import BASE, VmLoader, good_inputs
 from tests.extra_args_cases import BAD_EXTRA_ARGS, GOOD_EXTRA_ARGS
 from vmupdate_agent import preflight
 from vmupdate_agent.models import RequestedMode, Target
-from vmupdate_api import crd_models as m
 from vmupdate_api import extra_args
+from vmupdate_api.crd.vmupdate_spec import UpdateTarget
 from vmupdate_api.crdgen import crds
 
 IDS = [case[0] for case in BAD_EXTRA_ARGS]
@@ -31,7 +31,7 @@ def test_the_allowlist_refuses(name: str, args: list[str], why: str) -> None:
 @pytest.mark.parametrize(("name", "args", "why"), BAD_EXTRA_ARGS, ids=IDS)
 def test_the_crd_model_refuses(name: str, args: list[str], why: str) -> None:
     with pytest.raises(ValidationError, match=re.escape("target.extraArgs may only hold")):
-        m.UpdateTarget.model_validate({"binary": "/usr/bin/qemu-system-x86_64",
+        UpdateTarget.model_validate({"binary": "/usr/bin/qemu-system-x86_64",
                                        "version": "11.1.3", "extraArgs": args})
 
 
@@ -52,7 +52,7 @@ def test_preflight_refuses_and_never_dry_runs(load_vm: VmLoader, name: str, args
 @pytest.mark.parametrize("args", GOOD_EXTRA_ARGS, ids=str)
 def test_allowed_arguments_pass_everywhere(load_vm: VmLoader, args: list[str]) -> None:
     assert extra_args.problems(args, "x") == []
-    m.UpdateTarget.model_validate({"binary": "/usr/bin/qemu-system-x86_64",
+    UpdateTarget.model_validate({"binary": "/usr/bin/qemu-system-x86_64",
                                    "version": "11.1.3", "extraArgs": args})
     good = good_inputs(load_vm(BASE), RequestedMode.CPR_EXEC)
     p = preflight.PreflightInputs(**{**good.__dict__, "target": Target(
