@@ -1,7 +1,7 @@
 """What every CPR mode shares: the operation's context, progress, waits, and the safety net.
 
-A little over 450 lines on purpose: each of these is one rule the three modes share, and
-its one home is here.
+Over 450 lines: each of these is one rule the three modes share (the waits on QEMU's
+migration events among them), and its one home is here.
 """
 
 from __future__ import annotations
