@@ -53,6 +53,10 @@ object" is "unchanged".
 Over 450 lines on purpose: the rules and the incremental planner that applies them share
 the private step functions and their per-host memories; split, one module would reach into
 the other's internals.
+
+Over 450 lines: one planner, whose rules (waves, per-host limits, canary, budgets, failure
+policy, blocked VMs) read each other's results within one step; split, they would pass it
+all around.
 """
 
 from __future__ import annotations

@@ -18,6 +18,9 @@ changes.
 Over 450 lines on purpose: the loop and the VM tasks it runs share one state (the rows, the
 changes posted and not yet applied, the tasks), which only this class touches; the pure
 parts live elsewhere (planning, status, records, reporting, translate).
+
+Over 450 lines: one loop and the I/O of its steps (persist, call the agents, record), which
+share the loop's state.
 """
 
 from __future__ import annotations

@@ -24,6 +24,14 @@ VMHOST_CONDITION_TYPES: tuple[str, ...] = (COND_READY,)
 CONDITION_TYPES: tuple[str, ...] = VMUPDATE_CONDITION_TYPES
 
 
+# The limits of metav1.Condition's fields, shared by Condition and ConditionUpdate.
+ConditionType = Annotated[str, StringConstraints(max_length=316, pattern=CONDITION_TYPE_RE)]
+ConditionReason = Annotated[
+    str, StringConstraints(min_length=1, max_length=1024, pattern=CONDITION_REASON_RE)]
+ConditionMessage = Annotated[str, StringConstraints(max_length=32768)]
+Generation = Annotated[int, Field(ge=0)]
+
+
 class ConditionStatus(StrEnum):
     TRUE = "True"
     FALSE = "False"
@@ -33,19 +41,17 @@ class ConditionStatus(StrEnum):
 class Condition(K8sModel):
     """A Kubernetes-style condition (same shape and limits as metav1.Condition)."""
 
-    type: Annotated[str, StringConstraints(max_length=316, pattern=CONDITION_TYPE_RE)]
+    type: ConditionType
     """Condition type in CamelCase: Ready, Progressing or Degraded."""
     status: ConditionStatus
     """True, False or Unknown."""
-    reason: Annotated[
-        str, StringConstraints(min_length=1, max_length=1024, pattern=CONDITION_REASON_RE)
-    ]
+    reason: ConditionReason
     """Machine-readable CamelCase reason for the last transition."""
-    message: Annotated[str, StringConstraints(max_length=32768)] = ""
+    message: ConditionMessage = ""
     """Human-readable details."""
     last_transition_time: Time
     """When status last changed (not when reason or message did)."""
-    observed_generation: Annotated[int, Field(ge=0)] | None = None
+    observed_generation: Generation | None = None
     """metadata.generation this condition was computed from."""
 
 
@@ -98,13 +104,11 @@ def condition(
 class ConditionUpdate(K8sModel):
     """A condition to set with :func:`condition`: everything but the transition time."""
 
-    type: Annotated[str, StringConstraints(max_length=316, pattern=CONDITION_TYPE_RE)]
+    type: ConditionType
     status: ConditionStatus
-    reason: Annotated[
-        str, StringConstraints(min_length=1, max_length=1024, pattern=CONDITION_REASON_RE)
-    ]
-    message: Annotated[str, StringConstraints(max_length=32768)] = ""
-    observed_generation: Annotated[int, Field(ge=0)] | None = None
+    reason: ConditionReason
+    message: ConditionMessage = ""
+    observed_generation: Generation | None = None
 
 
 CONDITIONS_LIST: dict[str, Any] = {

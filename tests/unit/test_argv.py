@@ -1,4 +1,7 @@
-"""QEMU command lines: parsing, keyval syntax, and the argvs the agent derives for a new QEMU."""
+"""QEMU command lines: parsing, keyval syntax, and the argvs the agent derives for a new QEMU.
+
+Over 450 lines: table-driven cases of one parser and the argvs derived from it.
+"""
 
 from __future__ import annotations
 
