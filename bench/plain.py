@@ -18,7 +18,7 @@ from pathlib import Path
 
 from e2e.rig import TestVM
 from e2e.rig.vm import launch_detached, wait_gone
-from vmupdate_agent.modes.common import wait_incoming_loaded, wait_outgoing_done
+from vmupdate_agent.modes.migration import wait_incoming_loaded, wait_outgoing_done
 from vmupdate_agent.qmp import QmpError, QmpSession
 
 TIMEOUT = 600.0  # a plain migration of 8 GiB under TCG on a loaded machine is slow

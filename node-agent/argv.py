@@ -33,7 +33,7 @@ _DROPPED_FOR_NEW = frozenset({"incoming", "S", "daemonize"})
 
 # Added by the agent to a QEMU it starts to receive a VM: that QEMU reports its incoming
 # migration as MIGRATION events, which the agent waits on inside the guest's pause instead
-# of polling (modes.common.wait_incoming_loaded). Dropped again from the argv a next update
+# of polling (modes.migration.wait_incoming_loaded). Dropped again from the argv a next update
 # starts from, like -incoming and -S.
 INCOMING_EVENTS = ("-global", "migration.x-events=on")
 

@@ -45,17 +45,12 @@ from vmupdate_agent.models import (
     VMInfo,
 )
 from vmupdate_agent.modes import cpr_exec, cpr_reboot, cpr_transfer
-from vmupdate_agent.modes.common import (
-    ModeResult,
-    Operation,
-    ProgressSink,
-    ensure_running,
-    failed_pause_ms,
-)
+from vmupdate_agent.modes.common import ModeResult, Operation, ProgressSink, failed_pause_ms
 
 # Part of the engine's interface: an edge (the CLI) uses these, never the modes.
 from vmupdate_agent.modes.common import Timeouts as Timeouts
 from vmupdate_agent.modes.common import UpdateAborted as UpdateAborted
+from vmupdate_agent.modes.migration import ensure_running
 from vmupdate_agent.qmp import QmpError, QmpSession
 from vmupdate_api import extra_args
 

@@ -21,16 +21,18 @@ from vmupdate_agent import guard as cpr_guard
 from vmupdate_agent.models import Outcome, Phase
 from vmupdate_agent.modes.common import (
     ModeResult,
-    NotResumed,
     Operation,
     UpdateAborted,
     agent_identity,
     binary_for_rollback,
-    ensure_running,
     pause_ms,
+    stderr_tail,
+)
+from vmupdate_agent.modes.migration import (
+    NotResumed,
+    ensure_running,
     reset_capabilities,
     resume,
-    stderr_tail,
     version_asked,
     wait_incoming_loaded,
 )

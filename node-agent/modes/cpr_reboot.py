@@ -15,12 +15,10 @@ from vmupdate_agent import hostexec
 from vmupdate_agent.models import Outcome, Phase, Target
 from vmupdate_agent.modes.common import (
     ModeResult,
-    NotResumed,
     Operation,
     UpdateAborted,
     binary_for_rollback,
     connect_new_qemu,
-    ensure_running,
     hand_over_qmp,
     kept,
     kill_quietly,
@@ -28,9 +26,13 @@ from vmupdate_agent.modes.common import (
     pause_ms,
     pids_with_arg,
     release_pidfile,
-    resume,
     retire_old_qemu,
     rewrite_pidfile,
+)
+from vmupdate_agent.modes.migration import (
+    NotResumed,
+    ensure_running,
+    resume,
     version_asked,
     wait_incoming_loaded,
     wait_outgoing_ended,

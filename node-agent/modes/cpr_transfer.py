@@ -22,11 +22,9 @@ from vmupdate_agent import faultpoints, hostexec, procfs
 from vmupdate_agent.models import Outcome, Phase
 from vmupdate_agent.modes.common import (
     ModeResult,
-    NotResumed,
     Operation,
     UpdateAborted,
     connect_new_qemu,
-    ensure_running,
     hand_over_qmp,
     kept,
     kill_quietly,
@@ -34,10 +32,14 @@ from vmupdate_agent.modes.common import (
     pause_ms,
     pids_with_arg,
     release_pidfile,
-    reset_capabilities,
-    resume,
     retire_old_qemu,
     rewrite_pidfile,
+)
+from vmupdate_agent.modes.migration import (
+    NotResumed,
+    ensure_running,
+    reset_capabilities,
+    resume,
     set_migration_events,
     version_asked,
     wait_incoming_loaded,

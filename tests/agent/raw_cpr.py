@@ -25,7 +25,7 @@ from pathlib import Path
 from e2e.rig import TestVM
 from e2e.rig.vm import launch_detached, pid_alive, wait_gone
 from vmupdate_agent import procfs
-from vmupdate_agent.modes.common import wait_incoming_loaded, wait_outgoing_done
+from vmupdate_agent.modes.migration import wait_incoming_loaded, wait_outgoing_done
 from vmupdate_agent.qmp import QmpError, QmpSession
 
 TICK_PERIOD_MS = 10.0
