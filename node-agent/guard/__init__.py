@@ -34,6 +34,10 @@ PHASE_ROLLING_BACK = "rolling-back"  # transient: new QEMU being killed (timeout
 PHASE_ROLLED_BACK = "rolled-back"  # old QEMU exec'd; it runs in status["qemu_pid"]
 PHASE_ROLLBACK_FAILED = "rollback-failed"
 FINAL_PHASES = frozenset({PHASE_COMMITTED, PHASE_ROLLED_BACK, PHASE_ROLLBACK_FAILED})
+#: Phases of a seizer (`seize_command`) before the exec; after it, the watcher's above.
+PHASE_SEIZED = "seized"  # it traces the QEMU and waits for its exec
+PHASE_SEIZE_FAILED = "seize-failed"  # the kernel refused (or bad options): nothing touched
+PHASE_RELEASED = "released"  # it let the QEMU go without an exec to watch (`reason` says why)
 
 
 class GuardError(RuntimeError):
@@ -122,6 +126,30 @@ def guard_command(
         cmd += ["--qmp", qmp]
     cmd += ["--old-argc", str(len(old_argv)), "--", *old_argv, "--", *new_argv]
     return cmd
+
+
+def seize_command(
+    guard: str | os.PathLike[str],
+    *,
+    qemu: tuple[int, int],
+    status: str | os.PathLike[str],
+    commit: str | os.PathLike[str],
+    old_argv: Sequence[str],
+    new_argv: Sequence[str],
+    commit_timeout: float = 30.0,
+    log: str | os.PathLike[str] | None = None,
+    agent: tuple[int, int] | None = None,
+    qmp: str | None = None,
+) -> list[str]:
+    """The guard as a seizer of the QEMU `qemu` (pid, start time), started before the
+    migrate: the ``cpr-exec-command`` is then `new_argv` itself, and the seizer becomes the
+    watcher at its exec (it only takes an exec whose command line has `new_argv`'s
+    -incoming URI). Options as for `guard_command`."""
+    cmd = guard_command(guard, status=status, commit=commit, old_argv=old_argv,
+                        new_argv=new_argv, commit_timeout=commit_timeout, log=log,
+                        agent=agent, qmp=qmp)
+    return [cmd[0], "--seize", "--old-pid", str(qemu[0]), "--old-start", str(qemu[1]),
+            *cmd[1:]]
 
 
 def _agent_options(agent: tuple[int, int] | None) -> list[str]:

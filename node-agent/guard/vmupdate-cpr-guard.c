@@ -36,6 +36,9 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/prctl.h>
+#include <sys/ptrace.h>
+#include <sys/resource.h>
+#include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -50,6 +53,9 @@
 #endif
 #ifndef SYS_pidfd_open
 #define SYS_pidfd_open 434
+#endif
+#ifndef SYS_pidfd_getfd
+#define SYS_pidfd_getfd 438
 #endif
 #ifndef SYS_pidfd_send_signal
 #define SYS_pidfd_send_signal 424
@@ -85,6 +91,10 @@ static int agent_fd = -1;
 /* The VM's QMP socket: after a commit, the watcher resumes the guest if the agent died
  * before it could. */
 static const char *opt_qmp;
+/* --seize: see seize_main() */
+static int opt_seize;
+static char **p_env;
+static void restore_p(void);
 
 /* ------------------------------------------------------------------ status record */
 
@@ -298,7 +308,9 @@ static void exec_old(const char *reason)
     st.t_rollback = now_ns(CLOCK_REALTIME);
     write_status();
     say("rolling back (%s): exec %s in pid %d", reason, old_argv[0], (int)getpid());
-    execve(old_argv[0], old_argv, environ);
+    if (opt_seize)
+        restore_p();
+    execve(old_argv[0], old_argv, opt_seize && p_env ? p_env : environ);
     int e = errno;
     st.phase = "rollback-failed";
     st.qemu_pid = 0;
@@ -831,7 +843,7 @@ static void watcher(int ex_rd)
     char acc[256];
     size_t acc_n = 0;
     acc[0] = 0;
-    int ex_open = 1;
+    int ex_open = ex_rd >= 0;
     for (;;) {
         struct pollfd pf[4] = {
             {.fd = ex_open ? ex_rd : -1, .events = POLLIN},
@@ -1157,8 +1169,323 @@ static void usage(void)
         "usage: vmupdate-cpr-guard [--check] --status FILE --commit FIFO\n"
         "         [--commit-timeout SEC] [--log FILE] [--old-argc N]\n"
         "         -- OLD_BINARY OLD_ARGS... -incoming URI -- NEW_BINARY NEW_ARGS...\n"
-        "Run as QEMU's cpr-exec-command. Paths must be absolute. See README.md.\n";
+        "Run as QEMU's cpr-exec-command. Paths must be absolute. See README.md.\n"
+        "   or: vmupdate-cpr-guard --seize --old-pid PID [--old-start TICKS] (same options)\n"
+        "Started before the migrate; QEMU's cpr-exec-command is then the new QEMU itself.\n";
     write_all(2, u, sizeof(u) - 1);
+}
+
+/* ------------------------------------------------------------------ seizer (--seize) */
+
+/* cpr-exec without the guard in the exec chain. Started by the agent before the STOP, in the
+ * VM's host context (as the keeper is), it seizes the VM's QEMU (pid P) with ptrace and
+ * waits for its exec: QEMU then execs the new binary directly, and the exec stops P before
+ * the new program runs an instruction. The seizer takes P's descriptors (pidfd_getfd; the
+ * CLOEXEC ones are closed by then, what is left is what QEMU preserved), its environment,
+ * limits, umask and working directory, lets P go, and is from then on the watcher of the
+ * exec-through guard: same status file, same commit FIFO, same rollback, except that the old
+ * QEMU comes back in the seizer's pid on copies of the descriptors put back at P's numbers.
+ * The exec-through guard costs a second exec inside the guest's pause; this costs a ptrace
+ * stop. A seize the kernel refuses (Yama, another tracer) leaves status "seize-failed" and
+ * nothing touched: the agent falls back to the exec-through guard. */
+
+#define MAX_TAKEN 1024
+static struct { int target, copy; } taken[MAX_TAKEN];
+static int n_taken;
+static int p_cwd = -1;
+static mode_t p_umask = 022;
+static struct rlimit p_limits[RLIM_NLIMITS];
+static int have_limits;
+
+static int seize_end(const char *phase, int code) __attribute__((noreturn));
+static int seize_end(const char *phase, int code)
+{
+    st.phase = phase;
+    write_status();
+    say("%s%s%s", phase, *st.error ? ": " : "", st.error);
+    finish_fifo();
+    _exit(code); /* a tracer's exit detaches its tracee */
+}
+
+/* The whole of /proc/P/environ, split at its NULs. */
+static char **read_environ(pid_t pid)
+{
+    char path[64];
+    snprintf(path, sizeof(path), "/proc/%d/environ", (int)pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return NULL;
+    size_t cap = 65536, n = 0;
+    char *buf = malloc(cap + 1);
+    for (;;) {
+        if (!buf)
+            break;
+        if (n == cap) {
+            char *more = realloc(buf, (cap *= 2) + 1);
+            if (!more) {
+                free(buf);
+                buf = NULL;
+                break;
+            }
+            buf = more;
+        }
+        ssize_t r = read(fd, buf + n, cap - n);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0)
+            break;
+        n += (size_t)r;
+    }
+    close(fd);
+    if (!buf)
+        return NULL;
+    buf[n] = 0;
+    size_t count = 0;
+    for (size_t i = 0; i < n; i++)
+        count += !buf[i];
+    char **env = calloc(count + 2, sizeof(char *));
+    if (!env)
+        return NULL;
+    size_t k = 0;
+    for (size_t i = 0; i < n; i += strlen(buf + i) + 1)
+        env[k++] = buf + i;
+    env[k] = NULL;
+    return env;
+}
+
+/* At P's exec stop: everything the rollback needs from P, which is gone when it is needed. */
+static void take_from_p(pid_t p)
+{
+    p_env = read_environ(p);
+    if (!p_env)
+        set_error("cannot read /proc/%d/environ", (int)p);
+    char path[64];
+    snprintf(path, sizeof(path), "/proc/%d/cwd", (int)p);
+    p_cwd = open(path, O_PATH | O_DIRECTORY | O_CLOEXEC);
+    snprintf(path, sizeof(path), "/proc/%d/status", (int)p);
+    char sbuf[4096];
+    if (read_small(path, sbuf, sizeof(sbuf)) > 0) {
+        char *u = strstr(sbuf, "\nUmask:");
+        if (u)
+            p_umask = (mode_t)strtoul(u + 7, NULL, 8);
+    }
+    have_limits = 1;
+    for (int r = 0; r < RLIM_NLIMITS; r++)
+        if (prlimit(p, (enum __rlimit_resource)r, NULL, &p_limits[r]) < 0)
+            have_limits = 0;
+    snprintf(path, sizeof(path), "/proc/%d/fd", (int)p);
+    DIR *d = opendir(path);
+    if (!d) {
+        set_error("cannot list %s: %s", path, strerror(errno));
+        return;
+    }
+    struct dirent *e;
+    while ((e = readdir(d)) && n_taken < MAX_TAKEN) {
+        if (e->d_name[0] < '0' || e->d_name[0] > '9')
+            continue;
+        int target = atoi(e->d_name);
+        int copy = (int)syscall(SYS_pidfd_getfd, pidfd, target, 0); /* O_CLOEXEC */
+        if (copy < 0) {
+            set_error("pidfd_getfd(%d): %s", target, strerror(errno));
+            continue;
+        }
+        taken[n_taken].target = target;
+        taken[n_taken].copy = copy;
+        n_taken++;
+    }
+    closedir(d);
+    const char *env = NULL;
+    for (char **v = p_env; v && *v; v++)
+        if (!strncmp(*v, STATE_ENV "=", sizeof(STATE_ENV)))
+            env = *v + sizeof(STATE_ENV);
+    for (int i = 0; env && i < n_taken; i++)
+        if (taken[i].target == atoi(env))
+            state_fd = taken[i].copy;
+}
+
+/* Right before the rollback's execve: P's descriptors at P's numbers (without CLOEXEC), the
+ * seizer's own out of their way first, and P's limits, umask and working directory. */
+static void restore_p(void)
+{
+    int top = 0;
+    for (int i = 0; i < n_taken; i++)
+        if (taken[i].target > top)
+            top = taken[i].target;
+    for (int i = 0; i < n_taken; i++) {
+        int c = taken[i].copy;
+        if (c <= top) {
+            int moved = fcntl(c, F_DUPFD_CLOEXEC, top + 1);
+            if (moved >= 0) {
+                close(c);
+                taken[i].copy = moved;
+            }
+        }
+    }
+    if (log_fd >= 0 && log_fd <= top) {
+        int moved = fcntl(log_fd, F_DUPFD_CLOEXEC, top + 1);
+        log_fd = moved;
+    }
+    for (int i = 0; i < n_taken; i++)
+        if (dup2(taken[i].copy, taken[i].target) < 0)
+            say("cannot restore fd %d: %s", taken[i].target, strerror(errno));
+    if (p_cwd >= 0 && fchdir(p_cwd) < 0)
+        say("cannot enter QEMU's working directory: %s", strerror(errno));
+    umask(p_umask);
+    for (int r = 0; have_limits && r < RLIM_NLIMITS; r++)
+        setrlimit((enum __rlimit_resource)r, &p_limits[r]); /* best effort: raising a hard
+                                                               limit needs privilege */
+}
+
+/* Whether the program P now runs is this update's new QEMU: its command line carries the
+ * new argv's -incoming URI (the state file of this operation), directly or through a
+ * wrapper. */
+static int exec_is_ours(pid_t p)
+{
+    const char *uri = NULL;
+    for (char **v = new_argv; v && *v; v++)
+        if ((!strcmp(*v, "-incoming") || !strcmp(*v, "--incoming")) && v[1])
+            uri = v[1];
+    char path[64], buf[65536];
+    snprintf(path, sizeof(path), "/proc/%d/cmdline", (int)p);
+    int n = read_small(path, buf, sizeof(buf));
+    if (!uri || n <= 0)
+        return 0;
+    for (int i = 0; i < n; i += (int)strlen(buf + i) + 1)
+        if (!strcmp(buf + i, uri))
+            return 1;
+    return 0;
+}
+
+static void seize_main(void) __attribute__((noreturn));
+static void seize_main(void)
+{
+    pid_t p = opt_old_pid;
+    st.guard_pid = st.qemu_pid = p;
+    st.watcher_pid = getpid();
+    prctl(PR_SET_NAME, "cpr-guard-seize", 0, 0, 0);
+    if (opt_log) {
+        log_fd = open(opt_log, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+        if (log_fd < 0)
+            say("cannot open log %s: %s (continuing)", opt_log, strerror(errno));
+    }
+    if (status_dir_writable() < 0)
+        _exit(2);
+    pidfd = open_pid(p, opt_old_start);
+    if (pidfd < 0) {
+        set_error("the VM's QEMU (pid %d) is gone", (int)p);
+        seize_end("seize-failed", 2);
+    }
+    p_starttime = opt_old_start;
+    if (setup_fifo() < 0)
+        seize_end("seize-failed", 2);
+    if (opt_agent_pid) {
+        agent_fd = open_pid(opt_agent_pid, opt_agent_start);
+        if (agent_fd < 0) {
+            set_error("the agent (pid %d) is gone", (int)opt_agent_pid);
+            seize_end("seize-failed", 2);
+        }
+    }
+    sigset_t chld;
+    sigemptyset(&chld);
+    sigaddset(&chld, SIGCHLD);
+    sigprocmask(SIG_BLOCK, &chld, NULL);
+    int sfd = signalfd(-1, &chld, SFD_CLOEXEC | SFD_NONBLOCK);
+    if (sfd < 0) {
+        set_error("signalfd: %s", strerror(errno));
+        seize_end("seize-failed", 2);
+    }
+    if (ptrace(PTRACE_SEIZE, p, 0, (void *)(long)PTRACE_O_TRACEEXEC) < 0) {
+        set_error("ptrace(PTRACE_SEIZE) of pid %d: %s", (int)p, strerror(errno));
+        seize_end("seize-failed", 3);
+    }
+    st.t_ready = now_ns(CLOCK_REALTIME);
+    st.deadline = st.t_ready + (int64_t)(opt_timeout * 1e9);
+    mono_deadline = now_ns(CLOCK_MONOTONIC) + (int64_t)(opt_timeout * 1e9);
+    st.phase = "seized";
+    write_status();
+    say("seized pid %d; waiting for its exec", (int)p);
+
+    /* Until P's exec. The agent dying meanwhile changes nothing: the migrate may be on its
+     * way, and after the exec the watcher rolls back for want of an agent. */
+    char acc[256];
+    size_t acc_n = 0;
+    acc[0] = 0;
+    for (;;) {
+        struct pollfd pf[2] = {{.fd = sfd, .events = POLLIN},
+                               {.fd = fifo_rd, .events = POLLIN}};
+        int64_t left = mono_deadline - now_ns(CLOCK_MONOTONIC);
+        if (left <= 0) {
+            st.reason = "no-exec";
+            seize_end("released", 0);
+        }
+        int r = poll(pf, 2, (int)(left / 1000000 + 1));
+        if (r < 0 && errno != EINTR) {
+            set_error("poll: %s", strerror(errno));
+            seize_end("released", 1);
+        }
+        if (r <= 0)
+            continue;
+        if (pf[0].revents) {
+            struct signalfd_siginfo si;
+            while (read(sfd, &si, sizeof(si)) == sizeof(si))
+                ;
+            int ws;
+            pid_t w;
+            while ((w = waitpid(p, &ws, __WALL | WNOHANG)) > 0) {
+                if (WIFEXITED(ws) || WIFSIGNALED(ws)) {
+                    /* Before any exec: QEMU died on its own, with the guest in it. Or a
+                     * thread other than the traced one exec'd: then P runs the new program
+                     * unwatched. Either way there is nothing to roll back with. */
+                    set_error("pid %d %s before its exec was seen", (int)p,
+                              pid_gone(pidfd) ? "exited" : "exec'd from an untraced thread");
+                    st.reason = pid_gone(pidfd) ? "exited" : "exec-unseen";
+                    seize_end("released", 1);
+                }
+                if (!WIFSTOPPED(ws))
+                    continue;
+                int event = ws >> 16, sig = WSTOPSIG(ws);
+                if (event == PTRACE_EVENT_EXEC && !exec_is_ours(p)) {
+                    /* Another update's exec (this seizer outlived its own): not ours to
+                     * watch. */
+                    ptrace(PTRACE_DETACH, p, 0, 0);
+                    st.reason = "foreign-exec";
+                    seize_end("released", 0);
+                }
+                if (event == PTRACE_EVENT_EXEC) {
+                    st.t_exec_new = now_ns(CLOCK_REALTIME);
+                    take_from_p(p);
+                    if (ptrace(PTRACE_DETACH, p, 0, 0) < 0)
+                        say("ptrace(PTRACE_DETACH): %s", strerror(errno));
+                    close(sfd);
+                    st.new_execed = 1;
+                    st.phase = "watching";
+                    st.deadline = st.t_exec_new + (int64_t)(opt_timeout * 1e9);
+                    mono_deadline = now_ns(CLOCK_MONOTONIC) + (int64_t)(opt_timeout * 1e9);
+                    write_status();
+                    say("pid %d exec'd; took %d descriptors", (int)p, n_taken);
+                    watcher(-1);
+                }
+                if (event == PTRACE_EVENT_STOP) {
+                    /* group-stop (or the seize's own stop): leave it stopped as it would be */
+                    if (sig == SIGSTOP || sig == SIGTSTP || sig == SIGTTIN || sig == SIGTTOU)
+                        ptrace(PTRACE_LISTEN, p, 0, 0);
+                    else
+                        ptrace(PTRACE_CONT, p, 0, 0);
+                } else {
+                    ptrace(PTRACE_CONT, p, 0, (void *)(long)sig); /* deliver it */
+                }
+            }
+        }
+        if (pf[1].revents) {
+            int what = read_fifo(acc, &acc_n, sizeof(acc));
+            if (what == 2 || what == 3) {
+                /* The migration failed inside QEMU (no exec will come), or the agent gave up
+                 * before it: let P go as it is. */
+                st.reason = what == 2 ? "abort" : "done";
+                seize_end("released", 0);
+            }
+        }
+    }
 }
 
 int main(int argc, char **argv)
@@ -1183,6 +1510,10 @@ int main(int argc, char **argv)
         }
         if (!strcmp(a, "--keep")) {
             keep = 1;
+            continue;
+        }
+        if (!strcmp(a, "--seize")) {
+            opt_seize = 1;
             continue;
         }
         if (!strcmp(a, "--version")) {
@@ -1304,7 +1635,7 @@ int main(int argc, char **argv)
         set_error("bad arguments: %s%s%s", old_bad, *bad ? "; " : "", bad);
         if (!check)
             usage();
-        st.phase = "rollback-failed";
+        st.phase = opt_seize ? "seize-failed" : "rollback-failed"; /* seize: nothing touched */
         st.reason = "bad-arguments";
         st.qemu_pid = 0;
         if (!check)
@@ -1314,6 +1645,15 @@ int main(int argc, char **argv)
     const char *new_bad = check_argv(new_argv, "new");
     if (!*bad && new_bad)
         snprintf(bad, sizeof(bad), "%s", new_bad);
+    if (opt_seize && !check) {
+        if (!*bad && !opt_old_pid)
+            snprintf(bad, sizeof(bad), "--seize needs --old-pid");
+        if (*bad) {
+            set_error("bad arguments: %s", bad);
+            seize_end("seize-failed", 2);
+        }
+        seize_main();
+    }
 
     const char *env = getenv(STATE_ENV);
     if (env && *env) {

@@ -1,22 +1,30 @@
 """cpr-exec: QEMU saves its device state and execs the new binary in the same pid.
 
-With the guard (the default) the point of no return moves past the new QEMU's start:
-QEMU execs the guard, the guard leaves a watcher holding the preserved descriptors and
-execs the new QEMU with -S; the agent reconnects, waits for the state to be loaded,
-verifies, commits the guard and only then resumes the guest. If the new QEMU dies before
-the commit, the watcher execs the old binary on the same descriptors and state: the VM comes
-back in the watcher's pid and the agent adopts it.
+With the guard (the default) the point of no return moves past the new QEMU's start: a
+watcher holds the preserved descriptors while the new QEMU starts with -S; the agent
+reconnects, waits for the state to be loaded, verifies, commits the guard and only then
+resumes the guest. If the new QEMU dies before the commit, the watcher execs the old binary
+on the same descriptors and state: the VM comes back in the watcher's pid and the agent
+adopts it.
+
+The watcher comes one of two ways. Seized: the guard, started before the migrate, traces the
+QEMU (ptrace) and takes the descriptors at its exec of the new QEMU; the pause holds one
+exec, as a hand-made cpr-exec's does. In the exec chain, where the kernel refuses the seize:
+QEMU execs the guard, which forks the watcher and execs the new QEMU; a second exec inside
+the pause (2-4 ms here), but the watcher is forked from QEMU itself.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import os
 import time
 from typing import Any, cast
 
 from vmupdate_agent import argv as qargv
-from vmupdate_agent import faultpoints, fswatch, procfs
+from vmupdate_agent import faultpoints, fswatch, hostexec, procfs
 from vmupdate_agent import guard as cpr_guard
 from vmupdate_agent.models import Outcome, Phase
 from vmupdate_agent.modes.common import (
@@ -38,43 +46,102 @@ from vmupdate_agent.modes.migration import (
 )
 from vmupdate_agent.qmp import QmpError, QmpSession, QmpSilent, QmpTimeout
 
+log = logging.getLogger(__name__)
+
+
+def state_uri_of(op: Operation) -> str:
+    return f"file:{op.path('state')}"
+
+
+def new_command(op: Operation) -> list[str]:
+    """The new QEMU's argv: -S, so that the guest cannot run in it before the commit."""
+    return qargv.appended(op.new_argv(), [*qargv.INCOMING_EVENTS, "-S", "-incoming",
+                                          state_uri_of(op)]).render()
+
+
+def rollback_command(op: Operation, old_binary: str) -> list[str]:
+    """What the watcher runs when the new QEMU fails: exactly the old QEMU, on the state. The
+    binary it runs (not argv[0], which may be a wrapper; see binary_for_rollback), its argv,
+    and taps adopted by descriptor (fd=N), because a tap opened by name is still held and
+    would be busy."""
+    old = qargv.taps_by_fd(qargv.with_binary(op.old_argv(), old_binary),
+                           procfs.tun_fds(op.vm.pid))
+    return qargv.appended(old, ["-incoming", state_uri_of(op)]).render()
+
 
 def build_commands(op: Operation, *, use_guard: bool, old_binary: str
                    ) -> tuple[list[str], str]:
-    """The cpr-exec-command, and the state file URI. `old_binary`: what the rollback runs
-    (see binary_for_rollback)."""
-    state_uri = f"file:{op.path('state')}"
-    new = qargv.appended(op.new_argv(), [*qargv.INCOMING_EVENTS, "-S", "-incoming", state_uri]
-                          ).render()
+    """The cpr-exec-command with the guard in the exec chain (or none), and the state URI."""
+    new = new_command(op)
     if not use_guard:
-        return new, state_uri
+        return new, state_uri_of(op)
     assert op.guard_path is not None
-    # The rollback brings back exactly the old QEMU: the binary it runs (not argv[0], which
-    # may be a wrapper), its argv, and taps adopted by descriptor (fd=N), because a tap
-    # opened by name is still held and would be busy.
-    old = qargv.taps_by_fd(qargv.with_binary(op.old_argv(), old_binary),
-                           procfs.tun_fds(op.vm.pid))
-    rollback = qargv.appended(old, ["-incoming", state_uri]).render()
     cmd = cpr_guard.guard_command(
         op.guard_path, status=op.path("guard.status"), commit=op.path("guard.commit"),
-        old_argv=rollback, new_argv=new, commit_timeout=op.timeouts.guard_commit,
-        log=op.path("guard.log"), agent=agent_identity(), qmp=op.vm.qmp_path)
-    return cmd, state_uri
+        old_argv=rollback_command(op, old_binary), new_argv=new,
+        commit_timeout=op.timeouts.guard_commit, log=op.path("guard.log"),
+        agent=agent_identity(), qmp=op.vm.qmp_path)
+    return cmd, state_uri_of(op)
+
+
+async def seize(op: Operation, old_binary: str) -> bool:
+    """Start the guard as a seizer of the VM's QEMU (outside the pause, in the VM's host
+    context, as the keeper of the other modes): QEMU then execs the new QEMU directly and the
+    pause holds one exec, not two. False when the kernel refuses the seize (Yama's
+    ptrace_scope, another tracer) or the seizer does not start: the guard then goes in the
+    exec chain, as the watcher the seizer would have become."""
+    assert op.guard_path is not None
+    cmd = cpr_guard.seize_command(
+        op.guard_path, qemu=(op.vm.pid, procfs.start_time(op.vm.pid)),
+        status=op.path("guard.status"), commit=op.path("guard.commit"),
+        old_argv=rollback_command(op, old_binary), new_argv=new_command(op),
+        commit_timeout=op.timeouts.guard_commit, log=op.path("guard.log"),
+        agent=agent_identity(), qmp=op.vm.qmp_path)
+    try:
+        await hostexec.spawn_detached(op.host, op.vm.pid, cmd, log_path=op.path("guard.log"))
+        status = await _guard_wait(op, _SEIZE_OUTCOMES, timeout=op.timeouts.command)
+    except (hostexec.HostExecError, OSError) as exc:
+        status = {"phase": cpr_guard.PHASE_SEIZE_FAILED, "error": str(exc)}
+    if status.get("phase") == cpr_guard.PHASE_SEIZED:
+        return True
+    if status.get("phase") == "unknown":
+        # Not started in time: it may still start and seize; an update now would race it.
+        raise UpdateAborted(f"the guard did not start within {op.timeouts.command:g}s: "
+                            f"{status.get('error')}")
+    log.info("cpr-exec of pid %d: the guard cannot seize the QEMU (%s); it goes in the exec "
+             "chain instead", op.vm.pid, status.get("error"))
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(op.path("guard.status"))
+    return False
+
+
+_SEIZE_OUTCOMES = frozenset({cpr_guard.PHASE_SEIZED, cpr_guard.PHASE_SEIZE_FAILED,
+                             cpr_guard.PHASE_RELEASED})
 
 
 async def run(op: Operation, *, use_guard: bool) -> ModeResult:
     s = op.session
     was_running = op.vm.runstate == "running"
     old_binary = await binary_for_rollback(op) if use_guard else op.vm.binary
-    cmd, state_uri = build_commands(op, use_guard=use_guard, old_binary=old_binary)
-    await reset_capabilities(s)
-    await s.cmd("migrate-set-parameters", {"mode": "cpr-exec", "cpr-exec-command": cmd})
+    seized = use_guard and await seize(op, old_binary)
+    cmd, state_uri = build_commands(op, use_guard=use_guard and not seized,
+                                    old_binary=old_binary)
+    chain = ("the guard, then " if use_guard and not seized else "")
+    try:
+        await reset_capabilities(s)
+        await s.cmd("migrate-set-parameters", {"mode": "cpr-exec", "cpr-exec-command": cmd})
+    except BaseException:
+        if seized:
+            await _guard_send(op, "done")  # no migrate was sent: let the QEMU go
+        raise
     mark = s.mark()
-    await op.emit(Phase.STOPPING, f"saving state to {state_uri} and exec'ing "
-                  f"{'the guard, then ' if use_guard else ''}{op.target.binary}")
+    await op.emit(Phase.STOPPING, f"saving state to {state_uri} and exec'ing {chain}"
+                  f"{op.target.binary}" + (" (the guard traces the exec)" if seized else ""))
     try:
         await s.cmd("migrate", {"uri": state_uri})
     except QmpError as exc:
+        if seized:
+            await _guard_send(op, "done")
         note = await ensure_running(s, was_running)
         raise UpdateAborted(f"QEMU refused the migration: {exc}; {note}") from exc
 
@@ -98,6 +165,8 @@ async def run(op: Operation, *, use_guard: bool) -> ModeResult:
         raise UpdateAborted(f"QEMU neither exec'd nor failed within {op.timeouts.handover}s; "
                             f"{note}")
     if failed in done and s.connected:
+        if seized:
+            await _guard_send(op, "done")  # QEMU resumed the guest itself: no exec comes
         info = await s.cmd("query-migrate")
         note = await ensure_running(s, was_running)
         raise UpdateAborted(f"cpr-exec failed inside QEMU before the exec: "

@@ -3,7 +3,9 @@
 Success: new argv with -S -> reconnect, paused + migration completed, commit, cont: same
 pid, guest continuous.  Failures (unknown option, /bin/false, other memory size, other
 machine type): rolled back into the watcher's pid, guest continuous, same token.
-Needs the rig (e2e/rig/provision.sh).
+Each both ways the watcher comes: in the exec chain (QEMU execs the guard, which execs the
+new QEMU) and seized (the guard started before the migrate traces QEMU's own exec of the
+new QEMU). Needs the rig (e2e/rig/provision.sh).
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ import pytest
 from qemu.qmp import EventListener, QMPClient
 
 from e2e.rig import Rig, TestVM, pid_alive, proc_state, qmp_peer_pid, wait_gone
+from e2e.rig.vm import launch_detached
 from vmupdate_agent import guard as guardmod
+from vmupdate_agent import procfs
 
 pytestmark = pytest.mark.qemu
 
@@ -122,6 +126,49 @@ def command(vm: TestVM, guard: str | None, tag: str,
         old_argv=old, new_argv=new, commit_timeout=20, log=vm.workdir / "guard.log")
 
 
+WAYS = ["chain", "seized"]
+
+
+def tracer_of(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(line for line in f if line.startswith("TracerPid:")).split()[1])
+
+
+async def seize(vm: TestVM, guard: str, tag: str,
+                edit: Callable[[list[str]], list[str]] = lambda a: a,
+                binary: str | None = None, *, commit_timeout: float = 20) -> dict[str, Any]:
+    """Start the guard as a seizer of the VM's QEMU, where the agent starts it: in the QEMU's
+    root and working directory, in a session of its own. Returns its status once it has
+    seized (or failed to)."""
+    cmd = command(vm, guard, tag, edit, binary)
+    old_argc = int(cmd[cmd.index("--old-argc") + 1])
+    sep = cmd.index("--")
+    old, new = cmd[sep + 1:sep + 1 + old_argc], cmd[sep + 2 + old_argc:]
+    status = vm.workdir / f"{tag}.status"
+    seizer = guardmod.seize_command(
+        guard, qemu=(vm.pid, procfs.start_time(vm.pid)),
+        status=status, commit=vm.workdir / f"{tag}.commit", old_argv=old, new_argv=new,
+        commit_timeout=commit_timeout, log=vm.workdir / "guard.log")
+    await launch_detached(["nsenter", "--target", str(vm.pid), "--mount", "--root", "--wd",
+                           "--", *seizer], cwd=vm.workdir, log_path=vm.workdir / "seize.log")
+    return guardmod.wait_status(status, frozenset({"seized", "seize-failed", "released"}),
+                                timeout=10)
+
+
+async def start_update(vm: TestVM, guard: str, tag: str, way: str,
+                       edit: Callable[[list[str]], list[str]] = lambda a: a,
+                       binary: str | None = None, *, commit_timeout: float = 20) -> Update:
+    """One guarded cpr-exec, the watcher coming `way`."""
+    if way == "chain":
+        cmd = command(vm, guard, tag, edit, binary)
+        cmd[cmd.index("--commit-timeout") + 1] = f"{commit_timeout:g}"
+        return await cpr_exec(vm, cmd, tag)
+    st = await seize(vm, guard, tag, edit, binary, commit_timeout=commit_timeout)
+    assert st["phase"] == "seized", st
+    assert tracer_of(vm.pid) == st["watcher_pid"]
+    return await cpr_exec(vm, command(vm, None, tag, edit, binary), tag)
+
+
 async def finish_success(vm: TestVM, up: Update, guarded: bool) -> dict[str, float]:
     """Reconnect, check it is the new QEMU paused with the state loaded, commit, cont."""
     await wait_new_socket(vm, up)
@@ -163,15 +210,19 @@ async def assert_continuous_after(vm: TestVM, up: Update, token: str) -> float:
     return vm.serial.max_gap_ms(since=up.t_mono_before)
 
 
-async def test_guarded_success_same_pid_continuous(vm_factory, guard_bin: str) -> None:
-    vm = await vm_factory("sid", name="gok", wait_ticking=True)
+@pytest.mark.parametrize("way", WAYS)
+async def test_guarded_success_same_pid_continuous(vm_factory, guard_bin: str, way: str
+                                                   ) -> None:
+    vm = await vm_factory("sid", name=f"gok-{way}", wait_ticking=True)
     token = vm.token
     assert token
     pid = vm.pid
-    up = await cpr_exec(vm, command(vm, guard_bin, "u1"), "u1")
+    up = await start_update(vm, guard_bin, "u1", way)
     watching = guardmod.wait_status(up.status, frozenset({"watching"}), timeout=10)
+    assert watching["new_execed"] and watching["guard_pid"] == pid
     res = await finish_success(vm, up, guarded=True)
     assert vm.pid == pid and pid_alive(pid)
+    assert tracer_of(pid) == 0
     gap = await assert_continuous_after(vm, up, token)
     st = guardmod.read_status(up.status)
     assert st is not None and st["phase"] == "committed"
@@ -205,14 +256,16 @@ FAILURES: dict[str, tuple[Callable[[list[str]], list[str]], str | None]] = {
 }
 
 
+@pytest.mark.parametrize("way", WAYS)
 @pytest.mark.parametrize("case", sorted(FAILURES))
-async def test_guarded_failure_rolls_back(vm_factory, guard_bin: str, case: str) -> None:
+async def test_guarded_failure_rolls_back(vm_factory, guard_bin: str, case: str, way: str
+                                          ) -> None:
     edit, binary = FAILURES[case]
-    vm = await vm_factory("sid", name=f"gfail-{case}", wait_ticking=True)
+    vm = await vm_factory("sid", name=f"gfail-{case}-{way}", wait_ticking=True)
     token = vm.token
     assert token
     pid = vm.pid
-    up = await cpr_exec(vm, command(vm, guard_bin, "u1", edit, binary), "u1")
+    up = await start_update(vm, guard_bin, "u1", way, edit, binary)
     st = guardmod.wait_status(up.status, timeout=20)
     assert st["phase"] == "rolled-back", st
     assert st["reason"] == "new-exited" and st["guard_pid"] == pid
@@ -232,29 +285,29 @@ async def test_guarded_failure_rolls_back(vm_factory, guard_bin: str, case: str)
         assert status == "running"
     gap = await assert_continuous_after(vm, up, token)
     await wait_gone(pid, 20)  # the original pid exited and was reaped by its parent
-    log = vm.qemu_log()
-    print(f"\n{case}: rolled back into pid {w}; serial gap {gap:.1f} ms; "
+    log = (vm.workdir / "guard.log").read_text()
+    print(f"\n{case} ({way}): rolled back into pid {w}; serial gap {gap:.1f} ms; "
           f"stop -> status rolled-back {(st['t_rollback_ns'] / 1e9 - up.stop_ts) * 1e3:.1f} ms;"
           f" stop -> running seen {(t_back - up.stop_ts) * 1e3:.1f} ms; "
           f"new exit {st['new_exit']}")
     assert "rolling back (new-exited)" in log
 
     # the recovered VM (now in the watcher's pid) updates again, guarded, fine
-    up2 = await cpr_exec(vm, command(vm, guard_bin, "u2"), "u2")
+    up2 = await start_update(vm, guard_bin, "u2", way)
     await finish_success(vm, up2, guarded=True)
     assert vm.pid == w
     await assert_continuous_after(vm, up2, token)
 
 
-async def test_commit_timeout_rolls_back_paused_vm(vm_factory, guard_bin: str) -> None:
+@pytest.mark.parametrize("way", WAYS)
+async def test_commit_timeout_rolls_back_paused_vm(vm_factory, guard_bin: str, way: str
+                                                   ) -> None:
     """The agent never commits (died): the paused new QEMU is killed, the old one resumes."""
-    vm = await vm_factory("sid", name="gtimeout", wait_ticking=True)
+    vm = await vm_factory("sid", name=f"gtimeout-{way}", wait_ticking=True)
     token = vm.token
     assert token
     pid = vm.pid
-    cmd = command(vm, guard_bin, "u1")
-    cmd[cmd.index("--commit-timeout") + 1] = "2"
-    up = await cpr_exec(vm, cmd, "u1")
+    up = await start_update(vm, guard_bin, "u1", way, commit_timeout=2)
     st = guardmod.wait_status(up.status, timeout=20)
     assert st["phase"] == "rolled-back" and st["reason"] == "commit-timeout", st
     assert st["new_exit"] == {"wait_status": 9, "signal": 9}
@@ -288,3 +341,50 @@ async def test_pause_cost_guarded_vs_plain(vm_factory, guard_bin: str) -> None:
     med = {k: round(statistics.median(v), 2) for k, v in res.items()}
     print(f"\nmedians, ms (n=6; pause = STOP->RESUME event timestamps): {med}")
     print({k: [round(x, 1) for x in v] for k, v in res.items()})
+
+
+async def test_seizer_lets_go_of_a_qemu_that_does_not_exec(vm_factory, guard_bin: str) -> None:
+    """Told `done` before any exec (the migration failed inside QEMU, or was never sent), the
+    seizer detaches and exits: the QEMU runs on, untraced, untouched."""
+    vm = await vm_factory("sid", name="gseize-done", wait_ticking=True)
+    token, pid = vm.token, vm.pid
+    st = await seize(vm, guard_bin, "u1")
+    assert st["phase"] == "seized", st
+    guardmod.send(vm.workdir / "u1.commit", "done")
+    st = guardmod.wait_status(vm.workdir / "u1.status", frozenset({"released"}), timeout=10)
+    assert st["reason"] == "done"
+    await wait_gone(st["watcher_pid"], 10)
+    assert tracer_of(pid) == 0 and vm.pid == pid
+    await vm.serial.wait_ticks(20, after=time.monotonic_ns(), timeout=30)
+    vm.serial.assert_continuous()
+    assert vm.serial.token == token
+
+
+async def test_a_traced_qemu_refuses_a_second_seizer(vm_factory, guard_bin: str) -> None:
+    """One tracer at a time: the second seizer reports seize-failed and touches nothing, so
+    the agent puts the guard in the exec chain instead."""
+    vm = await vm_factory("sid", name="gseize-twice", wait_ticking=True)
+    first = await seize(vm, guard_bin, "u1")
+    assert first["phase"] == "seized", first
+    second = await seize(vm, guard_bin, "u2")
+    assert second["phase"] == "seize-failed", second
+    assert "PTRACE_SEIZE" in second["error"]
+    assert tracer_of(vm.pid) == first["watcher_pid"]
+    guardmod.send(vm.workdir / "u1.commit", "done")
+    guardmod.wait_status(vm.workdir / "u1.status", frozenset({"released"}), timeout=10)
+    assert tracer_of(vm.pid) == 0
+
+
+async def test_a_seizer_takes_no_other_updates_exec(vm_factory, guard_bin: str) -> None:
+    """A seizer that outlived its own update (its agent gave up) sees the next update's exec:
+    not its -incoming state, so it lets go, and the update finishes under its own guard."""
+    vm = await vm_factory("sid", name="gseize-foreign", wait_ticking=True)
+    token, pid = vm.token, vm.pid
+    stale = await seize(vm, guard_bin, "u0")
+    assert stale["phase"] == "seized", stale
+    up = await cpr_exec(vm, command(vm, guard_bin, "u1"), "u1")
+    st = guardmod.wait_status(vm.workdir / "u0.status", frozenset({"released"}), timeout=10)
+    assert st["reason"] == "foreign-exec", st
+    await finish_success(vm, up, guarded=True)
+    assert vm.pid == pid
+    await assert_continuous_after(vm, up, token)
