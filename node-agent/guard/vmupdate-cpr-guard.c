@@ -1457,6 +1457,9 @@ static void seize_main(void)
                     if (ptrace(PTRACE_DETACH, p, 0, 0) < 0)
                         say("ptrace(PTRACE_DETACH): %s", strerror(errno));
                     close(sfd);
+                    /* SIGCHLD was blocked for the signalfd; the mask crosses execve, and the
+                     * old QEMU of a rollback must not start with it blocked. */
+                    sigprocmask(SIG_UNBLOCK, &chld, NULL);
                     st.new_execed = 1;
                     st.phase = "watching";
                     st.deadline = st.t_exec_new + (int64_t)(opt_timeout * 1e9);

@@ -129,6 +129,11 @@ def command(vm: TestVM, guard: str | None, tag: str,
 WAYS = ["chain", "seized"]
 
 
+def signals_blocked(pid: int) -> str:
+    with open(f"/proc/{pid}/status") as f:
+        return next(line for line in f if line.startswith("SigBlk:")).split()[1]
+
+
 def tracer_of(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         return int(next(line for line in f if line.startswith("TracerPid:")).split()[1])
@@ -265,6 +270,7 @@ async def test_guarded_failure_rolls_back(vm_factory, guard_bin: str, case: str,
     token = vm.token
     assert token
     pid = vm.pid
+    blocked = signals_blocked(pid)
     up = await start_update(vm, guard_bin, "u1", way, edit, binary)
     st = guardmod.wait_status(up.status, timeout=20)
     assert st["phase"] == "rolled-back", st
@@ -275,6 +281,7 @@ async def test_guarded_failure_rolls_back(vm_factory, guard_bin: str, case: str,
     # the VM is back, running, in the watcher's pid
     new_pid = await vm.refresh_pid(20)
     assert new_pid == w
+    assert signals_blocked(new_pid) == blocked  # the guard's own mask did not leak into it
     t_back = time.time()
     async with vm.qmp() as q:
         for _ in range(2000):
