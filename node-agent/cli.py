@@ -144,8 +144,9 @@ class Settings:
             t = cfg.timeouts
             timeouts = Timeouts(command=t.qmp_command_s, handover=t.handover_s, load=t.load_s,
                                 guard_commit=t.guard_commit_s)
-        self.engine = engine.EngineSettings(allowed_dirs=tuple(allowed), runtime_dir=runtime,
-                                            host=host, timeouts=timeouts)
+        self.engine = engine.EngineSettings(
+            allowed_dirs=tuple(allowed), runtime_dir=runtime, host=host, timeouts=timeouts,
+            guard_seize=cfg.cpr_exec_guard == "seize" if cfg else True)
         self.state_dir: str | None = args.state_dir or (cfg.state_dir if cfg else None)
 
     def agent_config(self, vm_ref: str) -> agent_config.AgentConfig:
@@ -257,7 +258,7 @@ async def _operations(args: argparse.Namespace, settings: Settings,
     if guard:
         eng = engine.EngineSettings(
             allowed_dirs=eng.allowed_dirs, runtime_dir=eng.runtime_dir, host=eng.host,
-            timeouts=eng.timeouts, guard_path=await asyncio.to_thread(
+            timeouts=eng.timeouts, guard_seize=eng.guard_seize, guard_path=await asyncio.to_thread(
                 engine.install_guard, eng.runtime_dir, config.guard_binary))
     ops = Operations(config, Journal(config.state_dir), eng,
                      program=f"vmupdate-agent {args.command}")

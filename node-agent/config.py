@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -84,6 +84,13 @@ class AgentConfig(BaseModel):
         description="a prebuilt guard to install; built from source when absent "
                     "(default: $VMUPDATE_GUARD_BINARY, which the image sets)")
     timeouts: TimeoutsConfig = Field(default_factory=lambda: TimeoutsConfig())
+    cpr_exec_guard: Literal["seize", "exec-chain"] = Field(
+        "seize",
+        description="how cpr-exec's guard watches the new QEMU: seize (it traces the QEMU from "
+                    "before the pause, which then holds one exec; where the kernel refuses, "
+                    "the exec chain) or exec-chain (QEMU execs the guard, which execs the new "
+                    "QEMU: one exec more in the pause, and a rollback runs in a fork of the "
+                    "QEMU itself, with its namespaces, LSM label and signal dispositions)")
 
     def roles(self) -> dict[str, Role]:
         """identity -> role, client_allowlist included as operators."""

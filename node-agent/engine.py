@@ -62,6 +62,9 @@ class EngineSettings:
     allowed_dirs: tuple[str, ...]
     runtime_dir: str
     guard_path: str | None = None
+    # cpr-exec: the guard seizes the QEMU (False: always in the exec chain); AgentConfig's
+    # cpr_exec_guard.
+    guard_seize: bool = True
     host: hostexec.HostContext = field(default_factory=hostexec.HostContext)
     timeouts: Timeouts = field(default_factory=Timeouts)
 
@@ -252,7 +255,7 @@ class Engine:
         guard = s.guard_path if use_guard else None
         op = Operation(op_id=op_id, vm=vm, target=run, mode=mode, session=session,
                        workdir=workdir, host=s.host, timeouts=s.timeouts, guard_path=guard,
-                       progress=progress)
+                       guard_seize=s.guard_seize, progress=progress)
         fswatch.prepare()  # the file waits of the pause use it; its set-up costs ms
         started = time.monotonic()
         try:

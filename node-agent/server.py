@@ -56,7 +56,7 @@ def engine_settings(config: AgentConfig, guard_path: str | None) -> engine.Engin
     t = config.timeouts
     return engine.EngineSettings(
         allowed_dirs=tuple(config.allowed_binary_dirs), runtime_dir=config.runtime_dir,
-        guard_path=guard_path,
+        guard_path=guard_path, guard_seize=config.cpr_exec_guard == "seize",
         host=hostexec.HostContext(prefix=tuple(config.host_exec_prefix),
                                   detach=tuple(config.detach_prefix)),
         timeouts=Timeouts(command=t.qmp_command_s, handover=t.handover_s, load=t.load_s,

@@ -68,6 +68,7 @@ class Operation:
     host: hostexec.HostContext
     timeouts: Timeouts
     guard_path: str | None
+    guard_seize: bool = True  # cpr-exec: seize the QEMU rather than sit in its exec chain
     progress: ProgressSink | None = None
     phase_ms: dict[str, float] = field(default_factory=dict)
     _t_phase: float = field(default_factory=time.monotonic)

@@ -123,7 +123,7 @@ async def run(op: Operation, *, use_guard: bool) -> ModeResult:
     s = op.session
     was_running = op.vm.runstate == "running"
     old_binary = await binary_for_rollback(op) if use_guard else op.vm.binary
-    seized = use_guard and await seize(op, old_binary)
+    seized = use_guard and op.guard_seize and await seize(op, old_binary)
     cmd, state_uri = build_commands(op, use_guard=use_guard and not seized,
                                     old_binary=old_binary)
     chain = ("the guard, then " if use_guard and not seized else "")

@@ -1,10 +1,12 @@
 """How the agent's cpr-exec gets its watcher, on real QEMU: seized before the migrate where
 the kernel lets the guard trace the QEMU (one exec inside the pause), in the exec chain
-where it does not (here: the QEMU is traced already). Either way the VM keeps its pid and
-its guest, and the QEMU is left untraced."""
+where it does not (here: the QEMU is traced already) or where the agent's configuration
+says `cpr_exec_guard: exec-chain`. Either way the VM keeps its pid and its guest, and the
+QEMU is left untraced."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ import pytest
 from e2e.rig import Rig, TestVM
 from e2e.rig.fixtures import VMFactory
 from e2e.rig.vm import launch_detached
+from tests.agent.conftest import make_engine
 from tests.agent.test_cpr_qemu import sid, started, update
 from vmupdate_agent import engine, procfs
 from vmupdate_agent import guard as cpr_guard
@@ -79,4 +82,22 @@ async def test_a_qemu_traced_already_is_updated_with_the_guard_in_the_exec_chain
     assert released is not None and released["phase"] == cpr_guard.PHASE_RELEASED
     assert released["reason"] == "foreign-exec"
     assert tracer_of(pid) == 0
+    vm.serial.assert_continuous()
+
+
+async def test_an_agent_configured_for_the_exec_chain_never_seizes(
+        rig: Rig, vm_factory: VMFactory, runtime_dir: Path, built_guard: Path) -> None:
+    chained = make_engine(rig, runtime_dir, built_guard)
+    chained.settings = replace(chained.settings, guard_seize=False)
+    vm = await started(vm_factory, "sid")
+    pid = vm.pid
+    result = await update(chained, vm, sid(rig), "cpr-exec")
+    assert result.outcome == Outcome.UPDATED, result.message
+    assert result.pid_after == pid == vm.pid
+    op = last_operation(runtime_dir)
+    log = (op / "guard.log").read_text()
+    assert "seize" not in log and "committed" in log, log
+    status = cpr_guard.read_status(op / "guard.status")
+    assert status is not None and status["phase"] == cpr_guard.PHASE_COMMITTED, status
+    assert status["guard_pid"] == pid and status["watcher_pid"] != pid
     vm.serial.assert_continuous()

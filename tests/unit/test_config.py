@@ -39,6 +39,7 @@ def test_defaults() -> None:
     assert c.host_exec_prefix == list(DEFAULT_PREFIX)
     assert c.detach_prefix == list(DEFAULT_DETACH)
     assert c.guard_binary is None
+    assert c.cpr_exec_guard == "seize"
     t = c.timeouts
     assert (t.qmp_command_s, t.handover_s, t.load_s, t.guard_commit_s) == (10.0, 15.0, 30.0,
                                                                             20.0)
@@ -58,7 +59,7 @@ def test_everything_set() -> None:
         node_name="node-a", state_dir="/var/lib/vmupdate-a/", runtime_dir="/run//vmupdate-a",
         allowed_binary_dirs=["/opt/qemu/", "/usr/lib//qemu-new"], tls=TLS,
         client_allowlist=["vmupdate-operator"], guard_binary="/opt/vmupdate/guard",
-        timeouts={"qmp_command_s": 5, "handover_s": 600, "load_s": 0.5,
+        cpr_exec_guard="exec-chain", timeouts={"qmp_command_s": 5, "handover_s": 600, "load_s": 0.5,
                   "guard_commit_s": 30}))
     assert c.node_name == "node-a"
     # Paths come out normalised, so prefix checks on them are exact.
@@ -67,6 +68,7 @@ def test_everything_set() -> None:
     assert c.allowed_binary_dirs == ["/opt/qemu", "/usr/lib/qemu-new"]
     assert c.tls is not None and c.tls.key_file == "/etc/vmupdate/tls.key"
     assert c.timeouts.handover_s == 600 and c.timeouts.load_s == 0.5
+    assert c.cpr_exec_guard == "exec-chain"
 
 
 @pytest.mark.parametrize(("data", "where", "what"), [
@@ -108,6 +110,8 @@ def test_everything_set() -> None:
                  "Field required", id="tls-key-missing"),
     pytest.param(with_(tls={**TLS, "password": "x"}), "tls.password",
                  "Extra inputs are not permitted", id="tls-unknown-key"),
+    pytest.param(with_(cpr_exec_guard="ptrace"), "cpr_exec_guard",
+                 "Input should be 'seize' or 'exec-chain'", id="cpr-exec-guard-unknown"),
     pytest.param(with_(timeouts={"qmp_command_s": 0}), "timeouts.qmp_command_s",
                  "greater than 0", id="timeout-zero"),
     pytest.param(with_(timeouts={"qmp_command_s": 601}), "timeouts.qmp_command_s",
