@@ -50,13 +50,10 @@ Its plan is always the one :func:`plan` makes from scratch (``tests/operator/
 test_planner.py`` compares them on random fleets). Rows are immutable values, so "the same
 object" is "unchanged".
 
-Over 450 lines on purpose: the rules and the incremental planner that applies them share
-the private step functions and their per-host memories; split, one module would reach into
-the other's internals.
-
 Over 450 lines: one planner, whose rules (waves, per-host limits, canary, budgets, failure
-policy, blocked VMs) read each other's results within one step; split, they would pass it
-all around.
+policy, blocked VMs) read each other's results within one step and share the private step
+functions and their per-host memories; split, one module would reach into the other's
+internals.
 """
 
 from __future__ import annotations

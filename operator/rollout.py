@@ -15,12 +15,10 @@ them in order and coalesces bursts of progress into one write. The loop is the o
 of the object's status and records, so plain merge patches cannot lose each other's
 changes.
 
-Over 450 lines on purpose: the loop and the VM tasks it runs share one state (the rows, the
-changes posted and not yet applied, the tasks), which only this class touches; the pure
-parts live elsewhere (planning, status, records, reporting, translate).
-
-Over 450 lines: one loop and the I/O of its steps (persist, call the agents, record), which
-share the loop's state.
+Over 450 lines: one loop, the I/O of its steps (persist, call the agents, record) and the VM
+tasks it runs share one state (the rows, the changes posted and not yet applied, the
+tasks), which only this class touches; the pure parts live elsewhere (planning, status,
+records, reporting, translate).
 """
 
 from __future__ import annotations
