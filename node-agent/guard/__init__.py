@@ -128,28 +128,13 @@ def guard_command(
     return cmd
 
 
-def seize_command(
-    guard: str | os.PathLike[str],
-    *,
-    qemu: tuple[int, int],
-    status: str | os.PathLike[str],
-    commit: str | os.PathLike[str],
-    old_argv: Sequence[str],
-    new_argv: Sequence[str],
-    commit_timeout: float = 30.0,
-    log: str | os.PathLike[str] | None = None,
-    agent: tuple[int, int] | None = None,
-    qmp: str | None = None,
-) -> list[str]:
-    """The guard as a seizer of the QEMU `qemu` (pid, start time), started before the
-    migrate: the ``cpr-exec-command`` is then `new_argv` itself, and the seizer becomes the
-    watcher at its exec (it only takes an exec whose command line has `new_argv`'s
-    -incoming URI). Options as for `guard_command`."""
-    cmd = guard_command(guard, status=status, commit=commit, old_argv=old_argv,
-                        new_argv=new_argv, commit_timeout=commit_timeout, log=log,
-                        agent=agent, qmp=qmp)
-    return [cmd[0], "--seize", "--old-pid", str(qemu[0]), "--old-start", str(qemu[1]),
-            *cmd[1:]]
+def seize_command(command: Sequence[str], *, qemu: tuple[int, int]) -> list[str]:
+    """`command` (a `guard_command`) as a seizer of the QEMU `qemu` (pid, start time), started
+    before the migrate: the ``cpr-exec-command`` is then its new argv itself, and the seizer
+    becomes the watcher at the exec (it only takes an exec whose command line has the new
+    argv's -incoming URI)."""
+    return [command[0], "--seize", "--old-pid", str(qemu[0]), "--old-start", str(qemu[1]),
+            *command[1:]]
 
 
 def _agent_options(agent: tuple[int, int] | None) -> list[str]:

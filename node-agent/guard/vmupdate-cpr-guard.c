@@ -157,6 +157,16 @@ static void say(const char *fmt, ...)
     }
 }
 
+/* --log FILE, appended to; a log that cannot be opened is said on stderr and done without. */
+static void open_log(void)
+{
+    if (!opt_log)
+        return;
+    log_fd = open(opt_log, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+    if (log_fd < 0)
+        say("cannot open log %s: %s (continuing)", opt_log, strerror(errno));
+}
+
 static void set_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 static void set_error(const char *fmt, ...)
 {
@@ -1073,8 +1083,7 @@ static int keeper_main(const char *bad)
         set_error("bad arguments: %s", bad);
         return 2;
     }
-    if (opt_log)
-        log_fd = open(opt_log, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+    open_log();
     int old_fd = open_pid(opt_old_pid, opt_old_start);
     if (old_fd < 0) {
         set_error("the old QEMU (pid %d) is gone", (int)opt_old_pid);
@@ -1363,11 +1372,7 @@ static void seize_main(void)
     st.guard_pid = st.qemu_pid = p;
     st.watcher_pid = getpid();
     prctl(PR_SET_NAME, "cpr-guard-seize", 0, 0, 0);
-    if (opt_log) {
-        log_fd = open(opt_log, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
-        if (log_fd < 0)
-            say("cannot open log %s: %s (continuing)", opt_log, strerror(errno));
-    }
+    open_log();
     if (status_dir_writable() < 0)
         _exit(2);
     pidfd = open_pid(p, opt_old_start);
@@ -1693,11 +1698,7 @@ int main(int argc, char **argv)
         set_error("pidfd_open: %s", strerror(errno));
         fallback("watcher-failed", -1);
     }
-    if (opt_log) {
-        log_fd = open(opt_log, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
-        if (log_fd < 0)
-            say("cannot open log %s: %s (continuing)", opt_log, strerror(errno));
-    }
+    open_log();
     if (status_dir_writable() < 0 || setup_fifo() < 0)
         fallback("watcher-failed", -1);
     if (opt_agent_pid) {

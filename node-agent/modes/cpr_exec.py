@@ -69,18 +69,21 @@ def rollback_command(op: Operation, old_binary: str) -> list[str]:
     return qargv.appended(old, ["-incoming", state_uri_of(op)]).render()
 
 
+def guard_command(op: Operation, old_binary: str) -> list[str]:
+    """The guard's command line for this update, in the exec chain (`cpr_guard.seize_command`
+    makes the seizer of it)."""
+    assert op.guard_path is not None
+    return cpr_guard.guard_command(
+        op.guard_path, status=op.path("guard.status"), commit=op.path("guard.commit"),
+        old_argv=rollback_command(op, old_binary), new_argv=new_command(op),
+        commit_timeout=op.timeouts.guard_commit, log=op.path("guard.log"),
+        agent=agent_identity(), qmp=op.vm.qmp_path)
+
+
 def build_commands(op: Operation, *, use_guard: bool, old_binary: str
                    ) -> tuple[list[str], str]:
     """The cpr-exec-command with the guard in the exec chain (or none), and the state URI."""
-    new = new_command(op)
-    if not use_guard:
-        return new, state_uri_of(op)
-    assert op.guard_path is not None
-    cmd = cpr_guard.guard_command(
-        op.guard_path, status=op.path("guard.status"), commit=op.path("guard.commit"),
-        old_argv=rollback_command(op, old_binary), new_argv=new,
-        commit_timeout=op.timeouts.guard_commit, log=op.path("guard.log"),
-        agent=agent_identity(), qmp=op.vm.qmp_path)
+    cmd = guard_command(op, old_binary) if use_guard else new_command(op)
     return cmd, state_uri_of(op)
 
 
@@ -90,13 +93,8 @@ async def seize(op: Operation, old_binary: str) -> bool:
     pause holds one exec, not two. False when the kernel refuses the seize (Yama's
     ptrace_scope, another tracer) or the seizer does not start: the guard then goes in the
     exec chain, as the watcher the seizer would have become."""
-    assert op.guard_path is not None
-    cmd = cpr_guard.seize_command(
-        op.guard_path, qemu=(op.vm.pid, procfs.start_time(op.vm.pid)),
-        status=op.path("guard.status"), commit=op.path("guard.commit"),
-        old_argv=rollback_command(op, old_binary), new_argv=new_command(op),
-        commit_timeout=op.timeouts.guard_commit, log=op.path("guard.log"),
-        agent=agent_identity(), qmp=op.vm.qmp_path)
+    cmd = cpr_guard.seize_command(guard_command(op, old_binary),
+                                  qemu=(op.vm.pid, procfs.start_time(op.vm.pid)))
     try:
         await hostexec.spawn_detached(op.host, op.vm.pid, cmd, log_path=op.path("guard.log"))
         status = await _guard_wait(op, _SEIZE_OUTCOMES, timeout=op.timeouts.command)

@@ -146,14 +146,9 @@ async def seize(vm: TestVM, guard: str, tag: str,
     root and working directory, in a session of its own. Returns its status once it has
     seized (or failed to)."""
     cmd = command(vm, guard, tag, edit, binary)
-    old_argc = int(cmd[cmd.index("--old-argc") + 1])
-    sep = cmd.index("--")
-    old, new = cmd[sep + 1:sep + 1 + old_argc], cmd[sep + 2 + old_argc:]
+    cmd[cmd.index("--commit-timeout") + 1] = f"{commit_timeout:g}"
     status = vm.workdir / f"{tag}.status"
-    seizer = guardmod.seize_command(
-        guard, qemu=(vm.pid, procfs.start_time(vm.pid)),
-        status=status, commit=vm.workdir / f"{tag}.commit", old_argv=old, new_argv=new,
-        commit_timeout=commit_timeout, log=vm.workdir / "guard.log")
+    seizer = guardmod.seize_command(cmd, qemu=(vm.pid, procfs.start_time(vm.pid)))
     await launch_detached(["nsenter", "--target", str(vm.pid), "--mount", "--root", "--wd",
                            "--", *seizer], cwd=vm.workdir, log_path=vm.workdir / "seize.log")
     return guardmod.wait_status(status, frozenset({"seized", "seize-failed", "released"}),
