@@ -276,7 +276,13 @@ async def test_guarded_failure_rolls_back(vm_factory, guard_bin: str, case: str,
     # the VM is back, running, in the watcher's pid
     new_pid = await vm.refresh_pid(20)
     assert new_pid == w
-    assert signals_blocked(new_pid) == blocked  # the guard's own mask did not leak into it
+    # The guard's own mask did not leak into it. QEMU blocks every signal for a moment while
+    # it starts each thread, so one reading may catch that: the mask must settle back.
+    for _ in range(500):
+        if signals_blocked(new_pid) == blocked:
+            break
+        await asyncio.sleep(0.01)
+    assert signals_blocked(new_pid) == blocked
     t_back = time.time()
     async with vm.qmp() as q:
         for _ in range(2000):
