@@ -53,6 +53,16 @@ def start_time(pid: int) -> int:
     return int(text[text.rindex(")") + 2:].split()[19])
 
 
+def blocked_signals(pid: int) -> int:
+    """The signal mask of the process's main thread (SigBlk: bit n-1 is signal n)."""
+    with open(PROC / str(pid) / "status") as f:
+        return int(next(line for line in f if line.startswith("SigBlk:")).split()[1], 16)
+
+
+#: SigBlk of a thread that blocks every signal (the kernel never blocks SIGKILL and SIGSTOP).
+ALL_BLOCKED = ((1 << 64) - 1) & ~(1 << 8) & ~(1 << 18)
+
+
 def parent(pid: int) -> int:
     text = (PROC / str(pid) / "stat").read_text()
     return int(text[text.rindex(")") + 2:].split()[1])

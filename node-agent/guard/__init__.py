@@ -103,6 +103,7 @@ def guard_command(
     log: str | os.PathLike[str] | None = None,
     agent: tuple[int, int] | None = None,
     qmp: str | None = None,
+    sigmask: int | None = None,
 ) -> list[str]:
     """The ``cpr-exec-command`` list: guard, options, ``--``, old argv, ``--``, new argv.
 
@@ -111,6 +112,8 @@ def guard_command(
     before commit). ``--old-argc`` makes the split unambiguous even if an argument is ``--``.
     ``agent``: (pid, start time) of the agent: the watcher rolls back as soon as it is gone
     before the commit, and resumes the guest at ``qmp`` if it is gone after the commit.
+    ``sigmask``: the QEMU main thread's signal mask, which every program the guard execs
+    starts with (QEMU may exec from a thread that blocks every signal).
     """
     for name, argv in (("old", old_argv), ("new", new_argv)):
         if not argv or not os.path.isabs(argv[0]):
@@ -124,6 +127,10 @@ def guard_command(
     cmd += _agent_options(agent)
     if qmp is not None:
         cmd += ["--qmp", qmp]
+    if sigmask is not None:
+        if not 0 <= sigmask < 1 << 64:
+            raise GuardError(f"sigmask {sigmask:#x} is not a 64-bit signal mask")
+        cmd += ["--sigmask", f"{sigmask:016x}"]
     cmd += ["--old-argc", str(len(old_argv)), "--", *old_argv, "--", *new_argv]
     return cmd
 

@@ -6,7 +6,7 @@
  * $QEMU_CPR_EXEC_STATE) left open.  The agent sets that command to
  *
  *   vmupdate-cpr-guard --status FILE --commit FIFO [--commit-timeout SEC] [--log FILE]
- *                      [--old-argc N] -- OLD_BINARY OLD_ARGS... -incoming URI
+ *                      [--old-argc N] [--sigmask HEX] -- OLD_BINARY OLD_ARGS... -incoming URI
  *                                     -- NEW_BINARY NEW_ARGS...
  *
  * The guard (still pid P) starts a watcher by double fork (never a child of QEMU), waits
@@ -94,6 +94,12 @@ static const char *opt_qmp;
 /* --seize: see seize_main() */
 static int opt_seize;
 static char **p_env;
+/* The signal mask of QEMU's main thread (--sigmask, hex as in /proc/PID/status SigBlk): every
+ * program the guard execs starts with it. QEMU may run cpr-exec-command from any thread that
+ * holds its big lock, and its other threads block every signal: an exec from one of them
+ * would start the new QEMU (or the rolled-back old one) deaf to SIGTERM. */
+static uint64_t opt_sigmask;
+static int have_sigmask;
 static void restore_p(void);
 
 /* ------------------------------------------------------------------ status record */
@@ -307,6 +313,19 @@ static void rewind_state(void)
         say("cannot rewind CPR state fd %d: %s", state_fd, strerror(errno));
 }
 
+/* The kernel's own mask, exactly as given: glibc's sigprocmask would drop the two signals it
+ * keeps for itself. */
+static void apply_sigmask(void)
+{
+    if (!have_sigmask)
+        return;
+    if (syscall(SYS_rt_sigprocmask, SIG_SETMASK, &opt_sigmask, NULL, sizeof(opt_sigmask)) < 0)
+        say("cannot set signal mask %016llx: %s", (unsigned long long)opt_sigmask,
+            strerror(errno));
+    else
+        say("signal mask %016llx", (unsigned long long)opt_sigmask);
+}
+
 /* Exec the old QEMU with the old argv in the calling process; returns only on failure,
  * after recording "rollback-failed". */
 static void exec_old(const char *reason)
@@ -320,6 +339,7 @@ static void exec_old(const char *reason)
     say("rolling back (%s): exec %s in pid %d", reason, old_argv[0], (int)getpid());
     if (opt_seize)
         restore_p();
+    apply_sigmask();
     execve(old_argv[0], old_argv, opt_seize && p_env ? p_env : environ);
     int e = errno;
     st.phase = "rollback-failed";
@@ -1176,7 +1196,7 @@ static void usage(void)
 {
     static const char u[] =
         "usage: vmupdate-cpr-guard [--check] --status FILE --commit FIFO\n"
-        "         [--commit-timeout SEC] [--log FILE] [--old-argc N]\n"
+        "         [--commit-timeout SEC] [--log FILE] [--old-argc N] [--sigmask HEX]\n"
         "         -- OLD_BINARY OLD_ARGS... -incoming URI -- NEW_BINARY NEW_ARGS...\n"
         "Run as QEMU's cpr-exec-command. Paths must be absolute. See README.md.\n"
         "   or: vmupdate-cpr-guard --seize --old-pid PID [--old-start TICKS] (same options)\n"
@@ -1365,6 +1385,59 @@ static int exec_is_ours(pid_t p)
     return 0;
 }
 
+/* Seize every thread of P. QEMU runs cpr-exec-command from whichever thread holds its big
+ * lock and polls the main loop's bottom halves (the main thread, or one draining I/O), and
+ * the kernel reports an exec only to the exec'ing thread's tracer: a tracer of the main
+ * thread alone would miss it. Threads started later are traced through PTRACE_O_TRACECLONE;
+ * one started by a thread not yet seized is found by listing again until a pass finds none.
+ * The number of threads seized; -1, with the error set, when one cannot be (a thread that
+ * ends meanwhile is not an error). */
+static int seize_threads(pid_t p)
+{
+    static pid_t seized[4096];
+    int n = 0, found = 1;
+    char path[64];
+    snprintf(path, sizeof(path), "/proc/%d/task", (int)p);
+    long opts = PTRACE_O_TRACEEXEC | PTRACE_O_TRACECLONE;
+    if (ptrace(PTRACE_SEIZE, p, 0, (void *)opts) < 0) {
+        set_error("ptrace(PTRACE_SEIZE) of pid %d: %s", (int)p, strerror(errno));
+        return -1;
+    }
+    seized[n++] = p;
+    while (found) {
+        found = 0;
+        DIR *d = opendir(path);
+        if (!d) {
+            set_error("%s: %s", path, strerror(errno));
+            return -1;
+        }
+        struct dirent *e;
+        while ((e = readdir(d))) {
+            pid_t t = (pid_t)atoi(e->d_name);
+            int known = t <= 0;
+            for (int i = 0; i < n && !known; i++)
+                known = seized[i] == t;
+            if (known)
+                continue;
+            if (n == (int)(sizeof(seized) / sizeof(seized[0]))) {
+                closedir(d);
+                set_error("pid %d has more than %d threads", (int)p, n);
+                return -1;
+            }
+            seized[n++] = t;
+            found = 1;
+            if (ptrace(PTRACE_SEIZE, t, 0, (void *)opts) < 0 && errno != ESRCH) {
+                closedir(d);
+                set_error("ptrace(PTRACE_SEIZE) of thread %d of pid %d: %s", (int)t, (int)p,
+                          strerror(errno));
+                return -1;
+            }
+        }
+        closedir(d);
+    }
+    return n;
+}
+
 static void seize_main(void) __attribute__((noreturn));
 static void seize_main(void)
 {
@@ -1399,16 +1472,18 @@ static void seize_main(void)
         set_error("signalfd: %s", strerror(errno));
         seize_end("seize-failed", 2);
     }
-    if (ptrace(PTRACE_SEIZE, p, 0, (void *)(long)PTRACE_O_TRACEEXEC) < 0) {
-        set_error("ptrace(PTRACE_SEIZE) of pid %d: %s", (int)p, strerror(errno));
+    int threads = seize_threads(p);
+    if (threads < 0)
         seize_end("seize-failed", 3);
-    }
     st.t_ready = now_ns(CLOCK_REALTIME);
     st.deadline = st.t_ready + (int64_t)(opt_timeout * 1e9);
     mono_deadline = now_ns(CLOCK_MONOTONIC) + (int64_t)(opt_timeout * 1e9);
     st.phase = "seized";
     write_status();
-    say("seized pid %d; waiting for its exec", (int)p);
+    say("seized pid %d (%d threads); waiting for its exec", (int)p, threads);
+    if (have_sigmask)
+        say("the new QEMU, or the old one, will start with signal mask %016llx",
+            (unsigned long long)opt_sigmask);
 
     /* Until P's exec. The agent dying meanwhile changes nothing: the migrate may be on its
      * way, and after the exec the watcher rolls back for want of an agent. */
@@ -1436,10 +1511,12 @@ static void seize_main(void)
                 ;
             int ws;
             pid_t w;
-            while ((w = waitpid(p, &ws, __WALL | WNOHANG)) > 0) {
+            while ((w = waitpid(-1, &ws, __WALL | WNOHANG)) > 0) {
+                if ((WIFEXITED(ws) || WIFSIGNALED(ws)) && w != p)
+                    continue; /* one of QEMU's threads ended (all do at an exec) */
                 if (WIFEXITED(ws) || WIFSIGNALED(ws)) {
                     /* Before any exec: QEMU died on its own, with the guest in it. Or a
-                     * thread other than the traced one exec'd: then P runs the new program
+                     * thread the seizer missed exec'd: then P runs the new program
                      * unwatched. Either way there is nothing to roll back with. */
                     set_error("pid %d %s before its exec was seen", (int)p,
                               pid_gone(pidfd) ? "exited" : "exec'd from an untraced thread");
@@ -1449,6 +1526,15 @@ static void seize_main(void)
                 if (!WIFSTOPPED(ws))
                     continue;
                 int event = ws >> 16, sig = WSTOPSIG(ws);
+                if (event == PTRACE_EVENT_CLONE) {
+                    ptrace(PTRACE_CONT, w, 0, 0); /* a new thread: traced already, go on */
+                    continue;
+                }
+                if (event == PTRACE_EVENT_EXEC && w != p) {
+                    /* not a thread of P (a clone that is a process of its own): not ours */
+                    ptrace(PTRACE_DETACH, w, 0, 0);
+                    continue;
+                }
                 if (event == PTRACE_EVENT_EXEC && !exec_is_ours(p)) {
                     /* Another update's exec (this seizer outlived its own): not ours to
                      * watch. */
@@ -1459,6 +1545,12 @@ static void seize_main(void)
                 if (event == PTRACE_EVENT_EXEC) {
                     st.t_exec_new = now_ns(CLOCK_REALTIME);
                     take_from_p(p);
+                    /* Whichever thread exec'd (the only one left, now pid P), the new QEMU
+                     * starts with the main thread's mask. */
+                    if (have_sigmask &&
+                        ptrace(PTRACE_SETSIGMASK, p, (void *)sizeof(opt_sigmask),
+                               &opt_sigmask) < 0)
+                        say("ptrace(PTRACE_SETSIGMASK): %s", strerror(errno));
                     if (ptrace(PTRACE_DETACH, p, 0, 0) < 0)
                         say("ptrace(PTRACE_DETACH): %s", strerror(errno));
                     close(sfd);
@@ -1474,13 +1566,13 @@ static void seize_main(void)
                     watcher(-1);
                 }
                 if (event == PTRACE_EVENT_STOP) {
-                    /* group-stop (or the seize's own stop): leave it stopped as it would be */
+                    /* group-stop (or a new thread's first stop): leave it as it would be */
                     if (sig == SIGSTOP || sig == SIGTSTP || sig == SIGTTIN || sig == SIGTTOU)
-                        ptrace(PTRACE_LISTEN, p, 0, 0);
+                        ptrace(PTRACE_LISTEN, w, 0, 0);
                     else
-                        ptrace(PTRACE_CONT, p, 0, 0);
+                        ptrace(PTRACE_CONT, w, 0, 0);
                 } else {
-                    ptrace(PTRACE_CONT, p, 0, (void *)(long)sig); /* deliver it */
+                    ptrace(PTRACE_CONT, w, 0, (void *)(long)sig); /* deliver it */
                 }
             }
         }
@@ -1586,6 +1678,15 @@ int main(int argc, char **argv)
             }
             else
                 opt_state = val;
+        } else if (OPT("--sigmask")) {
+            char *end;
+            errno = 0;
+            unsigned long long v = strtoull(val, &end, 16);
+            if (*end || !*val || errno)
+                snprintf(bad, sizeof(bad), "bad --sigmask '%s' (hex, as SigBlk in "
+                         "/proc/PID/status)", val);
+            else
+                opt_sigmask = v, have_sigmask = 1;
         } else if (OPT("--act-timeout")) {
             char *end;
             opt_act_timeout = strtod(val, &end);
@@ -1699,6 +1800,8 @@ int main(int argc, char **argv)
         fallback("watcher-failed", -1);
     }
     open_log();
+    /* The watcher, the new QEMU and the old one all start from the guard's mask. */
+    apply_sigmask();
     if (status_dir_writable() < 0 || setup_fifo() < 0)
         fallback("watcher-failed", -1);
     if (opt_agent_pid) {

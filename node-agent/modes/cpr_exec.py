@@ -69,7 +69,7 @@ def rollback_command(op: Operation, old_binary: str) -> list[str]:
     return qargv.appended(old, ["-incoming", state_uri_of(op)]).render()
 
 
-def guard_command(op: Operation, old_binary: str) -> list[str]:
+def guard_command(op: Operation, old_binary: str, sigmask: int) -> list[str]:
     """The guard's command line for this update, in the exec chain (`cpr_guard.seize_command`
     makes the seizer of it)."""
     assert op.guard_path is not None
@@ -77,23 +77,35 @@ def guard_command(op: Operation, old_binary: str) -> list[str]:
         op.guard_path, status=op.path("guard.status"), commit=op.path("guard.commit"),
         old_argv=rollback_command(op, old_binary), new_argv=new_command(op),
         commit_timeout=op.timeouts.guard_commit, log=op.path("guard.log"),
-        agent=agent_identity(), qmp=op.vm.qmp_path)
+        agent=agent_identity(), qmp=op.vm.qmp_path, sigmask=sigmask)
 
 
-def build_commands(op: Operation, *, use_guard: bool, old_binary: str
+def build_commands(op: Operation, *, use_guard: bool, old_binary: str, sigmask: int
                    ) -> tuple[list[str], str]:
     """The cpr-exec-command with the guard in the exec chain (or none), and the state URI."""
-    cmd = guard_command(op, old_binary) if use_guard else new_command(op)
+    cmd = guard_command(op, old_binary, sigmask) if use_guard else new_command(op)
     return cmd, state_uri_of(op)
 
 
-async def seize(op: Operation, old_binary: str) -> bool:
+async def main_thread_sigmask(pid: int) -> int:
+    """The signal mask of QEMU's main thread, for the programs the guard execs. QEMU blocks
+    every signal for a moment while it starts a thread: such a reading is taken again."""
+    mask = procfs.blocked_signals(pid)
+    for _ in range(50):
+        if mask != procfs.ALL_BLOCKED:
+            break
+        await asyncio.sleep(0.002)
+        mask = procfs.blocked_signals(pid)
+    return mask
+
+
+async def seize(op: Operation, old_binary: str, sigmask: int) -> bool:
     """Start the guard as a seizer of the VM's QEMU (outside the pause, in the VM's host
     context, as the keeper of the other modes): QEMU then execs the new QEMU directly and the
     pause holds one exec, not two. False when the kernel refuses the seize (Yama's
     ptrace_scope, another tracer) or the seizer does not start: the guard then goes in the
     exec chain, as the watcher the seizer would have become."""
-    cmd = cpr_guard.seize_command(guard_command(op, old_binary),
+    cmd = cpr_guard.seize_command(guard_command(op, old_binary, sigmask),
                                   qemu=(op.vm.pid, procfs.start_time(op.vm.pid)))
     try:
         await hostexec.spawn_detached(op.host, op.vm.pid, cmd, log_path=op.path("guard.log"))
@@ -121,9 +133,10 @@ async def run(op: Operation, *, use_guard: bool) -> ModeResult:
     s = op.session
     was_running = op.vm.runstate == "running"
     old_binary = await binary_for_rollback(op) if use_guard else op.vm.binary
-    seized = use_guard and op.guard_seize and await seize(op, old_binary)
+    sigmask = await main_thread_sigmask(op.vm.pid) if use_guard else 0
+    seized = use_guard and op.guard_seize and await seize(op, old_binary, sigmask)
     cmd, state_uri = build_commands(op, use_guard=use_guard and not seized,
-                                    old_binary=old_binary)
+                                    old_binary=old_binary, sigmask=sigmask)
     chain = ("the guard, then " if use_guard and not seized else "")
     try:
         await reset_capabilities(s)

@@ -16,10 +16,11 @@ from e2e.rig import Rig, TestVM
 from e2e.rig.fixtures import VMFactory
 from tests.agent.conftest import make_engine
 from tests.agent.test_cpr_qemu import sid, started, update
-from tests.guard.test_guard_qemu import seize, tracer_of
+from tests.guard.test_guard_qemu import seize, settled_mask, tracer_of
 from vmupdate_agent import engine
 from vmupdate_agent import guard as cpr_guard
 from vmupdate_agent.models import Outcome
+from vmupdate_agent.modes.cpr_exec import main_thread_sigmask
 
 pytestmark = pytest.mark.qemu
 
@@ -33,15 +34,20 @@ async def updated_in_place(agent: engine.Engine, rig: Rig, vm: TestVM, runtime_d
     """One cpr-exec by `agent`: the VM keeps its pid and the guard took the commit. The
     guard's log and status, for how it watched."""
     pid = vm.pid
+    blocked = f"{await main_thread_sigmask(pid):016x}"
     result = await update(agent, vm, sid(rig), "cpr-exec")
     assert result.outcome == Outcome.UPDATED, result.message
     assert result.pid_after == pid == vm.pid
+    # the new QEMU starts with the old one's signal mask, whichever thread exec'd
+    assert await settled_mask(pid, blocked) == blocked
     op = last_operation(runtime_dir)
     status = cpr_guard.read_status(op / "guard.status")
     assert status is not None and status["phase"] == cpr_guard.PHASE_COMMITTED, status
     assert tracer_of(pid) == 0
     vm.serial.assert_continuous()
-    return (op / "guard.log").read_text(), status
+    log = (op / "guard.log").read_text()
+    assert f"signal mask {blocked}" in log, log  # the agent gave it to the guard
+    return log, status
 
 
 async def test_the_agent_seizes_the_qemu_and_it_execs_the_new_one_directly(

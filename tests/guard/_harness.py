@@ -16,6 +16,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -45,6 +46,19 @@ def wait_file(path: str, timeout: float) -> bool:
             return True
         time.sleep(0.005)
     return False
+
+
+def exec_from_thread(argv: list[str], env: dict[str, str]) -> None:
+    """Exec from a thread other than the main one, with every signal blocked, as QEMU does
+    when a thread of its own (they all block every signal) runs the cpr-exec bottom half."""
+
+    def run() -> None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, signal.valid_signals())
+        os.execve(argv[0], argv, env)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()  # returns only if the exec failed
 
 
 def main() -> None:
@@ -92,6 +106,8 @@ def main() -> None:
                 os.set_inheritable(fd, True)
             if spec.get("ignore_sigchld"):
                 signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+            if spec.get("exec_from_thread"):
+                exec_from_thread(spec["argv"], env)
             os.execve(spec["argv"][0], spec["argv"], env)
         finally:
             os._exit(127)

@@ -27,6 +27,7 @@ from e2e.rig import Rig, TestVM, pid_alive, proc_state, qmp_peer_pid, wait_gone
 from e2e.rig.vm import launch_detached
 from vmupdate_agent import guard as guardmod
 from vmupdate_agent import procfs
+from vmupdate_agent.modes.cpr_exec import main_thread_sigmask
 
 pytestmark = pytest.mark.qemu
 
@@ -134,6 +135,22 @@ def signals_blocked(pid: int) -> str:
         return next(line for line in f if line.startswith("SigBlk:")).split()[1]
 
 
+async def settled_mask(pid: int, want: str, timeout: float = 10.0) -> str:
+    """The main thread's blocked signals once they are `want`, or the last reading after
+    `timeout`: QEMU (and glibc) block every signal for a moment while starting a thread, so
+    one reading may catch that moment."""
+    deadline = time.monotonic() + timeout
+    for _ in range(int(timeout / 0.01)):
+        if (mask := signals_blocked(pid)) == want or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.01)
+    if mask != want:
+        with contextlib.suppress(OSError):
+            mask += f" (wchan {Path(f'/proc/{pid}/wchan').read_text()!r}, syscall " \
+                    f"{Path(f'/proc/{pid}/syscall').read_text().split()[:1]})"
+    return mask
+
+
 def tracer_of(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         return int(next(line for line in f if line.startswith("TracerPid:")).split()[1])
@@ -217,12 +234,14 @@ async def test_guarded_success_same_pid_continuous(vm_factory, guard_bin: str, w
     token = vm.token
     assert token
     pid = vm.pid
+    blocked = f"{await main_thread_sigmask(pid):016x}"
     up = await start_update(vm, guard_bin, "u1", way)
     watching = guardmod.wait_status(up.status, frozenset({"watching"}), timeout=10)
     assert watching["new_execed"] and watching["guard_pid"] == pid
     res = await finish_success(vm, up, guarded=True)
     assert vm.pid == pid and pid_alive(pid)
     assert tracer_of(pid) == 0
+    assert await settled_mask(pid, blocked) == blocked
     gap = await assert_continuous_after(vm, up, token)
     st = guardmod.read_status(up.status)
     assert st is not None and st["phase"] == "committed"
@@ -265,7 +284,7 @@ async def test_guarded_failure_rolls_back(vm_factory, guard_bin: str, case: str,
     token = vm.token
     assert token
     pid = vm.pid
-    blocked = signals_blocked(pid)
+    blocked = f"{await main_thread_sigmask(pid):016x}"
     up = await start_update(vm, guard_bin, "u1", way, edit, binary)
     st = guardmod.wait_status(up.status, timeout=20)
     assert st["phase"] == "rolled-back", st
@@ -276,13 +295,6 @@ async def test_guarded_failure_rolls_back(vm_factory, guard_bin: str, case: str,
     # the VM is back, running, in the watcher's pid
     new_pid = await vm.refresh_pid(20)
     assert new_pid == w
-    # The guard's own mask did not leak into it. QEMU blocks every signal for a moment while
-    # it starts each thread, so one reading may catch that: the mask must settle back.
-    for _ in range(500):
-        if signals_blocked(new_pid) == blocked:
-            break
-        await asyncio.sleep(0.01)
-    assert signals_blocked(new_pid) == blocked
     t_back = time.time()
     async with vm.qmp() as q:
         for _ in range(2000):
@@ -291,6 +303,8 @@ async def test_guarded_failure_rolls_back(vm_factory, guard_bin: str, case: str,
                 break
             await asyncio.sleep(0.005)
         assert status == "running"
+    # It starts with the mask QEMU had, not the guard's nor an exec'ing thread's.
+    assert await settled_mask(new_pid, blocked) == blocked
     gap = await assert_continuous_after(vm, up, token)
     await wait_gone(pid, 20)  # the original pid exited and was reaped by its parent
     log = (vm.workdir / "guard.log").read_text()
