@@ -25,7 +25,7 @@ from vmupdate_agent.config import AgentConfig
 from vmupdate_agent.convert import vm_to_pb
 from vmupdate_agent.engine import EngineSettings
 from vmupdate_agent.live import LiveOperation
-from vmupdate_agent.models import VMInfo
+from vmupdate_agent.models import Readiness, VMInfo
 from vmupdate_agent.qmp import QmpError
 from vmupdate_api.gen import agent_v1_pb2 as pb
 
@@ -63,6 +63,10 @@ class VmAccess:
         # VM uuid -> QMP socket, from the last probes: an update by uuid probes one VM. Names
         # are not cached: they need not be unique, and a request by name must see them all.
         self._known: dict[str, str] = {}
+        # QMP socket -> the VM's facts from its last good probe: a VM whose monitor does not
+        # answer for a moment (another client on it, an operation ending) is listed as not
+        # ready, not left out: left out, the operator takes it for gone and skips it.
+        self._last_seen: dict[str, VMInfo] = {}
 
     def _socket(self, path: str) -> asyncio.Lock:
         return self._sockets.setdefault(path, asyncio.Lock())
@@ -103,6 +107,7 @@ class VmAccess:
                 lock.release()
         if info.uuid:
             self._known[info.uuid] = path
+        self._last_seen[path] = info
         return info, raw
 
     async def admit(self, ref: str, kind: str, op_id: str = ""
@@ -195,15 +200,18 @@ class VmAccess:
         sockets = await self._sockets_found()
         busy = self.busy_paths()
         answer = pb.ListVMsResponse()
+        for gone in self._last_seen.keys() - set(sockets):
+            del self._last_seen[gone]
 
         async def one(path: str) -> pb.VM | pb.UnreachableSocket:
             try:
                 info, raw = await self.probe(path)
             except vmlock.VmBusy as exc:
-                return pb.UnreachableSocket(qmp_path=path, error=f"busy: {exc}")
+                return self._unanswered(path, f"busy: {exc}",
+                                        exc.holder.operation_id if exc.holder else "")
             except (QmpError, OSError, KeyError, ValueError, Refused) as exc:
                 # ValueError: argv.ArgvError, a command line the agent cannot parse.
-                return pb.UnreachableSocket(qmp_path=path, error=str(exc))
+                return self._unanswered(path, str(exc))
             hotplugged = discovery.hotplugged_devices(raw)
             return vm_to_pb(info, preflight.readiness(info, hotplugged))
 
@@ -219,6 +227,19 @@ class VmAccess:
                                        busy_operation_id=live.id))
         answer.vms.sort(key=lambda v: (v.name, v.qmp_path))
         return answer
+
+    def _unanswered(self, path: str, error: str, operation_id: str = ""
+                    ) -> pb.VM | pb.UnreachableSocket:
+        """A socket whose probe failed (`operation_id`: the operation of another process that
+        holds the VM): the VM last seen behind it, not ready, while its QEMU still runs and
+        listens there; else an unreachable socket."""
+        last = self._last_seen.get(path)
+        if last is None or not (procfs.alive(last.pid) and procfs.unix_listening(last.pid, path)):
+            self._last_seen.pop(path, None)
+            return pb.UnreachableSocket(qmp_path=path, error=error)
+        why = f"its QMP monitor did not answer just now ({error}); it is listed as last seen"
+        return vm_to_pb(last, Readiness(ready=False, modes=(), reasons=(why,)),
+                        busy_operation_id=operation_id)
 
     def check_binary(self, binary: str, vm: VMInfo | None) -> None:
         root = procfs.PROC / str(vm.pid) / "root" if vm is not None else None

@@ -1,8 +1,9 @@
 """A QMP peer that never answers: a listener that accepts and never greets, a QEMU frozen
 with SIGSTOP, before and in the middle of an update.
 
-Inventory, preflight and update time out with a message that says which socket and why;
-the agent never hangs, and other VMs are listed and updated meanwhile. A QEMU that stops
+Inventory, preflight and update time out with a message that says which socket and why
+(a VM listed before is listed as last seen, not ready, rather than left out); the agent
+never hangs, and other VMs are listed and updated meanwhile. A QEMU that stops
 answering in the middle of an update: the update fails or finishes on the new QEMU, and
 after SIGCONT the guest runs, never lost."""
 
@@ -121,6 +122,17 @@ async def test_a_silent_monitor_times_out_and_blocks_no_other_vm(qemu_env: QemuE
     await mute.wait_ticking(timeout=30)
     assert await mute.query_status() == "running"
     assert [v.name for v in (await client.list_vms(timeout=60)).vms] == ["good", "mute"]
+    # Frozen again, after a good listing: listed as last seen, not ready, and why; not left
+    # out (the operator would take a VM left out for gone, and skip it).
+    with frozen(mute):
+        listed = await client.list_vms(timeout=60)
+    assert [u.qmp_path for u in listed.unreachable] == [str(fake)], listed  # nobody there
+    rows = {v.name: v for v in listed.vms}
+    assert set(rows) == {"good", "mute"} and rows["good"].readiness.ready
+    assert not rows["mute"].readiness.ready and rows["mute"].pid == mute.pid
+    [why] = rows["mute"].readiness.reasons
+    assert "its QMP monitor did not answer just now" in why
+    assert_silent(why, mute.qmp_path.as_posix())
     print(f"\nFAULT-ROW qmp-silent-listener-and-frozen-qemu outcome=unreachable/refused "
           f"list_s={list_s:.1f} refuse_s={refuse_s:.1f} (qmp timeout {QMP_S:.0f}s) "
           f"other_vm=UPDATED")

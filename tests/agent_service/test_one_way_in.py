@@ -219,8 +219,12 @@ async def test_a_busy_vm_is_refused_both_ways(qemu_env: QemuEnv) -> None:
     assert (f"vm: busy is busy: operation op-cli (update by vmupdate-agent update, "
             f"pid {proc.pid})") in (refused.value.details() or "")
     assert refused_pre.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert [u.qmp_path for u in listed.unreachable] == [str(vm.qmp_path)]
-    assert "busy: " in listed.unreachable[0].error and "op-cli" in listed.unreachable[0].error
+    # Listed as last seen, not ready, with the CLI's operation: not left out, which the
+    # operator would take for a VM gone.
+    assert list(listed.unreachable) == []
+    [busy] = [v for v in listed.vms if v.qmp_path == str(vm.qmp_path)]
+    assert busy.busy_operation_id == "op-cli" and not busy.readiness.ready
+    assert "busy: " in busy.readiness.reasons[0] and "op-cli" in busy.readiness.reasons[0]
     out, err = await asyncio.wait_for(proc.communicate(), 300)
     assert proc.returncode == 0, (out, err)
     # GetOperation reads the CLI's journaled operation: one journal for both.
