@@ -131,8 +131,7 @@ WAYS = ["chain", "seized"]
 
 
 def signals_blocked(pid: int) -> str:
-    with open(f"/proc/{pid}/status") as f:
-        return next(line for line in f if line.startswith("SigBlk:")).split()[1]
+    return f"{procfs.blocked_signals(pid):016x}"
 
 
 async def settled_mask(pid: int, want: str, timeout: float = 10.0) -> str:
