@@ -1,7 +1,7 @@
 """Named points of an update where the agent stops itself, for the fault tests.
 
 Some faults matter at one exact point, where the agent is only a fraction of a millisecond
-away from the next step (cpr-exec: the guard took the commit, the `cont` is next). A test
+away from the next step (cpr-exec: the guard was sent the commit, the `cont` is next). A test
 that freezes the agent from outside, on the event stream, lands after that step. With
 `VMUPDATE_AGENT_STOP_AT=<point>[,<point>...]` in its environment the agent sends itself
 SIGSTOP the first time it reaches each named point; the test acts on the frozen agent
@@ -29,8 +29,8 @@ POINTS = {
                                 "and paused; the old one is stopped (the `cont` is next)",
     "cpr-transfer:resumed": "cpr-transfer, the guest runs in the new QEMU; the old one is not "
                             "quit yet",
-    "cpr-exec:committed": "cpr-exec, the new QEMU loaded and verified, the guard took the "
-                          "commit; the guest is still paused (the `cont` is next)",
+    "cpr-exec:committed": "cpr-exec, the new QEMU loaded and verified, the guard was sent "
+                          "the commit; the guest is still paused (the `cont` is next)",
 }
 
 

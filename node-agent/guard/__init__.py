@@ -245,10 +245,10 @@ def wait_status(
 
 def commit(fifo: str | os.PathLike[str], status: str | os.PathLike[str],
            *, timeout: float = 5.0) -> dict[str, Any]:
-    """Commit and wait for the watcher's acknowledgement (status ``committed``).
-
-    Only ``cont`` the new QEMU after this returned a committed status: until then the
-    watcher may still roll back (timeout), which is only safe while the guest has not run.
+    """Commit and wait until the watcher has taken it (status ``committed``), for tools
+    and tests that want to see it. The agent does not wait: it ``cont``s right after
+    ``send(fifo, "commit")``, because before any rollback the watcher stops the QEMU and reads
+    the FIFO to its end (README.md, "Commit signal").
     """
     send(fifo, "commit")
     st = wait_status(status, timeout=timeout)

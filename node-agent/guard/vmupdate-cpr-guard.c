@@ -16,6 +16,8 @@
  *   P exits before commit -> rewind the state memfd, exec the OLD argv in the watcher's pid
  *                            (same fd numbers, same environment): the VM comes back;
  *   timeout or "abort\n"  -> SIGKILL P through the pidfd, wait for it, roll back as above.
+ * Before a rollback it decides on its own, the watcher stops P and reads the FIFO to its
+ * end: a commit found there wins (the agent does not wait for its commit to be taken).
  * If the watcher cannot be started, or the new binary cannot be exec'd, the guard execs
  * the OLD argv in pid P itself (the update fails safe).  See README.md for the protocol.
  *
@@ -713,10 +715,39 @@ static void kill_and_rollback(const char *reason)
     rollback(reason);
 }
 
-/* Returns 1 on "commit", 2 on "abort", 3 on "resumed" or "done", 0 otherwise. */
-static int read_fifo(char *acc, size_t *acc_n, size_t cap)
+/* 1 "commit", 2 "abort", 3 "resumed" or "done", 0 anything else. */
+static int message_code(const char *word)
+{
+    if (!strcmp(word, "commit"))
+        return 1;
+    if (!strcmp(word, "abort"))
+        return 2;
+    if (!strcmp(word, "resumed") || !strcmp(word, "done"))
+        return 3;
+    return 0;
+}
+
+/* The next message from the FIFO (see message_code), 0 when no whole one is left. One per
+ * call: what follows it stays in `acc` for the next call, because the agent does not wait
+ * for its commit to be taken, so "commit" and "resumed" may be read together. */
+static int next_message(char *acc, size_t *acc_n, size_t cap)
 {
     for (;;) {
+        char *nl;
+        while ((nl = memchr(acc, '\n', *acc_n))) {
+            *nl = 0;
+            int what = message_code(acc);
+            if (!what && *acc)
+                say("ignoring unknown commit message '%.40s'", acc);
+            size_t used = (size_t)(nl - acc) + 1;
+            memmove(acc, nl + 1, *acc_n - used);
+            *acc_n -= used;
+            acc[*acc_n] = 0;
+            if (what)
+                return what;
+        }
+        if (*acc_n >= cap - 1)
+            *acc_n = 0; /* garbage without a newline: drop */
         ssize_t n = read(fifo_rd, acc + *acc_n, cap - 1 - *acc_n);
         if (n < 0 && errno == EINTR)
             continue;
@@ -724,32 +755,14 @@ static int read_fifo(char *acc, size_t *acc_n, size_t cap)
             break;
         *acc_n += (size_t)n;
         acc[*acc_n] = 0;
-        char *line = acc, *nl;
-        while ((nl = strchr(line, '\n'))) {
-            *nl = 0;
-            if (!strcmp(line, "commit"))
-                return 1;
-            if (!strcmp(line, "abort"))
-                return 2;
-            if (!strcmp(line, "resumed") || !strcmp(line, "done"))
-                return 3;
-            if (*line)
-                say("ignoring unknown commit message '%.40s'", line);
-            line = nl + 1;
-        }
-        size_t rest = strlen(line);
-        memmove(acc, line, rest + 1);
-        *acc_n = rest;
-        if (*acc_n >= cap - 1)
-            *acc_n = 0; /* garbage without newline: drop */
     }
-    if (!strcmp(acc, "commit"))
-        return 1;
-    if (!strcmp(acc, "abort"))
-        return 2;
-    if (!strcmp(acc, "resumed") || !strcmp(acc, "done"))
-        return 3;
-    return 0;
+    /* A last word without its newline (a writer using `echo -n`). */
+    int what = message_code(acc);
+    if (what) {
+        *acc_n = 0;
+        acc[0] = 0;
+    }
+    return what;
 }
 
 /* Guard -> watcher messages: 'X' + 8-byte exec timestamp (written just before the exec of
@@ -808,16 +821,24 @@ static int64_t mono_deadline;
 /* Committed: the agent resumes the new QEMU next and then says "resumed". If it dies
  * first, the guest would stay paused: resume it here. Gives up after the commit timeout.
  * "abort" still rolls back: the agent sends it when its `cont` failed without a RESUME
- * (the new QEMU died or hung before the guest ran in it). */
+ * (the new QEMU died or hung before the guest ran in it). What followed the commit in the
+ * FIFO is still in `acc`. */
 static void after_commit(char *acc, size_t *acc_n, size_t cap) __attribute__((noreturn));
 static void after_commit(char *acc, size_t *acc_n, size_t cap)
 {
     if (agent_fd < 0 || !opt_qmp)
         _exit(0);
     int64_t end = now_ns(CLOCK_MONOTONIC) + (int64_t)(opt_timeout * 1e9);
-    *acc_n = 0; /* read_fifo returned on the commit line, leaving it in the buffer */
-    acc[0] = 0;
     for (;;) {
+        int what;
+        while ((what = next_message(acc, acc_n, cap))) {
+            if (what == 3)
+                goto done;
+            if (what == 2) {
+                st.t_event = now_ns(CLOCK_REALTIME);
+                kill_and_rollback("abort-after-commit");
+            }
+        }
         struct pollfd pf[2] = {{.fd = fifo_rd, .events = POLLIN},
                                {.fd = agent_fd, .events = POLLIN}};
         int64_t left = end - now_ns(CLOCK_MONOTONIC);
@@ -826,15 +847,8 @@ static void after_commit(char *acc, size_t *acc_n, size_t cap)
         int r = poll(pf, 2, (int)(left / 1000000 + 1));
         if (r < 0 && errno != EINTR)
             break;
-        if (r > 0 && pf[0].revents) {
-            int what = read_fifo(acc, acc_n, cap);
-            if (what == 3)
-                break;
-            if (what == 2) {
-                st.t_event = now_ns(CLOCK_REALTIME);
-                kill_and_rollback("abort-after-commit");
-            }
-        }
+        if (r > 0 && pf[0].revents)
+            continue; /* read at the top, before an agent gone is looked at */
         if (r > 0 && pf[1].revents) {
             st.t_agent_gone = now_ns(CLOCK_REALTIME);
             say("the agent is gone after the commit: resuming the guest");
@@ -852,8 +866,110 @@ static void after_commit(char *acc, size_t *acc_n, size_t cap)
             break;
         }
     }
+done:
     finish_fifo();
     _exit(0);
+}
+
+static void commit_now(char *acc, size_t *acc_n, size_t cap) __attribute__((noreturn));
+static void commit_now(char *acc, size_t *acc_n, size_t cap)
+{
+    st.phase = "committed";
+    st.reason = "commit";
+    st.t_commit = now_ns(CLOCK_REALTIME);
+    if (agent_fd < 0 || !opt_qmp)
+        finish_fifo();
+    write_status();
+    say("committed");
+    after_commit(acc, acc_n, cap);
+}
+
+/* Whether a thread of `pid` is in a stop (state T). */
+static int a_thread_stopped(pid_t pid)
+{
+    char path[64];
+    snprintf(path, sizeof(path), "/proc/%d/task", (int)pid);
+    DIR *d = opendir(path);
+    if (!d)
+        return 0;
+    int stopped = 0;
+    struct dirent *e;
+    while (!stopped && (e = readdir(d))) {
+        if (e->d_name[0] < '1' || e->d_name[0] > '9')
+            continue;
+        char stat_path[384], buf[512];
+        snprintf(stat_path, sizeof(stat_path), "%s/%s/stat", path, e->d_name);
+        if (read_small(stat_path, buf, sizeof(buf)) < 0)
+            continue;
+        char *q = strrchr(buf, ')');
+        stopped = q && q[1] == ' ' && (q[2] == 'T' || q[2] == 't');
+    }
+    closedir(d);
+    return stopped;
+}
+
+/* SIGSTOP P and wait until one of its threads has stopped. The thread that takes a stop
+ * marks every other thread of P first, so from then on none of them runs another user-space
+ * instruction: a `cont` sent to P now is not acted on before P is killed or continued. */
+static int freeze_p(void)
+{
+    if (syscall(SYS_pidfd_send_signal, pidfd, SIGSTOP, NULL, 0) < 0)
+        return -1;
+    int64_t end = now_ns(CLOCK_MONOTONIC) + 2000000000LL;
+    while (!pid_gone(pidfd)) {
+        if (a_thread_stopped(st.guard_pid))
+            return 0;
+        if (now_ns(CLOCK_MONOTONIC) > end) {
+            say("pid %d did not stop within 2 s", (int)st.guard_pid);
+            return -1;
+        }
+        usleep(100);
+    }
+    return -1;
+}
+
+/* `why` would roll back: P exited, the agent is gone, or the commit timed out. The agent
+ * sends its commit without waiting for it to be taken and resumes the guest right after, so
+ * a commit it sent before this decision must win over it: P is frozen first (if it still
+ * runs), then the FIFO is read to its end. A commit there: P goes on, committed (a P that
+ * exited is then the agent's to report: it gets no RESUME and says "abort"). None: the
+ * agent has not sent it, so it has not sent its `cont` either, and a `cont` it sends from
+ * now on finds P stopped, then gone: roll back. */
+static void settle(const char *why, char *acc, size_t *acc_n, size_t cap)
+    __attribute__((noreturn));
+static void settle(const char *why, char *acc, size_t *acc_n, size_t cap)
+{
+    st.t_event = now_ns(CLOCK_REALTIME);
+    int frozen = !pid_gone(pidfd) && freeze_p() == 0;
+    if (frozen)
+        say("%s: pid %d stopped; reading the commit FIFO before acting", why,
+            (int)st.guard_pid);
+    int what;
+    while ((what = next_message(acc, acc_n, cap))) {
+        if (what == 1) {
+            if (frozen)
+                syscall(SYS_pidfd_send_signal, pidfd, SIGCONT, NULL, 0);
+            say("the agent's commit came before %s could act on it", why);
+            st.t_event = 0;
+            commit_now(acc, acc_n, cap);
+        }
+        if (what == 2) {
+            why = "abort";
+            break;
+        }
+    }
+    if (pid_gone(pidfd)) {
+        collect_exit();
+        if (st.have_exit)
+            say("pid %d exited before commit (wait status %d)", (int)st.guard_pid,
+                st.exit_status);
+        else
+            say("pid %d exited before commit", (int)st.guard_pid);
+        rollback(why);
+    }
+    if (!strcmp(why, "agent-gone"))
+        say("the agent (pid %d) is gone before the commit", (int)opt_agent_pid);
+    kill_and_rollback(why);
 }
 
 static void watcher(int ex_rd) __attribute__((noreturn));
@@ -913,46 +1029,26 @@ static void watcher(int ex_rd)
             }
             continue;
         }
-        if (pf[1].revents) {
-            st.t_event = now_ns(CLOCK_REALTIME);
-            collect_exit();
-            if (st.have_exit)
-                say("pid %d exited before commit (wait status %d)", (int)st.guard_pid,
-                    st.exit_status);
-            else
-                say("pid %d exited before commit", (int)st.guard_pid);
-            rollback(st.new_execed ? "new-exited" : "guard-exited");
+        if (pf[1].revents)
+            settle(st.new_execed ? "new-exited" : "guard-exited", acc, &acc_n, sizeof(acc));
+        /* The agent died before the commit: nobody will resume this QEMU, and the guest has
+         * not run in it (-S): roll back at once. */
+        if (pf[3].revents) {
+            st.t_agent_gone = now_ns(CLOCK_REALTIME);
+            settle("agent-gone", acc, &acc_n, sizeof(acc));
         }
-        if (pf[2].revents) {
-            int what = read_fifo(acc, &acc_n, sizeof(acc));
-            if (what == 1) {
-                st.phase = "committed";
-                st.reason = "commit";
-                st.t_commit = now_ns(CLOCK_REALTIME);
-                if (agent_fd < 0 || !opt_qmp)
-                    finish_fifo();
-                write_status();
-                say("committed");
-                after_commit(acc, &acc_n, sizeof(acc));
-            }
+        if (now_ns(CLOCK_MONOTONIC) >= mono_deadline)
+            settle("commit-timeout", acc, &acc_n, sizeof(acc));
+        int what;
+        while (pf[2].revents && (what = next_message(acc, &acc_n, sizeof(acc)))) {
+            if (what == 1)
+                commit_now(acc, &acc_n, sizeof(acc));
             if (what == 2) {
                 st.t_event = now_ns(CLOCK_REALTIME);
                 kill_and_rollback("abort");
             }
         }
-        if (pf[3].revents) {
-            /* The agent died before the commit: nobody will resume this QEMU, and the
-             * guest has not run in it (-S): roll back at once. */
-            st.t_event = st.t_agent_gone = now_ns(CLOCK_REALTIME);
-            say("the agent (pid %d) is gone before the commit", (int)opt_agent_pid);
-            kill_and_rollback("agent-gone");
-        }
-        if (now_ns(CLOCK_MONOTONIC) >= mono_deadline) {
-            st.t_event = now_ns(CLOCK_REALTIME);
-            kill_and_rollback("commit-timeout");
-        }
     }
-
 }
 
 /* ------------------------------------------------------------------ keeper (--keep) */
@@ -1129,8 +1225,10 @@ static int keeper_main(const char *bad)
             set_error("poll: %s", strerror(errno));
             keeper_end("failed", "poll", 1);
         }
-        if (pf[0].revents && read_fifo(acc, &acc_n, sizeof(acc)) == 3)
-            keeper_end("done", NULL, 0);
+        int what;
+        while (pf[0].revents && (what = next_message(acc, &acc_n, sizeof(acc))))
+            if (what == 3)
+                keeper_end("done", NULL, 0);
         if (pf[1].revents)
             keeper_act(old_fd);
     }
@@ -1577,7 +1675,9 @@ static void seize_main(void)
             }
         }
         if (pf[1].revents) {
-            int what = read_fifo(acc, &acc_n, sizeof(acc));
+            int what;
+            while ((what = next_message(acc, &acc_n, sizeof(acc))) == 1)
+                ; /* a commit before any exec: nothing to commit */
             if (what == 2 || what == 3) {
                 /* The migration failed inside QEMU (no exec will come), or the agent gave up
                  * before it: let P go as it is. */

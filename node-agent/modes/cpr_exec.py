@@ -3,9 +3,10 @@
 With the guard (the default) the point of no return moves past the new QEMU's start: a
 watcher holds the preserved descriptors while the new QEMU starts with -S; the agent
 reconnects, waits for the state to be loaded, verifies, commits the guard and only then
-resumes the guest. If the new QEMU dies before the commit, the watcher execs the old binary
-on the same descriptors and state: the VM comes back in the watcher's pid and the agent
-adopts it.
+resumes the guest (without waiting for the commit to be taken: before any rollback the
+watcher stops the QEMU and reads the commit FIFO to its end). If the new QEMU dies before
+the commit, the watcher execs the old binary on the same descriptors and state: the VM comes
+back in the watcher's pid and the agent adopts it.
 
 The watcher comes one of two ways. Seized: the guard, started before the migrate, traces the
 QEMU (ptrace) and takes the descriptors at its exec of the new QEMU; the pause holds one
@@ -255,15 +256,29 @@ async def _finish_new(op: Operation, session: QmpSession, *, use_guard: bool) ->
             await _guard_send(op, "abort")
             return await _after_exec_abort(op, str(exc))
         raise
+    unguarded = ""
     if use_guard:
-        await _guard_send(op, "commit")
-        status = await _guard_wait(op, cpr_guard.FINAL_PHASES, timeout=5.0)
-        if status.get("phase") != cpr_guard.PHASE_COMMITTED:
-            await session.close()
-            return await _after_exec_abort(op, f"the guard did not take the commit: "
-                                               f"{status.get('phase')}")
+        # Not waited for: before any rollback the watcher stops the QEMU and reads its FIFO
+        # to the end, so this commit wins over a rollback decided after it, and a rollback
+        # decided before it kills the QEMU before the `cont` below is acted on.
+        try:
+            cpr_guard.send(op.path("guard.commit"), "commit")
+        except cpr_guard.WatcherGone:
+            status = cpr_guard.read_status(op.path("guard.status")) or {}
+            if status.get("phase") not in (cpr_guard.PHASE_WATCHING,
+                                           cpr_guard.PHASE_COMMITTED):
+                await session.close()
+                return await _after_exec_abort(op, f"the guard did not take the commit: "
+                                                   f"{status.get('phase')}")
+            # The watcher died without rolling back (it unlinks its FIFO only once it has
+            # said so): nothing can roll back any more, and this QEMU is loaded and checked.
+            unguarded = ("; the guard's watcher was gone before the commit, so the guest "
+                         "was resumed without it")
+            log.warning("cpr-exec of pid %d: the guard's watcher is gone (status %s); "
+                        "resuming the guest in the new QEMU without it", op.vm.pid,
+                        status.get("phase"))
     op.defer(Phase.SAVED, "the new QEMU loaded the state"
-             + (" and the guard took the commit" if use_guard else ""))
+             + (" and the guard was sent the commit" if use_guard and not unguarded else ""))
     if use_guard:
         faultpoints.reached("cpr-exec:committed")
     try:
@@ -280,7 +295,8 @@ async def _finish_new(op: Operation, session: QmpSession, *, use_guard: bool) ->
     if use_guard:
         await _guard_send(op, "resumed")  # the watcher may exit now
     await op.emit(Phase.RESUMED, "the guest runs in the new QEMU")
-    return ModeResult(outcome=Outcome.UPDATED, message=f"updated in place to QEMU {version}",
+    return ModeResult(outcome=Outcome.UPDATED,
+                      message=f"updated in place to QEMU {version}{unguarded}",
                       pid_after=session.peer_pid, version_after=version,
                       pause_ms=pause_ms(op.stop_event, resumed),
                       resumed_ns=resumed.qemu_time_ns, session=session)

@@ -6,6 +6,7 @@ QEMU is left untraced."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -31,8 +32,9 @@ def last_operation(runtime_dir: Path) -> Path:
 
 async def updated_in_place(agent: engine.Engine, rig: Rig, vm: TestVM, runtime_dir: Path
                            ) -> tuple[str, dict[str, Any]]:
-    """One cpr-exec by `agent`: the VM keeps its pid and the guard took the commit. The
-    guard's log and status, for how it watched."""
+    """One cpr-exec by `agent`: the VM keeps its pid and the guard takes the commit (the
+    agent does not wait for that: it reads it here). The guard's log and status, for how it
+    watched."""
     pid = vm.pid
     blocked = f"{await main_thread_sigmask(pid):016x}"
     result = await update(agent, vm, sid(rig), "cpr-exec")
@@ -41,8 +43,8 @@ async def updated_in_place(agent: engine.Engine, rig: Rig, vm: TestVM, runtime_d
     # the new QEMU starts with the old one's signal mask, whichever thread exec'd
     assert await settled_mask(pid, blocked) == blocked
     op = last_operation(runtime_dir)
-    status = cpr_guard.read_status(op / "guard.status")
-    assert status is not None and status["phase"] == cpr_guard.PHASE_COMMITTED, status
+    status = await asyncio.to_thread(cpr_guard.wait_status, op / "guard.status",
+                                     frozenset({cpr_guard.PHASE_COMMITTED}), timeout=5)
     assert tracer_of(pid) == 0
     vm.serial.assert_continuous()
     log = (op / "guard.log").read_text()

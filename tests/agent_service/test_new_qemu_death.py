@@ -218,9 +218,12 @@ async def run_and_kill(env: QemuEnv, agent: AgentProcess, vm: TestVM, row: Row, 
         else:
             new_pid = await wait_new_qemu(vm, workdir, row.mode, pid, listening=False)
             if row.freeze_at == "cpr-exec:committed":
-                # Stopped before the `cont`: the guest has not run in the new QEMU.
+                # Stopped before the `cont`: the guest has not run in the new QEMU. The
+                # agent does not wait for the watcher to take the commit; it does, at once.
                 assert not any(e.progress.phase == pb.PHASE_RESUMED for e in seen)
-                status = guard.read_status(workdir / "guard.status") or {}
+                status = await asyncio.to_thread(
+                    guard.wait_status, workdir / "guard.status",
+                    frozenset({guard.PHASE_COMMITTED}), timeout=5)
                 assert status.get("phase") == guard.PHASE_COMMITTED, status
         os.kill(new_pid, signal.SIGKILL)
         killed = time.monotonic_ns()

@@ -127,6 +127,10 @@ def main() -> None:
     reap_delay = spec.get("reap_delay", 0)
     deadline = time.monotonic() + spec.get("timeout", 20)
     reaped: dict[str, int] = {}
+    # "job_control": P's stops and continues are recorded too (the watcher stops P before it
+    # decides on a rollback).
+    job_control = os.WUNTRACED | os.WCONTINUED if spec.get("job_control") else 0
+    job: list[list[object]] = []
     while time.monotonic() < deadline:
         if str(p) not in reaped and action == "commit" and reaped:
             # the watcher exited (committed); the new-QEMU stand-in still sleeps in P
@@ -141,9 +145,12 @@ def main() -> None:
                 time.sleep(reap_delay)
                 reap_delay = 0
         try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
+            pid, status = os.waitpid(-1, os.WNOHANG | job_control)
         except ChildProcessError:
             break
+        if pid and (os.WIFSTOPPED(status) or os.WIFCONTINUED(status)):
+            job.append([pid, "stopped" if os.WIFSTOPPED(status) else "continued"])
+            continue
         if pid:
             reaped[str(pid)] = os.waitstatus_to_exitcode(status)
             continue
@@ -152,6 +159,7 @@ def main() -> None:
         time.sleep(0.002)
     report["p_status"] = reaped.get(str(p))
     report["reaped"] = reaped
+    report["job"] = job
     report["left"] = children_of(os.getpid())
     for pid, _ in report["left"]:
         os.kill(pid, signal.SIGKILL)
