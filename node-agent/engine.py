@@ -22,6 +22,7 @@ from vmupdate_agent import argv as qargv
 from vmupdate_agent import (
     discovery,
     fswatch,
+    gcpause,
     hostexec,
     pathpolicy,
     preflight,
@@ -300,11 +301,12 @@ class Engine:
         return preflight.choose_mode(requested, vm.features, probe.features, prefer)
 
     async def _run_mode(self, op: Operation, *, use_guard: bool) -> ModeResult:
-        if op.mode == CprMode.CPR_EXEC:
-            return await cpr_exec.run(op, use_guard=use_guard)
-        if op.mode == CprMode.CPR_TRANSFER:
-            return await cpr_transfer.run(op)
-        return await cpr_reboot.run(op)
+        with gcpause.held():  # no collection inside the guest's pause
+            if op.mode == CprMode.CPR_EXEC:
+                return await cpr_exec.run(op, use_guard=use_guard)
+            if op.mode == CprMode.CPR_TRANSFER:
+                return await cpr_transfer.run(op)
+            return await cpr_reboot.run(op)
 
     async def _verify(self, op: Operation, result: ModeResult) -> ModeResult:
         session = result.session
