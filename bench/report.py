@@ -87,6 +87,41 @@ def overhead_table(results: list[dict[str, Any]]) -> str:
           o["unguarded_ratio"]] for o in overhead_rows(results)])
 
 
+#: The issue's bound on the agent's pause over the hand-made one's, per mode.
+OVERHEAD_BOUND = 1.05
+
+
+def mode_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Agent vs hand-made pause per CPR mode, every case of the mode pooled (the pause does
+    not grow with RAM size nor differ by backend, so its rounds are samples of one thing):
+    the pooled medians' ratio, the round ratios, and how many cases are within the bound."""
+    rows = []
+    for method in sorted({r["method"] for r in results} - {"plain"}):
+        cases = [r for r in results if r["method"] == method]
+        agent = [v for r in cases for v in r["series"]["agent_pause_ms"]]
+        hand = [v for r in cases for v in r["series"]["handmade_pause_ms"]]
+        paired = [x for r in cases for x in (
+            a / h for a, h in zip(r["series"]["agent_pause_ms"],
+                                  r["series"]["handmade_pause_ms"], strict=False) if h > 0)]
+        within = sum(1 for r in cases
+                     if ratio(_s(r, "agent_pause_ms"), _s(r, "handmade_pause_ms"))
+                     <= OVERHEAD_BOUND)
+        rows.append({"mode": method, "cases": len(cases), "agent": summarize(agent),
+                     "handmade": summarize(hand),
+                     "ratio": ratio(summarize(agent), summarize(hand)),
+                     "paired": summarize(paired), "cases_within": within})
+    return rows
+
+
+def mode_table(results: list[dict[str, Any]]) -> str:
+    return markdown_table(
+        ["mode (cases pooled)", "rounds", "agent ms", "hand-made ms", "ratio of medians",
+         "round ratios", f"cases at ≤ {OVERHEAD_BOUND:.2f}"],
+        [[o["mode"], o["agent"].n, o["agent"].cell(), o["handmade"].cell(), o["ratio"],
+          o["paired"].cell(2), f"{o['cases_within']} of {o['cases']}"]
+         for o in mode_rows(results)])
+
+
 def phase_summaries(phases: list[dict[str, float]]) -> dict[str, Summary]:
     """Per phase name, over the rounds that have it, in the agent's order."""
     names = [p for p in PHASE_ORDER if any(p in ph for ph in phases)]

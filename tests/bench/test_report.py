@@ -45,6 +45,25 @@ def test_overhead_is_agent_over_handmade_for_cpr_cases_only() -> None:
         report.overhead_table(sample.results()))
 
 
+def test_per_mode_every_case_is_pooled() -> None:
+    rows = report.mode_rows(sample.results())
+    assert [o["mode"] for o in rows] == ["cpr-exec", "cpr-reboot"]  # plain has no agent
+    exec_row = rows[0]
+    # agent 50, 60, 55, 52 against hand-made 50, 50, 50, 49: medians 53.5 and 50
+    assert exec_row["agent"].n == 4 and exec_row["ratio"] == pytest.approx(53.5 / 50)
+    assert exec_row["paired"].median == pytest.approx((1.1 + 52 / 49) / 2)
+    assert exec_row["cases_within"] == 0 and exec_row["cases"] == 2  # 1.10 and 1.06
+    reboot = rows[1]
+    assert reboot["ratio"] == pytest.approx(95 / 90) and reboot["cases_within"] == 0
+    lines = report.mode_table(sample.results()).splitlines()
+    assert lines[2] == ("| cpr-exec | 4 | 53.5 (50.0–60.0) | 50.0 (49.0–50.0) | 1.07 | "
+                        "1.08 (1.00–1.20) | 0 of 2 |")
+    # a case within the bound is counted
+    results = sample.results()
+    results[1]["series"]["agent_pause_ms"] = [49.0]
+    assert report.mode_rows(results)[0]["cases_within"] == 1
+
+
 def test_cpr_exec_without_the_guard_is_set_beside_the_agent() -> None:
     results = sample.results()
     results[0]["series"]["agent_unguarded_pause_ms"] = [51.0, 52.0, 53.0]
