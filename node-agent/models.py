@@ -83,6 +83,10 @@ class QemuFeatures(_Model):
     has_cpr_exec_command: bool = False
 
 
+# A QEMU's migration status (query-migrate) when none is running: it may start another.
+MIGRATION_IDLE = frozenset({"none", "completed", "failed", "cancelled"})
+
+
 class VMInfo(_Model):
     """Everything discovery learnt about one running QEMU."""
 
@@ -97,6 +101,8 @@ class VMInfo(_Model):
     binary: str
     features: QemuFeatures
     runstate: str
+    # Of a migration this QEMU sends or receives ("none" when it never migrated).
+    migration_status: str = "none"
     machine_type: str
     memory_backends: tuple[MemoryBackend, ...]
     aux_ram_share: bool | None

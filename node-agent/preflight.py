@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from vmupdate_agent import pathpolicy, vhost_user
 from vmupdate_agent.models import (
+    MIGRATION_IDLE,
     CheckResult,
     CprMode,
     Preference,
@@ -124,6 +125,13 @@ def check_runstate(p: PreflightInputs, mode: CprMode) -> str | None:
             "the operation that put it there to finish, or resume it first")
 
 
+def check_migration_idle(p: PreflightInputs, mode: CprMode) -> str | None:
+    if p.vm.migration_status in MIGRATION_IDLE:
+        return None
+    return (f"QEMU is already migrating this VM (migration status {p.vm.migration_status!r}); "
+            "wait for that migration to end, or cancel it (QMP migrate_cancel) first")
+
+
 def check_memory_shared(p: PreflightInputs, mode: CprMode) -> str | None:
     if not p.vm.memory_backends:
         return ("guest RAM is not in a memory backend: start QEMU with -machine "
@@ -156,6 +164,8 @@ def check_aux_ram_share(p: PreflightInputs, mode: CprMode) -> str | None:
 def check_mode_old(p: PreflightInputs, mode: CprMode) -> str | None:
     if p.vm.features.legacy_cpr_dialect:
         return None  # reported by check_legacy_dialect
+    if p.vm.migration_status not in MIGRATION_IDLE:
+        return None  # its modes are not asked while it migrates: check_migration_idle
     if mode not in p.vm.features.cpr_modes:
         return (f"the running QEMU {p.vm.features.version} does not support {mode} (it has: "
                 f"{', '.join(p.vm.features.cpr_modes) or 'no CPR mode'})")
@@ -257,6 +267,7 @@ def check_hotplug(p: PreflightInputs, mode: CprMode) -> str | None:
 
 VM_CHECKS: tuple[tuple[str, Check], ...] = (
     ("runstate", check_runstate),
+    ("migration-idle", check_migration_idle),
     ("memory-shared", check_memory_shared),
     ("aux-ram-share", check_aux_ram_share),
     ("legacy-cpr-dialect", check_legacy_dialect),

@@ -161,6 +161,13 @@ FAILS = [
     C("runstate", EXEC, BASE, vm_(runstate="internal-error"), ("'internal-error'",),
       id="runstate-internal-error"),
     C("runstate", EXEC, BASE, vm_(runstate="unknown"), ("'unknown'",), id="runstate-unknown"),
+    # migration-idle
+    C("migration-idle", EXEC, BASE, vm_(migration_status="active"),
+      ("already migrating this VM", "'active'", "migrate_cancel"), id="migration-active"),
+    C("migration-idle", TRANSFER, BASE, vm_(migration_status="pre-switchover"),
+      ("'pre-switchover'", "wait for that migration to end"), id="migration-pre-switchover"),
+    C("migration-idle", REBOOT, BASE, vm_(migration_status="setup"), ("'setup'",),
+      id="migration-setup"),
     # memory-shared
     C("memory-shared", EXEC, "memory-ram-share-off", same,
       ("memory backend ram0 is ram with share=off",
@@ -416,6 +423,11 @@ def test_check_fails_with_its_message(load_vm: VmLoader, name: str, mode: CprMod
 PASSES = [
     C("runstate", EXEC, BASE, same, id="runstate-running"),
     C("runstate", EXEC, BASE, vm_(runstate="paused"), id="runstate-paused"),
+    *[C("migration-idle", EXEC, BASE, vm_(migration_status=s), id=f"migration-{s}")
+      for s in ("none", "completed", "failed", "cancelled")],
+    # Its modes are not asked while it migrates: said by migration-idle, not as "no mode".
+    C("mode-supported-by-running-qemu", EXEC, BASE,
+      chain(vm_(migration_status="active"), old_(features(modes=()))), id="old-migrating"),
     C("memory-shared", EXEC, BASE, same, id="memory-memfd-exec"),
     C("memory-shared", TRANSFER, BASE, same, id="memory-memfd-transfer"),
     C("memory-shared", REBOOT, "memory-file-shm", same, id="memory-file-reboot"),
@@ -825,6 +837,8 @@ def test_evaluate_with_a_mode_but_no_dry_run_fails(load_vm: VmLoader) -> None:
     C("vfio-pci", same, True, (EXEC, TRANSFER), (), id="vfio-11.1"),
     C("qemu-10.0.2-vfio-pci", same, False, (), ("only from QEMU 10.1",), id="vfio-10.0"),
     C("runstate-inmigrate", same, False, (), ("the VM is 'inmigrate'",), id="inmigrate"),
+    C(BASE, chain(vm_(migration_status="active"), old_(features(modes=()))), False, (),
+      ("already migrating this VM",), id="migrating"),
     C("migration-blocker-all-modes", same, False, (), ("VirtFS",), id="blocked"),
     C("memory-ram-share-off", same, False, (), ("ram0 is ram with share=off",), id="ram"),
 ])
