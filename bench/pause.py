@@ -6,7 +6,9 @@ mode (`tests/agent/raw_cpr.py`), and measures the floor (the new QEMU's start-up
 VM's argv) between them. Before its counted rounds a CPR case makes one update by hand, not
 counted: a QEMU's first update is slower (at 8 GiB a fresh QEMU's first cpr-exec took
 19-23 ms to save its state, against 9), and the rotation would otherwise always give it to
-the same method.
+the same method. The hand-made sequence starts only as long after the previous update as
+the agent takes from its launch to the guest's STOP (`hand_wait_ms`): a guest stopped
+later pauses longer, whoever stops it.
 A `plain` case live-migrates the VM, copying its RAM. Every pause
 is QEMU's own RESUME - STOP. The guest is checked at the end of every case: same boot
 token, counter contiguous, RAM checksums good.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -97,7 +100,22 @@ def available_mib(meminfo: str) -> int:
 
 def empty_series() -> dict[str, list[float]]:
     return {"agent_pause_ms": [], "handmade_pause_ms": [], "floor_ms": [],
-            "agent_unguarded_pause_ms": [], "plain_pause_ms": [], "plain_total_ms": []}
+            "agent_unguarded_pause_ms": [], "plain_pause_ms": [], "plain_total_ms": [],
+            "agent_lead_ms": [], "handmade_wait_ms": []}
+
+
+# The hand-made sequence's wait before its first command, until the agent's lead of this case
+# is known (a typical lead on this machine; see `hand_wait_ms`).
+DEFAULT_LEAD_MS = 200.0
+
+
+def hand_wait_ms(agent_leads_ms: list[float]) -> float:
+    """How long the hand-made sequence waits before it starts, so that it stops the guest as
+    long after the previous update as the agent does: the median of the agent's leads so far
+    in this case (its launch to QEMU's STOP: start-up, discovery, preflight). A VM stopped
+    200 ms later than another paused 3.5 ms longer in a cpr-exec (12 rounds, 256 MiB; the
+    new QEMU's start was slower), which would otherwise count against the agent."""
+    return statistics.median(agent_leads_ms) if agent_leads_ms else DEFAULT_LEAD_MS
 
 
 async def agent_update(rig: Rig, vm: TestVM, runtime_dir: Path, binary: str, mode: str,
@@ -138,10 +156,13 @@ async def _cpr_round(rig: Rig, vm: TestVM, case: Case, binary: str, runtime_dir:
                      i: int, series: dict[str, list[float]], phases: list[dict[str, float]]
                      ) -> None:
     async def by_agent(guard: bool = True) -> None:
+        launched = time.time_ns()
         result = await agent_update(rig, vm, runtime_dir, binary, case.method, guard=guard)
         if result.outcome != Outcome.UPDATED or result.pause_ms is None:
             raise RuntimeError(f"{case.name} round {i}: the agent did not update: "
                                f"{result.outcome} {result.message}")
+        if result.paused_at_ns is not None:
+            series["agent_lead_ms"].append((result.paused_at_ns - launched) / 1e6)
         if guard:
             series["agent_pause_ms"].append(result.pause_ms)
             phases.append(dict(result.phase_ms))
@@ -155,6 +176,9 @@ async def _cpr_round(rig: Rig, vm: TestVM, case: Case, binary: str, runtime_dir:
     async def by_hand() -> None:
         workdir = vm.workdir / f"hand{i}"
         workdir.mkdir()
+        wait_ms = hand_wait_ms(series["agent_lead_ms"])
+        series["handmade_wait_ms"].append(wait_ms)
+        await asyncio.sleep(wait_ms / 1000)
         stop, resume = await HANDMADE[case.method](vm, binary, workdir)
         series["handmade_pause_ms"].append((resume - stop) / 1e6)
         await _settle(vm)

@@ -1,5 +1,6 @@
 """The pause benchmark's plan against the host's RAM: a size the host cannot hold is refused
-by name before anything starts."""
+by name before anything starts. And the hand-made sequence's wait, which makes it stop the
+guest as long after the previous update as the agent does."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ from pathlib import Path
 import pytest
 
 from bench.pause import (
+    DEFAULT_LEAD_MS,
     GUEST_TOUCHED_MIB,
     HEADROOM_MIB,
     Case,
     available_mib,
+    hand_wait_ms,
     plan_cases,
     ram_needed_mib,
     room_problem,
@@ -53,3 +56,10 @@ def test_the_guest_touches_what_its_program_says() -> None:
     m = re.search(r"#define BUF_BYTES \((\d+)UL << 20\)", source)
     assert m is not None, "ticker.c no longer defines BUF_BYTES as (N << 20)"
     assert int(m.group(1)) == GUEST_TOUCHED_MIB
+
+
+def test_the_hand_made_sequence_waits_as_long_as_the_agent_leads() -> None:
+    assert hand_wait_ms([]) == DEFAULT_LEAD_MS
+    assert hand_wait_ms([210.0]) == 210.0
+    assert hand_wait_ms([180.0, 400.0, 220.0]) == 220.0  # a slow launch does not lead
+    assert hand_wait_ms([200.0, 240.0]) == 220.0
