@@ -113,7 +113,7 @@ def hand_wait_ms(agent_leads_ms: list[float]) -> float:
     """How long the hand-made sequence waits before it starts, so that it stops the guest as
     long after the previous update as the agent does: the median of the agent's leads so far
     in this case (its launch to QEMU's STOP: start-up, discovery, preflight). A VM stopped
-    200 ms later than another paused 3.5 ms longer in a cpr-exec (12 rounds, 256 MiB; the
+    250 ms later than another paused 3.5 ms longer in a cpr-exec (12 rounds, 256 MiB; the
     new QEMU's start was slower), which would otherwise count against the agent."""
     return statistics.median(agent_leads_ms) if agent_leads_ms else DEFAULT_LEAD_MS
 

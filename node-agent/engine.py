@@ -24,6 +24,7 @@ from vmupdate_agent import (
     fswatch,
     gcpause,
     hostexec,
+    modechoice,
     pathpolicy,
     preflight,
     procfs,
@@ -117,7 +118,7 @@ class Engine:
         inputs = preflight.PreflightInputs(vm=vm, target=tgt, requested=requested, host=host,
                                            binary=binary, probe=probe,
                                            use_guard=s.guard_path is not None, prefer=prefer)
-        mode, _ = preflight.choose_mode(requested, vm.features,
+        mode, _ = modechoice.choose_mode(requested, vm.features,
                                         probe.features if probe else None, prefer)
         dry = None
         # Extra arguments outside the allowlist never reach a process, not even a dry run.
@@ -298,7 +299,7 @@ class Engine:
             return CprMode(requested.value), f"{requested.value} was requested"
         probe = await target.probe(vm, tgt.binary, runtime_dir=self.settings.runtime_dir,
                                    ctx=self.settings.host)
-        return preflight.choose_mode(requested, vm.features, probe.features, prefer)
+        return modechoice.choose_mode(requested, vm.features, probe.features, prefer)
 
     async def _run_mode(self, op: Operation, *, use_guard: bool) -> ModeResult:
         with gcpause.held():  # no collection inside the guest's pause

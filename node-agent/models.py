@@ -83,8 +83,10 @@ class QemuFeatures(_Model):
     has_cpr_exec_command: bool = False
 
 
-# A QEMU's migration status (query-migrate) when none is running: it may start another.
-MIGRATION_IDLE = frozenset({"none", "completed", "failed", "cancelled"})
+# A QEMU's migration status (query-migrate) once its migration has ended, either way; and
+# when none is running (it may start another).
+MIGRATION_ENDED = frozenset({"completed", "failed", "cancelled"})
+MIGRATION_IDLE = MIGRATION_ENDED | {"none"}
 
 
 class VMInfo(_Model):

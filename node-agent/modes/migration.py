@@ -10,7 +10,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
-from vmupdate_agent.models import Target
+from vmupdate_agent.models import MIGRATION_ENDED, Target
 from vmupdate_agent.modes.common import poll_until
 from vmupdate_agent.qmp import Event, QmpError, QmpSession, QmpTimeout
 
@@ -27,7 +27,7 @@ async def wait_incoming_loaded(session: QmpSession, timeout: float, *,
     if events:
         mark = session.mark()
         mig = await session.cmd("query-migrate")
-        if mig.get("status") not in _MIGRATION_ENDED:
+        if mig.get("status") not in MIGRATION_ENDED:
             mig = await _migration_ended(session, since=mark, timeout=timeout,
                                          what="loading the state into the new QEMU")
         if mig.get("status") != "completed":
@@ -49,16 +49,13 @@ async def wait_incoming_loaded(session: QmpSession, timeout: float, *,
     await poll_until(loaded, timeout=timeout, what="loading the state into the new QEMU")
 
 
-_MIGRATION_ENDED = frozenset({"completed", "failed", "cancelled"})
-
-
 async def wait_outgoing_done(session: QmpSession, timeout: float) -> dict[str, Any]:
     """`wait_outgoing_ended` for a QEMU without MIGRATION events: a poll (the hand-made
     sequences and the plain migration of the benchmarks)."""
 
     async def done() -> dict[str, Any] | None:
         mig: dict[str, Any] = await session.cmd("query-migrate")
-        if mig.get("status") in _MIGRATION_ENDED:
+        if mig.get("status") in MIGRATION_ENDED:
             return mig
         return None
 
@@ -91,7 +88,7 @@ async def _migration_ended(session: QmpSession, *, since: int, timeout: float, w
     QEMU's monitor closing before it is an error, not a wait until the timeout."""
     ended = asyncio.create_task(session.wait_event(
         "MIGRATION", since=since, timeout=timeout,
-        predicate=lambda e: e.data.get("status") in _MIGRATION_ENDED))
+        predicate=lambda e: e.data.get("status") in MIGRATION_ENDED))
     gone = asyncio.create_task(session.wait_disconnected(timeout))
     try:
         done, _ = await asyncio.wait({ended, gone}, return_when=asyncio.FIRST_COMPLETED)

@@ -1,149 +1,58 @@
-"""Preflight: mode choice, every named check (failing with its message, and passing), the
-report, and the inventory's readiness, on VMs built from recorded discovery answers."""
+"""Preflight: every named check, failing with its message and passing, on VMs built from
+recorded discovery answers (the report and readiness: test_preflight_report.py; the mode
+choice: test_modechoice.py).
+
+Over 450 lines: it is the one table of every check's failing and passing cases, which
+`test_every_check_has_a_failing_and_a_passing_case` holds against the checks themselves."""
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Callable
-from dataclasses import replace
-from typing import Any
-
 import pytest
 
-from vmupdate_agent import discovery, preflight
+from tests.unit.preflight_inputs import (
+    BASE,
+    CHECKS,
+    FAILED_PROBE,
+    MIB,
+    NEW,
+    NO_PROBE,
+    Edit,
+    VmLoader,
+    bin_,
+    chain,
+    dry_,
+    good_inputs,
+    host_,
+    inputs_,
+    new_,
+    old_,
+    probe_,
+    run_check,
+    same,
+    target_,
+    vm_,
+)
+from tests.unit.qemu_features import (
+    EXEC,
+    F10,
+    F11,
+    REBOOT,
+    TRANSFER,
+    V7,
+    V9_1,
+    V10_1,
+    V10_2,
+    features,
+)
+from vmupdate_agent import preflight
 from vmupdate_agent.models import (
     CprMode,
     MemoryBackend,
-    Preference,
     QemuFeatures,
     QemuVersion,
     RequestedMode,
     TapDevice,
-    Target,
-    VMInfo,
 )
-from vmupdate_agent.preflight import HostFacts, PreflightInputs
-from vmupdate_agent.target import BinaryFacts, DryRunFacts, ProbeFacts
-
-EXEC, TRANSFER, REBOOT = CprMode.CPR_EXEC, CprMode.CPR_TRANSFER, CprMode.CPR_REBOOT
-ALL_MODES = (REBOOT, TRANSFER, EXEC)
-NO_EXEC = (REBOOT, TRANSFER)
-
-V11 = QemuVersion(major=11, minor=1, micro=3, package="Debian 1:11.1.3+ds-1")
-V10_2 = QemuVersion(major=10, minor=2, micro=0)
-V10_1 = QemuVersion(major=10, minor=1, micro=0)
-V10 = QemuVersion(major=10, minor=0, micro=2, package="Debian 1:10.0.2+ds-2+deb13u1~bpo12+1")
-V9_2 = QemuVersion(major=9, minor=2, micro=0)
-V9_1 = QemuVersion(major=9, minor=1, micro=0)
-V7 = QemuVersion(major=7, minor=2, micro=0)
-
-NEW = "/usr/lib/qemu-new/bin/qemu-system-x86_64"
-ALLOWED = ("/usr/lib/qemu-new",)
-GUARD = "/run/vmupdate/bin/vmupdate-cpr-guard"
-
-Edit = Callable[[PreflightInputs], PreflightInputs]
-VmLoader = Callable[[str], VMInfo]
-BASE = "raw-sid-11.1.3-memfd"
-
-
-def features(version: QemuVersion = V11, modes: tuple[CprMode, ...] = ALL_MODES, *,
-             cmd: bool = True, legacy: bool = False) -> QemuFeatures:
-    return QemuFeatures(version=version, cpr_modes=modes, has_cpr_exec_command=cmd,
-                        legacy_cpr_dialect=legacy)
-
-
-F11 = features()
-F10 = features(V10, NO_EXEC, cmd=False)
-
-
-def good_inputs(vm: VMInfo, requested: RequestedMode = RequestedMode.AUTO,
-                new: QemuFeatures = F11) -> PreflightInputs:
-    """Everything in order for this VM: each test breaks exactly one thing."""
-    return PreflightInputs(
-        vm=vm,
-        target=Target(binary=NEW),
-        requested=requested,
-        host=HostFacts(allowed_dirs=ALLOWED, runtime_dir_free_bytes=1 << 30,
-                       runtime_dir_shared=True, guard_path=GUARD),
-        binary=BinaryFacts(path=NEW, exists=True, is_file=True, executable=True, real_path=NEW,
-                           version_output=f"QEMU emulator version {new.version}",
-                           version=new.version),
-        probe=ProbeFacts(ok=True, features=new,
-                         machine_types=frozenset({vm.machine_type, "pc-q35-11.1", "q35"}),
-                         qom_types=frozenset({*vm.device_drivers, "virtio-net-pci"})),
-        dry_run=DryRunFacts(ok=True, machine_type=vm.machine_type,
-                            memdevs={b.id: b.size_bytes for b in vm.memory_backends}),
-    )
-
-
-# --- edits of the good inputs -----------------------------------------------------------------
-
-
-def chain(*edits: Edit) -> Edit:
-    def edit(p: PreflightInputs) -> PreflightInputs:
-        for e in edits:
-            p = e(p)
-        return p
-    return edit
-
-
-def same(p: PreflightInputs) -> PreflightInputs:
-    return p
-
-
-def vm_(**update: Any) -> Edit:
-    return lambda p: replace(p, vm=p.vm.model_copy(update=update))
-
-
-def old_(f: QemuFeatures) -> Edit:
-    return vm_(features=f)
-
-
-def host_(**update: Any) -> Edit:
-    return lambda p: replace(p, host=replace(p.host, **update))
-
-
-def bin_(**update: Any) -> Edit:
-    return lambda p: replace(p, binary=replace(p.binary, **update))
-
-
-def target_(**update: Any) -> Edit:
-    return lambda p: replace(p, target=p.target.model_copy(update=update))
-
-
-def probe_(**update: Any) -> Edit:
-    def edit(p: PreflightInputs) -> PreflightInputs:
-        assert p.probe is not None
-        return replace(p, probe=replace(p.probe, **update))
-    return edit
-
-
-def new_(f: QemuFeatures) -> Edit:
-    return chain(probe_(features=f), bin_(version=f.version))
-
-
-def dry_(**update: Any) -> Edit:
-    def edit(p: PreflightInputs) -> PreflightInputs:
-        assert p.dry_run is not None
-        return replace(p, dry_run=replace(p.dry_run, **update))
-    return edit
-
-
-def inputs_(**update: Any) -> Edit:
-    return lambda p: replace(p, **update)
-
-
-NO_PROBE = inputs_(probe=None)
-FAILED_PROBE = inputs_(probe=ProbeFacts(ok=False, error="`/x` did not start as QEMU: exited 1"))
-MIB = 1 << 20
-
-CHECKS = dict((*preflight.VM_CHECKS, *preflight.TARGET_CHECKS))
-
-
-def run_check(name: str, p: PreflightInputs, mode: CprMode) -> str | None:
-    assert name in CHECKS, f"no preflight check named {name!r}"
-    return CHECKS[name](p, mode)
-
 
 # --- every check fails with its message ------------------------------------------------------
 
@@ -595,283 +504,3 @@ def test_device_classification(load_vm: VmLoader, vm_name: str, target: QemuFeat
     assert (not problems) == accepted, problems
 
 
-# --- choose_mode ------------------------------------------------------------------------------
-
-MODE_SETS = [tuple(m for m in ALL_MODES if m in combo)
-             for n in range(4) for combo in itertools.combinations(ALL_MODES, n)]
-
-
-def expected_mode(requested: RequestedMode, old: QemuFeatures, new: QemuFeatures | None,
-                  prefer: Preference = Preference.SAME_PID) -> CprMode | None:
-    """The rule, written out independently of the implementation."""
-    if requested != RequestedMode.AUTO:
-        mode = CprMode(requested.value)
-        supported = mode in old.cpr_modes and (new is None or mode in new.cpr_modes)
-        return mode if supported else None
-    if new is None:
-        return None
-    possible = []
-    if EXEC in old.cpr_modes and EXEC in new.cpr_modes and old.has_cpr_exec_command:
-        possible.append(EXEC)
-    if TRANSFER in old.cpr_modes and TRANSFER in new.cpr_modes:
-        possible.append(TRANSFER)
-    first = {Preference.SAME_PID: EXEC, Preference.SHORTEST_PAUSE: TRANSFER}[prefer]
-    if first in possible:
-        return first
-    return possible[0] if possible else None
-
-
-def test_choose_mode_exhaustively() -> None:
-    """Every request x preference x the running QEMU's modes and cpr-exec-command x the
-    target's (or none, unprobed)."""
-    olds = [features(V11, modes, cmd=cmd) for modes in MODE_SETS for cmd in (False, True)]
-    news: list[QemuFeatures | None] = [None, *(features(V10, modes, cmd=cmd)
-                                               for modes in MODE_SETS for cmd in (False, True))]
-    seen = 0
-    for requested, prefer, old, new in itertools.product(RequestedMode, Preference, olds, news):
-        mode, why = preflight.choose_mode(requested, old, new, prefer)
-        assert mode == expected_mode(requested, old, new, prefer), (requested, old, new, why)
-        assert why
-        if requested == RequestedMode.AUTO:
-            assert why.startswith("Auto")
-            # The reason names the preference whenever it decided, or was overruled.
-            if mode is not None and prefer == Preference.SHORTEST_PAUSE:
-                assert "shortest pause was preferred" in why, why
-            if mode == TRANSFER and prefer == Preference.SAME_PID:
-                assert "same pid cannot be kept" in why, why
-        else:
-            assert str(requested) in why
-            # A named mode ignores the preference.
-            assert (mode, why) == preflight.choose_mode(requested, old, new)
-        seen += 1
-    assert seen == 4 * 2 * 16 * 17
-
-
-def test_choose_mode_defaults_to_the_same_pid() -> None:
-    assert preflight.choose_mode(RequestedMode.AUTO, F11, F11)[0] == EXEC
-    assert preflight.choose_mode(RequestedMode.AUTO, F11, F11, Preference.SAME_PID)[0] == EXEC
-
-
-@pytest.mark.parametrize(("old", "new", "mode", "needles"), [
-    C(F11, F11, TRANSFER, ("Auto chose cpr-transfer: the shortest pause was preferred",
-                           "the VM gets a new pid", "both support cpr-transfer"), id="both"),
-    C(features(V11, (EXEC,)), F11, EXEC,
-      ("Auto chose cpr-exec", "the shortest pause was preferred but cpr-transfer is not "
-       "supported by both"), id="old-lacks-transfer"),
-    C(F11, features(V11, (EXEC, REBOOT)), EXEC, ("cpr-transfer is not supported by both",),
-      id="new-lacks-transfer"),
-    C(F10, F11, TRANSFER, ("the shortest pause was preferred",), id="old-10.0"),
-    C(features(V9_2, (REBOOT,), cmd=False), F11, None,
-      ("Auto found no CPR mode both QEMUs support",), id="never-reboot"),
-    C(F11, None, None, ("the new binary could not be probed",), id="unprobed"),
-])
-def test_auto_with_shortest_pause(old: QemuFeatures, new: QemuFeatures | None,
-                                  mode: CprMode | None, needles: tuple[str, ...]) -> None:
-    got, why = preflight.choose_mode(RequestedMode.AUTO, old, new, Preference.SHORTEST_PAUSE)
-    assert got == mode, why
-    for needle in needles:
-        assert needle in why
-
-
-@pytest.mark.parametrize(("requested", "old", "new", "mode", "needles"), [
-    C(RequestedMode.AUTO, F11, F11, EXEC,
-      ("Auto chose cpr-exec: both QEMUs support cpr-exec",), id="auto-exec"),
-    C(RequestedMode.AUTO, F11, features(cmd=False), EXEC, ("Auto chose cpr-exec",),
-      id="auto-exec-only-old-needs-the-command"),
-    C(RequestedMode.AUTO, F11, F10, TRANSFER,
-      ("Auto chose cpr-transfer", "running 11.1.3, target 10.0.2", "both support cpr-transfer"),
-      id="auto-transfer-new-10.0"),
-    C(RequestedMode.AUTO, F10, F11, TRANSFER,
-      ("Auto chose cpr-transfer", "cpr-exec needs QEMU >= 10.2 on both sides",
-       "running 10.0.2, target 11.1.3"), id="auto-transfer-old-10.0"),
-    C(RequestedMode.AUTO, F10, F10, TRANSFER, ("running 10.0.2, target 10.0.2",),
-      id="auto-transfer-both-10.0"),
-    C(RequestedMode.AUTO, F11, None, None,
-      ("Auto cannot choose a mode: the new binary could not be probed",), id="auto-unprobed"),
-    C(RequestedMode.AUTO, features(V9_2, (REBOOT,), cmd=False), F11, None,
-      ("Auto found no CPR mode both QEMUs support", "running 9.2.0: cpr-reboot",
-       "target 11.1.3: cpr-reboot, cpr-transfer, cpr-exec", "QEMU >= 10.0 is needed on both"),
-      id="auto-never-picks-reboot"),
-    C(RequestedMode.AUTO, features(V7, ()), F11, None, ("running 7.2.0: none",),
-      id="auto-old-without-cpr"),
-    C(RequestedMode.AUTO, F11, features(V7, ()), None, ("target 7.2.0: none",),
-      id="auto-new-without-cpr"),
-    C(RequestedMode.CPR_EXEC, F11, F11, EXEC, ("cpr-exec was requested",), id="exec"),
-    C(RequestedMode.CPR_EXEC, F11, None, EXEC,
-      ("cpr-exec was requested (the new binary could not be probed)",), id="exec-unprobed"),
-    C(RequestedMode.CPR_EXEC, F10, F11, None,
-      ("cpr-exec was requested but the running QEMU 10.0.2 does not support it",
-       "ask for Auto or a mode both support"), id="exec-old-lacks"),
-    C(RequestedMode.CPR_EXEC, F11, F10, None,
-      ("cpr-exec was requested but the target QEMU 10.0.2 does not support it",),
-      id="exec-new-lacks"),
-    C(RequestedMode.CPR_EXEC, F10, F10, None,
-      ("the running QEMU 10.0.2 and the target QEMU 10.0.2",), id="exec-both-lack"),
-    C(RequestedMode.CPR_EXEC, F10, None, None, ("the running QEMU 10.0.2",),
-      id="exec-old-lacks-new-unprobed"),
-    C(RequestedMode.CPR_TRANSFER, F10, F11, TRANSFER, ("cpr-transfer was requested",),
-      id="transfer"),
-    C(RequestedMode.CPR_TRANSFER, features(V9_2, (REBOOT,)), F11, None,
-      ("the running QEMU 9.2.0 does not support it",), id="transfer-old-lacks"),
-    C(RequestedMode.CPR_REBOOT, F11, F10, REBOOT, ("cpr-reboot was requested",), id="reboot"),
-    C(RequestedMode.CPR_REBOOT, F11, features(V11, (EXEC, TRANSFER)), None,
-      ("the target QEMU 11.1.3 does not support it",), id="reboot-new-lacks"),
-])
-def test_choose_mode(requested: RequestedMode, old: QemuFeatures, new: QemuFeatures | None,
-                     mode: CprMode | None, needles: tuple[str, ...]) -> None:
-    got, why = preflight.choose_mode(requested, old, new)
-    assert got == mode
-    for needle in needles:
-        assert needle in why
-
-
-def test_auto_names_the_missing_cpr_exec_command_when_that_is_why() -> None:
-    # Both are 11.1.3 and list cpr-exec; only the running one's cpr-exec-command parameter is
-    # missing. "cpr-exec needs QEMU >= 10.2 on both sides" would send the operator after a
-    # version they already have.
-    mode, why = preflight.choose_mode(RequestedMode.AUTO, features(cmd=False), F11)
-    assert mode == TRANSFER
-    assert "cpr-exec-command" in why
-    assert ">= 10.2" not in why
-
-
-# --- evaluate ---------------------------------------------------------------------------------
-
-
-def test_evaluate_all_good(load_vm: VmLoader) -> None:
-    report = preflight.evaluate(good_inputs(load_vm(BASE)))
-    assert report.passed
-    assert report.mode == EXEC
-    assert report.mode_reason.startswith("Auto chose cpr-exec")
-    assert (report.vm, report.target) == ("manual1", NEW)
-    assert [c.name for c in report.checks] == ["mode", *CHECKS]
-    assert report.checks[0].message == report.mode_reason
-    assert all(c.passed and c.message == "ok" for c in report.checks[1:])
-    assert report.failures() == ()
-
-
-def test_evaluate_auto_against_qemu_10_uses_cpr_transfer(load_vm: VmLoader) -> None:
-    # The VM has a tap by fd: fine for cpr-exec, refused by cpr-transfer: the report judges the
-    # chosen mode.
-    p = new_(F10)(good_inputs(load_vm("tap-fd")))
-    report = preflight.evaluate(p)
-    assert report.mode == TRANSFER
-    assert [c.name for c in report.failures()] == ["tap-by-fd"]
-    assert preflight.evaluate(good_inputs(load_vm("tap-fd"))).passed
-
-
-def test_evaluate_follows_the_preference(load_vm: VmLoader) -> None:
-    # The same tap-by-fd VM and QEMUs that can do both: the preference picks the mode, and the
-    # checks judge the mode picked (cpr-transfer refuses the tap by fd).
-    p = replace(good_inputs(load_vm("tap-fd")), prefer=Preference.SHORTEST_PAUSE)
-    report = preflight.evaluate(p)
-    assert report.mode == TRANSFER
-    assert "shortest pause was preferred" in report.mode_reason
-    assert [c.name for c in report.failures()] == ["tap-by-fd"]
-    report = preflight.evaluate(replace(p, prefer=Preference.SAME_PID))
-    assert report.mode == EXEC and report.passed
-
-
-def test_evaluate_memfd_vm_asked_for_cpr_reboot(load_vm: VmLoader) -> None:
-    report = preflight.evaluate(good_inputs(load_vm(BASE), RequestedMode.CPR_REBOOT))
-    assert report.mode == REBOOT
-    assert not report.passed
-    assert [(c.name, c.passed) for c in report.failures()] == [("memory-shared", False)]
-    assert "cpr-reboot needs memory-backend-file on /dev/shm" in report.failures()[0].message
-
-
-def test_evaluate_file_backed_vm_asked_for_cpr_reboot(load_vm: VmLoader) -> None:
-    report = preflight.evaluate(good_inputs(load_vm("memory-file-shm"),
-                                            RequestedMode.CPR_REBOOT))
-    assert report.mode == REBOOT and report.passed
-
-
-def test_evaluate_without_a_mode_still_lists_every_problem(load_vm: VmLoader) -> None:
-    p = chain(NO_PROBE, inputs_(dry_run=None), host_(guard_path=None))(
-        good_inputs(load_vm("tap-ifname")))
-    report = preflight.evaluate(p)
-    assert report.mode is None and not report.passed
-    assert report.checks[0].name == "mode"
-    assert not report.checks[0].passed
-    assert "could not be probed" in report.checks[0].message
-    names = [c.name for c in report.checks]
-    assert "dry-run" not in names  # nothing was run, and no mode to run it for
-    assert names == ["mode", *(n for n in CHECKS if n != "dry-run")]
-    # Judged as cpr-exec, the preferred mode.
-    assert {c.name for c in report.failures()} == {
-        "mode", "tap-by-fd", "target-probe", "mode-supported-by-target", "machine-type-known",
-        "device-drivers-known", "cpr-exec-guard"}
-
-
-def test_evaluate_judges_an_unsupported_requested_mode_as_that_mode(load_vm: VmLoader) -> None:
-    p = new_(F10)(good_inputs(load_vm(BASE), RequestedMode.CPR_EXEC))
-    report = preflight.evaluate(p)
-    assert report.mode is None
-    assert "the target QEMU 10.0.2 does not support it" in report.mode_reason
-    assert {c.name for c in report.failures()} == {"mode", "mode-supported-by-target"}
-
-
-def test_evaluate_with_a_mode_but_no_dry_run_fails(load_vm: VmLoader) -> None:
-    report = preflight.evaluate(inputs_(dry_run=None)(good_inputs(load_vm(BASE))))
-    assert report.mode == EXEC
-    assert [c.name for c in report.failures()] == ["dry-run"]
-
-
-# --- readiness --------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(("vm_name", "edit", "ready", "modes", "needles"), [
-    C(BASE, same, True, (EXEC, TRANSFER), (), id="memfd-11.1"),
-    C("memory-file-shm", same, True, (EXEC, TRANSFER, REBOOT), (), id="file-11.1"),
-    C("qemu-10.0.2", same, True, (TRANSFER,), (), id="memfd-10.0"),
-    C(BASE, old_(features(cmd=False)), True, (TRANSFER,),
-      ("cpr-exec: the running QEMU 11.1.3 lists cpr-exec but has no cpr-exec-command",),
-      id="cpr-exec-unusable-is-explained"),
-    C("tap-fd", same, True, (EXEC,), (), id="tap-fd"),
-    C("tap-ifname", same, False, (),
-      ("opens tap 'tap0' by name", "netdevs net0 are taps", "ram0 is a memfd"), id="tap-name"),
-    C("legacy-dialect", same, False, (), ("out-of-tree CPR dialect",), id="legacy"),
-    C("qemu-9.2.0-no-aux-ram-share", same, False, (), ("ram0 is a memfd",), id="qemu-9.2"),
-    C(BASE, old_(features(V7, ())), False, (),
-      ("does not support cpr-transfer (it has: no CPR mode)",), id="qemu-7.2"),
-    C("vfio-pci", same, True, (EXEC, TRANSFER), (), id="vfio-11.1"),
-    C("qemu-10.0.2-vfio-pci", same, False, (), ("only from QEMU 10.1",), id="vfio-10.0"),
-    C("runstate-inmigrate", same, False, (), ("the VM is 'inmigrate'",), id="inmigrate"),
-    C(BASE, chain(vm_(migration_status="active"), old_(features(modes=()))), False, (),
-      ("already migrating this VM",), id="migrating"),
-    C("migration-blocker-all-modes", same, False, (), ("VirtFS",), id="blocked"),
-    C("memory-ram-share-off", same, False, (), ("ram0 is ram with share=off",), id="ram"),
-])
-def test_readiness(load_vm: VmLoader, vm_name: str, edit: Edit, ready: bool,
-                   modes: tuple[CprMode, ...], needles: tuple[str, ...]) -> None:
-    vm = edit(good_inputs(load_vm(vm_name))).vm
-    r = preflight.readiness(vm)
-    assert (r.ready, r.modes) == (ready, modes)
-    text = "\n".join(r.reasons)
-    for needle in needles:
-        assert needle in text
-    if not needles:
-        assert r.reasons == ()
-    assert len(set(r.reasons)) == len(r.reasons)
-
-
-def test_readiness_counts_hotplugged_devices(load_raw: Callable[[str], dict[str, Any]]) -> None:
-    raw = load_raw("hotplugged-device")
-    vm = discovery.build_vm_info(raw)
-    assert preflight.readiness(vm).ready
-    r = preflight.readiness(vm, discovery.hotplugged_devices(raw))
-    assert not r.ready and r.modes == ()
-    assert any("devices disk1 were hot-plugged" in reason for reason in r.reasons)
-
-
-def test_readiness_explains_why_only_cpr_reboot_is_left(load_vm: VmLoader) -> None:
-    # QEMU 10.0.2, RAM in a /dev/shm file, a tap by name: cpr-transfer is refused (taps), only
-    # cpr-reboot is left, which does not count as ready: the reasons must say why.
-    file_vm = load_vm("memory-file-shm")
-    vm = load_vm("qemu-10.0.2").model_copy(update={
-        "memory_backends": file_vm.memory_backends,
-        "taps": (TapDevice(id="net0", ifname="tap0"),)})
-    r = preflight.readiness(vm)
-    assert r.modes == (REBOOT,)
-    assert not r.ready
-    assert any("net0" in reason for reason in r.reasons), r.reasons
